@@ -1,0 +1,72 @@
+"""`jaxground train | eval | predict | convert | export | data | bench`.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`; this file only
+routes, importing a module when its command runs so that `--help` stays fast. `bench NAME` routes further to
+`jaxground/bench/NAME.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+COMMANDS = {
+    "train": ("jaxground.train.command", "train a NExT-Chat model (stage 1, 2 or 3) on a device mesh"),
+    "eval": ("jaxground.eval.command", "evaluate a checkpoint: REC, RES, POPE, region captions, Visual7W"),
+    "predict": ("jaxground.infer.command", "answer a prompt about one image; draws boxes and masks"),
+    "convert": ("jaxground.convert.command", "convert PyTorch checkpoints (NExT-Chat, LLaMA, CLIP, SAM) to JAX"),
+    "export": ("jaxground.convert.export_command", "export a JAX checkpoint back to PyTorch safetensors"),
+    "data": ("jaxground.data.command", "generate or inspect datasets (e.g. `data shapes --out DIR`)"),
+    "bench": ("jaxground.bench", "benchmarks against the PyTorch reference, printed (`bench NAME`)"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None
+        raise
+
+
+def _bench_names() -> list[str]:
+    import jaxground.bench as bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="jaxground", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv[:1])
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    prog = f"jaxground {name}"
+    if name == "bench":
+        names = _bench_names()
+        if not rest or rest[0] in ("-h", "--help") or rest[0] not in names:
+            print(f"usage: {prog} NAME [options]\n\nbenchmarks: {', '.join(names) or '(none built yet)'}")
+            return 0 if rest and rest[0] in ("-h", "--help") else 2
+        module_name, prog, rest = f"jaxground.bench.{rest[0]}", f"{prog} {rest[0]}", rest[1:]
+
+    module = _load(module_name)
+    if module is None or not hasattr(module, "run"):
+        print(f"jaxground {name}: not built yet", file=sys.stderr)
+        return 2
+    sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

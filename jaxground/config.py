@@ -1,0 +1,67 @@
+"""Run configs: `configs/*.py` files with `get_config() -> ml_collections.ConfigDict`, plus CLI overrides.
+
+An override is `dotted.key=value`; the value is parsed as a Python literal when it is one (`3`, `1e-4`,
+`True`, `(2, 4)`, `None`), else kept as a string. A key the config does not have is refused by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_jaxground_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Applies `a.b=value` overrides in place; an unknown key raises ConfigError naming it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (known here: {known})")
+            if i < len(parts) - 1:
+                node = node[part]
+        value = _parse_value(text)
+        old = node[parts[-1]]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[parts[-1]] = value
+        except TypeError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    return apply_overrides(load_config_file(path), list(overrides))

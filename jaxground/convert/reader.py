@@ -1,0 +1,105 @@
+"""Streaming readers: each yields `(key, load_fn)` so that a tensor is read only when it is placed.
+
+Sources: a `.safetensors` file (memory-mapped), a `.bin` / `.pth` / `.pt` pickle (torch.load with
+`weights_only=True` and `mmap=True`: a pickle carrying code is refused), a directory holding either (sharded
+HF checkpoints included), or an in-memory mapping of arrays / tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+TensorStream = Iterator[tuple[str, Callable[[], np.ndarray]]]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickle that needs arbitrary code to load; it is never executed."""
+
+
+def to_numpy(t) -> np.ndarray:
+    """torch tensor / array -> float32-or-native NumPy array (bfloat16 goes through float32)."""
+    if isinstance(t, np.ndarray):
+        return t
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint path (a file, or every weight file in a directory)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("training_args"))
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    files = safetensors or files
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+    return files
+
+
+def _safetensors(path: Path) -> TensorStream:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            yield key, (lambda k=key: to_numpy(f.get_tensor(k)))
+
+
+def _pickle(path: Path) -> TensorStream:
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError for old zip formats)
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load, the pickle needs code beyond plain tensors "
+                f"(loaded with weights_only=True; nothing in it was executed).\n{str(e).splitlines()[0]}"
+            ) from None
+        raise
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    yield from stream_mapping(state)
+
+
+def stream_mapping(state: Mapping) -> TensorStream:
+    for key, value in state.items():
+        yield key, (lambda v=value: to_numpy(v))
+
+
+def stream(source) -> TensorStream:
+    """`(key, load_fn)` over a path (file or directory) or an in-memory mapping."""
+    if isinstance(source, Mapping):
+        yield from stream_mapping(source)
+        return
+    for file in weight_files(Path(source)):
+        yield from (_safetensors(file) if file.suffix == ".safetensors" else _pickle(file))
+
+
+def keys_and_shapes(source) -> dict[str, tuple[int, ...]]:
+    """Key -> shape without reading tensor data where the format allows (used for detection)."""
+    if isinstance(source, Mapping):
+        return {k: tuple(np.shape(v)) if not hasattr(v, "shape") else tuple(v.shape) for k, v in source.items()}
+    out = {}
+    for file in weight_files(Path(source)):
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    out[key] = tuple(f.get_slice(key).get_shape())
+        else:
+            for key, load in _pickle(file):
+                out[key] = tuple(load().shape)
+    return out

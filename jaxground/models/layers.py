@@ -1,0 +1,47 @@
+"""Small building blocks shared by every model: layers whose parameters carry logical axis names.
+
+Logical names (mapped to mesh axes in `jaxground/parallel.py`): `embed` (model width), `mlp` (hidden width
+of MLPs), `heads` (attention heads x head dim), `kv` (key/value heads x head dim), `vocab`, `layers`
+(stacked scan axis), and None (replicated).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+) -> nnx.Linear:
+    """nnx.Linear [in, out] whose kernel is annotated with `axes` and bias with `axes[1]`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(dim: int, *, eps: float, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> nnx.LayerNorm:
+    """nnx.LayerNorm over the last axis, its scale and bias annotated `embed`."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs,
+    )

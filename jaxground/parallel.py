@@ -1,0 +1,87 @@
+"""Device mesh, the logical-axis rules table, and sharding helpers.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded),
+`tensor` (Megatron-style model parallel). Model code only ever names *logical* axes; `RULES` maps them.
+The mesh uses Auto axis types (classic jit-with-shardings; see DESIGN.md "Traps").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices or the batch."""
+
+
+def mesh_shape(spec: dict[str, int] | Sequence[int], n_devices: int) -> tuple[int, int, int]:
+    """Resolves a `{data, fsdp, tensor}` spec (one entry may be -1 = all remaining devices)."""
+    sizes = [int(spec.get(a, 1)) for a in MESH_AXES] if isinstance(spec, dict) else [int(s) for s in spec]
+    if len(sizes) != 3:
+        raise MeshError(f"mesh needs 3 sizes (data, fsdp, tensor), got {sizes}")
+    if sizes.count(-1) > 1:
+        raise MeshError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(spec: dict[str, int] | Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = mesh_shape(spec, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> P:
+    table = dict(RULES)
+    return P(*(table.get(a) if a is not None else None for a in axes))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for every variable of an NNX state, from its logical axis annotations."""
+    with nnx.logical_axis_rules(RULES):
+        return nnx.get_named_sharding(state, mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-leading arrays: axis 0 split over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Activation sharding constraint by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+    return x if dtype is None else x.astype(dtype)
+
