@@ -7,7 +7,3 @@ import flax
 flax.config.update("flax_always_shard_variable", False)
 
 __version__ = "0.1.0"
-
-# Token ids of the NExT-Chat vocabulary additions (DESIGN.md): appended after LLaMA's 32000 tokens.
-IM_PATCH, IM_START, IM_END, AT, BOXES = 32000, 32001, 32002, 32003, 32004
-SPECIAL_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "<at>", "<boxes>")
