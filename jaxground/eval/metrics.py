@@ -1,0 +1,85 @@
+"""Evaluation metrics as pure functions of arrays, plus a host-side accumulator over padded batches.
+
+Axes: B batch, C candidate boxes. Boxes are xyxy (any consistent unit). Every per-batch function takes a
+`valid[B]` row mask: rows that only pad the last evaluation batch contribute nothing, so a split is counted
+exactly once whatever the batch size. Sums are returned (not means) so batches can be added up exactly.
+
+Definitions (as the NExT-Chat authors compute them):
+- REC Acc@0.5: share of samples whose predicted box has IoU > 0.5 (strict) with the ground truth; mIoU is
+  the mean IoU. A degenerate (zero-area) box has IoU 0 with anything, never NaN.
+- Visual7W pointing: the predicted box picks the candidate it overlaps most (IoU); accuracy is the share
+  of samples whose pick is the answer candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def box_iou(a, b):
+    """IoU of matching boxes: a[..., 4], b[..., 4] (xyxy) -> [...]; 0 where the union is empty."""
+    lo = jnp.maximum(a[..., :2], b[..., :2])
+    hi = jnp.minimum(a[..., 2:], b[..., 2:])
+    inter = jnp.prod(jnp.clip(hi - lo, 0.0), axis=-1)
+    area_a = jnp.prod(jnp.clip(a[..., 2:] - a[..., :2], 0.0), axis=-1)
+    area_b = jnp.prod(jnp.clip(b[..., 2:] - b[..., :2], 0.0), axis=-1)
+    union = area_a + area_b - inter
+    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+
+
+def rec_sums(pred, gt, valid, threshold: float = 0.5) -> dict:
+    """pred[B,4], gt[B,4], valid[B] -> {"correct", "iou", "count"} summed over valid rows."""
+    iou = box_iou(pred, gt)
+    v = valid.astype(jnp.float32)
+    return {"correct": jnp.sum((iou > threshold) * v), "iou": jnp.sum(iou * v), "count": jnp.sum(v)}
+
+
+def rec_summary(sums: Mapping) -> dict:
+    n = float(sums["count"])
+    return {"acc@0.5": float(sums["correct"]) / max(n, 1.0), "miou": float(sums["iou"]) / max(n, 1.0), "count": int(n)}
+
+
+def pointing_choice(pred, candidates, candidate_mask):
+    """pred[B,4], candidates[B,C,4], candidate_mask[B,C] -> index[B] of the candidate with the highest IoU."""
+    iou = box_iou(pred[:, None, :], candidates)
+    return jnp.argmax(jnp.where(candidate_mask, iou, -1.0), axis=-1)
+
+
+def pointing_sums(pred, candidates, candidate_mask, answer, valid) -> dict:
+    """Visual7W pointing: {"correct", "count"} over valid rows; answer[B] is the right candidate's index."""
+    v = valid.astype(jnp.float32)
+    hit = pointing_choice(pred, candidates, candidate_mask) == answer
+    return {"correct": jnp.sum(hit * v), "count": jnp.sum(v)}
+
+
+def pointing_summary(sums: Mapping) -> dict:
+    n = float(sums["count"])
+    return {"accuracy": float(sums["correct"]) / max(n, 1.0), "count": int(n)}
+
+
+def res_summary(sums: Mapping) -> dict:
+    """From {"intersection", "union", "iou", "count"} sums: cIoU = ΣI / ΣU, gIoU = mean per-sample IoU."""
+    n = float(sums["count"])
+    union = float(sums["union"])
+    return {
+        "ciou": float(sums["intersection"]) / union if union > 0 else 1.0,
+        "giou": float(sums["iou"]) / max(n, 1.0),
+        "count": int(n),
+    }
+
+
+class Sums:
+    """Adds dicts of scalar sums across batches on the host (float64, so nothing is lost to rounding)."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def add(self, sums: Mapping) -> None:
+        for key, value in sums.items():
+            self.total[key] = self.total.get(key, 0.0) + float(np.asarray(value, dtype=np.float64))
+
+    def __getitem__(self, key: str) -> float:
+        return self.total.get(key, 0.0)
