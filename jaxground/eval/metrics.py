@@ -6,7 +6,8 @@ exactly once whatever the batch size. Sums are returned (not means) so batches c
 
 Definitions (as the NExT-Chat authors compute them):
 - REC Acc@0.5: share of samples whose predicted box has IoU > 0.5 (strict) with the ground truth; mIoU is
-  the mean IoU. A degenerate (zero-area) box has IoU 0 with anything, never NaN.
+  the mean IoU (`ops.boxes.iou`: a degenerate box scores 0, never NaN). Runners score pixel boxes: IoU is
+  invariant to the uniform scale and shift that maps the padded square to pixels.
 - Visual7W pointing: the predicted box picks the candidate it overlaps most (IoU); accuracy is the share
   of samples whose pick is the answer candidate.
 """
@@ -18,16 +19,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-
-def box_iou(a, b):
-    """IoU of matching boxes: a[..., 4], b[..., 4] (xyxy) -> [...]; 0 where the union is empty."""
-    lo = jnp.maximum(a[..., :2], b[..., :2])
-    hi = jnp.minimum(a[..., 2:], b[..., 2:])
-    inter = jnp.prod(jnp.clip(hi - lo, 0.0), axis=-1)
-    area_a = jnp.prod(jnp.clip(a[..., 2:] - a[..., :2], 0.0), axis=-1)
-    area_b = jnp.prod(jnp.clip(b[..., 2:] - b[..., :2], 0.0), axis=-1)
-    union = area_a + area_b - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+from jaxground.ops.boxes import iou as box_iou
 
 
 def rec_sums(pred, gt, valid, threshold: float = 0.5) -> dict:
