@@ -63,10 +63,48 @@ def logical_to_spec(axes: Sequence[str | None]) -> P:
     return P(*(table.get(a) if a is not None else None for a in axes))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for every variable of an NNX state, from its logical axis annotations."""
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops the mesh axes of `spec` that do not divide their array dimension (those dims are replicated):
+    small heads (a 4-wide box decoder, a 5-token vocab extension) then still train on any mesh."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        fitted.append(axes if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for every array of a pytree holding NNX variables (a model state, or an optimizer state
+    whose moments mirror it), from their logical axis annotations; plain arrays (counters) are replicated.
+    Axes that do not divide a dimension are dropped (`fit_spec`)."""
     with nnx.logical_axis_rules(RULES):
-        return nnx.get_named_sharding(state, mesh)
+        named = nnx.get_named_sharding(state, mesh)
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, fit_spec(s.spec, x.shape, mesh)), named, state
+    )
+
+
+def check_batch(global_batch: int, mesh: Mesh, *, micro_steps: int = 1, processes: int = 1) -> None:
+    """Raises MeshError when the batch does not split over the data axes, the micro-steps and the hosts."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % (shards * micro_steps):
+        raise MeshError(
+            f"batch {global_batch} does not divide into {micro_steps} micro-step(s) x {shards} data shards "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
+    if global_batch % processes:
+        raise MeshError(f"batch {global_batch} does not divide over {processes} processes")
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assembles each process's rows (`local`: numpy arrays, leading axis = this host's share of the batch)
+    into global arrays split over (data, fsdp); on one process this is a device_put."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+        for k, v in local.items()
+        if v is not None
+    }
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
