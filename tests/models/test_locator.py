@@ -1,0 +1,49 @@
+"""Box encoder G and decoder F: shapes, torch nn.Sequential parity through the documented name mapping,
+the optional centred prior, logical axis annotations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxground.models.locator import PRIOR_BOX, BoxDecoder, BoxEncoder
+
+
+def _load(module, seq: torch.nn.Sequential):
+    """loc_*.0 -> fc1, loc_*.2 -> fc2, weights transposed (the mapping the converter uses)."""
+    for name, idx in (("fc1", 0), ("fc2", 2)):
+        layer = getattr(module, name)
+        layer.kernel[...] = jnp.asarray(seq[idx].weight.detach().numpy().T)
+        layer.bias[...] = jnp.asarray(seq[idx].bias.detach().numpy())
+
+
+def test_parity_with_torch_sequential():
+    torch.manual_seed(0)
+    dim = 16
+    enc_t = torch.nn.Sequential(torch.nn.Linear(4, dim // 2), torch.nn.ReLU(), torch.nn.Linear(dim // 2, dim))
+    dec_t = torch.nn.Sequential(torch.nn.Linear(dim, dim // 2), torch.nn.ReLU(), torch.nn.Linear(dim // 2, 4))
+    enc, dec = BoxEncoder(dim, rngs=nnx.Rngs(0)), BoxDecoder(dim, rngs=nnx.Rngs(1))
+    _load(enc, enc_t)
+    _load(dec, dec_t)
+    boxes = torch.rand(2, 3, 4)
+    states = torch.randn(2, 3, dim)
+    with torch.no_grad():
+        np.testing.assert_allclose(enc(jnp.asarray(boxes.numpy())), enc_t(boxes).numpy(), atol=1e-6)
+        np.testing.assert_allclose(dec(jnp.asarray(states.numpy())), dec_t(states).numpy(), atol=1e-6)
+
+
+def test_prior_box_and_default_init():
+    states = jax.random.normal(jax.random.key(0), (3, 32))
+    prior = BoxDecoder(32, rngs=nnx.Rngs(0), box_prior=True)
+    np.testing.assert_allclose(prior(states), np.tile(PRIOR_BOX, (3, 1)), atol=0)
+    plain = BoxDecoder(32, rngs=nnx.Rngs(0))
+    assert float(jnp.abs(plain.fc2.kernel[...]).sum()) > 0  # not the prior: random N(0, 0.02) kernel
+    assert float(jnp.abs(plain.fc2.bias[...]).sum()) == 0
+    assert BoxEncoder(32, rngs=nnx.Rngs(0))(jnp.zeros((5, 4))).shape == (5, 32)
+
+
+def test_logical_axes():
+    enc, dec = BoxEncoder(8, rngs=nnx.Rngs(0)), BoxDecoder(8, rngs=nnx.Rngs(0))
+    assert enc.fc2.kernel.out_sharding == ("mlp", "embed")
+    assert dec.fc1.kernel.out_sharding == ("embed", "mlp")
