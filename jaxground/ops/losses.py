@@ -52,8 +52,9 @@ def detection_loss(
 
     l1: |pred - target| averaged over the 4 coordinates and the real boxes; giou: mean (1 - GIoU) over the
     real boxes; det = w_l1 * l1 + w_giou * giou. Every term is 0 for a batch without boxes.
-    (The released code also drops inverted predictions from the GIoU mean; here they stay in, with zero
-    area, so GIoU still pulls them towards the target.)
+    Differences from the released code, on purpose: it drops inverted predictions from the GIoU mean (here
+    they stay in, with zero area, so GIoU still pulls them towards the target), and its `masked_loss` weights
+    the batch's last box by 1e-10, which silently drops it (here every real box counts).
     """
     _check_shape("target", target, pred.shape)
     _check_shape("mask", mask, pred.shape[:-1])
