@@ -1,0 +1,388 @@
+"""Grain pipelines: datasets -> weighted mixture -> seeded shuffle -> per-host shard -> sample transform
+(decode, choose a task and phrasing, tokenize, CLIP/SAM transforms, pad to static shapes) -> batches of numpy
+arrays named exactly like the `Batch` fields (`Batch(**batch)` works).
+
+Config section (`pipeline_config()`; a run config puts it at `config.data`):
+
+| key | meaning |
+|---|---|
+| `datasets` | name -> {`kind`, `path`, `split`, `image_root`, `weight`}; kinds: `shapes` (path = the data dir), `records`, and the readers in `sources` (`refcoco`, `refcoco_jsonl`, `flickr`, `vg`, `v7w`, `pope`, `llava`, `tfds_refcoco`) |
+| `tokenizer` | tokenizer directory ("" = `<shapes dir>/tokenizer` of the first `shapes` dataset) |
+| `location_format` | `emb` (pixel2emb), `num`, `bin` |
+| `system_prompt` | the conversation's system text |
+| `task_weights` | task -> weight when a sample could serve several tasks (`rec reg gcap pope count v7w vqa conv`) |
+| `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
+| `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
+| `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
+| `max_objects` | curriculum: keep only images with at most this many objects (0 = all) |
+| `batch_size`, `seed`, `workers`, `worker_buffer_size`, `strict` | workers 0 = in-process; strict raises on bad input |
+
+Bad input (unreadable image, a box outside its image or with x1 <= x0, a sample past `max_len`, too many boxes,
+`<boxes>` count not matching its boxes) is skipped and counted in `DataIterator.skipped` (one summary line is
+logged when an epoch of evaluation ends), or raises `BadSample` naming the file and index in strict mode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+import grain.python as grain
+import ml_collections
+import numpy as np
+
+from jaxground.data import templates
+from jaxground.data.conversation import IGNORE, SHORT_SYSTEM, BadSample, ConversationEncoder
+from jaxground.data.records import Example, RecordSource
+from jaxground.data.transforms import boxes_to_square, clip_image, masks_to_square, polygons_to_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "reg": 1.0, "gcap": 1.0, "pope": 1.0, "count": 1.0, "v7w": 1.0, "vqa": 1.0,
+                        "conv": 1.0}
+
+
+def pipeline_config(**overrides) -> ml_collections.ConfigDict:
+    """The data section with the synthetic default's values."""
+    cfg = ml_collections.ConfigDict({
+        "datasets": {"shapes": {"kind": "shapes", "path": "data/shapes", "split": "train", "image_root": "",
+                                "weight": 1.0}},
+        "tokenizer": "",
+        "location_format": "emb",
+        "system_prompt": SHORT_SYSTEM,
+        "task_weights": dict(DEFAULT_TASK_WEIGHTS),
+        "max_len": 160,
+        "max_boxes": 8,
+        "image_size": 64,
+        "num_image_tokens": 64,
+        "with_masks": False,
+        "mask_size": 64,
+        "with_sam": False,
+        "sam_size": 1024,
+        "max_objects": 0,
+        "batch_size": 32,
+        "seed": 0,
+        "workers": 0,
+        "worker_buffer_size": 2,
+        "strict": False,
+    })
+    cfg.update(overrides)
+    return cfg
+
+
+# ---------------------------------------------------------------- sources
+
+class ListSource:
+    """Random access over an in-memory list (the real-dataset readers' annotations)."""
+
+    def __init__(self, items: list):
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int):
+        return self._items[i]
+
+
+class Subset:
+    """Some indices of a source (the curriculum filter)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int):
+        return self._source[int(self._indices[i])]
+
+
+class Mixture:
+    """Weighted mixture: an epoch of `sum(len)` records, dataset d contributing a share `w_d / sum(w)`,
+    cycling through a seeded permutation of its records. Yields (dataset name, Example or error text)."""
+
+    def __init__(self, sources: dict, weights: dict, seed: int):
+        self._names = list(sources)
+        self._sources = [sources[n] for n in self._names]
+        total = sum(len(s) for s in self._sources)
+        w = np.array([weights[n] for n in self._names], np.float64)
+        if total == 0 or not (w > 0).any():
+            raise ValueError("the data mixture is empty (no records or no positive weight)")
+        counts = np.floor(w / w.sum() * total).astype(np.int64)
+        counts[np.argmax(w)] += total - counts.sum()
+        rng = np.random.default_rng(seed)
+        table = []
+        for d, (src, n) in enumerate(zip(self._sources, counts)):
+            if n and not len(src):
+                raise ValueError(f"dataset {self._names[d]!r} has weight {w[d]} but no records")
+            reps = math.ceil(n / max(len(src), 1))
+            idx = np.concatenate([rng.permutation(len(src)) for _ in range(reps)])[:n] if n else np.zeros(0)
+            table.append(np.stack([np.full(n, d), idx], 1))
+        self._table = np.concatenate(table).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __getitem__(self, i: int):
+        d, j = self._table[i]
+        name = self._names[d]
+        try:
+            return name, self._sources[d][int(j)]
+        except Exception as e:  # a corrupt record must not kill the loader: it becomes a counted skip
+            return name, f"{name}[{j}]: unreadable record ({type(e).__name__}: {e})"
+
+
+def _object_counts(source) -> np.ndarray | None:
+    counts = getattr(source, "object_counts", None)
+    return counts() if callable(counts) else None
+
+
+def build_source(entry, max_objects: int = 0):
+    """One dataset entry of the config -> a random-access source of Examples."""
+    kind, path = entry.kind, Path(entry.path)
+    if kind in ("shapes", "records"):
+        files = [path / f"{entry.split}.array_record"] if kind == "shapes" else [path]
+        src = RecordSource(files)
+    else:
+        from jaxground.data import sources
+
+        src = ListSource(sources.read(kind, entry))
+    if max_objects:
+        counts = _object_counts(src)
+        if counts is None:
+            counts = np.array([len(src[i].boxes) for i in range(len(src))])
+        src = Subset(src, np.nonzero(counts <= max_objects)[0])
+    return src
+
+
+# ---------------------------------------------------------------- the sample transform
+
+def _load_image(ex: Example, image_root: str) -> np.ndarray:
+    from PIL import Image
+
+    if ex.image is not None:
+        f = io.BytesIO(ex.image)
+    else:
+        f = Path(image_root) / ex.image_path if image_root else Path(ex.image_path)
+    with Image.open(f) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _check_boxes(boxes: np.ndarray, h: int, w: int, key: str) -> None:
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not np.isfinite(b).all():
+        raise BadSample(f"{key}: non-finite box")
+    bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if bad.any():
+        raise BadSample(f"{key}: box {b[bad][0].tolist()} has x1 <= x0 or y1 <= y0")
+    out = (b[:, 0] < -1) | (b[:, 1] < -1) | (b[:, 2] > w + 1) | (b[:, 3] > h + 1)  # 1 px of annotation slack
+    if out.any():
+        raise BadSample(f"{key}: box {b[out][0].tolist()} lies outside the {w}x{h} image")
+
+
+class SampleMaker(grain.RandomMapTransform):
+    """(dataset name, Example) -> dict of padded numpy arrays, or {"skip": reason} for bad input."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
+        self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
+        self.task_weights = dict(cfg.task_weights)
+
+    def random_map(self, element, rng: np.random.Generator):
+        name, ex = element
+        try:
+            if isinstance(ex, str):
+                raise BadSample(ex)
+            return self.make(ex, rng, self.image_roots.get(name, ""))
+        except BadSample as e:
+            return {"skip": str(e)}
+        except Exception as e:  # unreadable image files and the like: counted, and named in strict mode
+            return {"skip": f"{getattr(ex, 'key', name)}: {type(e).__name__}: {e}"}
+
+    def make(self, ex: Example, rng: np.random.Generator, image_root: str = "") -> dict:
+        cfg, key = self.cfg, ex.key or ex.image_path or "?"
+        tasks = [t for t in templates.available_tasks(ex) if self.task_weights.get(t, 0) > 0]
+        if not tasks:
+            raise BadSample(f"{key}: no task with a positive weight among {templates.available_tasks(ex)}")
+        p = np.array([self.task_weights[t] for t in tasks], np.float64)
+        task = tasks[rng.choice(len(tasks), p=p / p.sum())]
+        items = ex.tasks["rec" if task == "reg" else task]
+        item = items[int(rng.integers(len(items)))]
+        image = _load_image(ex, image_root)
+        h, w = image.shape[:2]
+        if (ex.width and ex.width != w) or (ex.height and ex.height != h):
+            raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}")
+        _check_boxes(ex.boxes, h, w, key)
+        boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
+        enc = self.encoder.encode(templates.build_turns(ex, task, item, rng), boxes, key)
+        T, Q = cfg.max_len, cfg.max_boxes
+        n = len(enc.input_ids)
+        if n > T:
+            raise BadSample(f"{key}: {n} tokens exceed max_len {T}")
+        if len(enc.boxes) > Q or len(enc.target_boxes) > Q:
+            raise BadSample(f"{key}: {len(enc.boxes)} boxes / {len(enc.target_boxes)} targets exceed max_boxes {Q}")
+        out = {
+            "images": clip_image(image, cfg.image_size),
+            "input_ids": _pad(enc.input_ids, T, self.encoder.ids.pad),
+            "attention_mask": np.arange(T) < n,
+            "labels": _pad(enc.labels, T, IGNORE),
+            "boxes": _pad(enc.boxes, Q, 0.0),
+            "box_mask": np.arange(Q) < len(enc.boxes),
+            "target_boxes": _pad(enc.target_boxes, Q, 0.0),
+            "target_mask": np.arange(Q) < len(enc.target_boxes),
+            "valid": np.bool_(True),
+        }
+        if cfg.with_masks:
+            out["masks"], out["mask_valid"] = self._masks(ex, enc.target_objects, h, w)
+        if cfg.with_sam:
+            from jaxground.data import sam_transforms
+
+            out["sam_images"] = sam_transforms.sam_image(image, cfg.sam_size)
+        return out
+
+    def _masks(self, ex: Example, objs: list[int], h: int, w: int):
+        Q, S = self.cfg.max_boxes, self.cfg.mask_size
+        masks, valid = np.zeros((Q, S, S), np.float32), np.zeros(Q, bool)
+        for k, o in enumerate(objs):
+            if ex.masks is not None:
+                m = ex.masks[o]
+            elif ex.polygons is not None and ex.polygons[o]:
+                m = polygons_to_mask(ex.polygons[o], h, w)
+            else:
+                continue
+            masks[k] = masks_to_square(m[None], S)[0]
+            valid[k] = True
+        return masks, valid
+
+
+def _pad(x: np.ndarray, n: int, value) -> np.ndarray:
+    out = np.full((n, *x.shape[1:]), value, x.dtype)
+    out[: len(x)] = x
+    return out
+
+
+# ---------------------------------------------------------------- the iterator
+
+class DataIterator:
+    """Batches of `Batch`-named numpy arrays. `get_state()`/`set_state()` (JSON bytes) resume exactly;
+    `skipped` counts bad samples by reason (the first words of the message after the key)."""
+
+    def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict):
+        self._loader, self._it = loader, iter(loader)
+        self.batch_size, self.training, self.strict = batch_size, training, strict
+        self._template = template  # one padded sample: the shapes and dtypes of an all-invalid pad row
+        self.skipped: Counter = Counter()
+        self.examples: list[str] = []  # the first few skip messages, for the summary line
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._done:
+            raise StopIteration
+        rows, skipped_here = [], 0
+        while len(rows) < self.batch_size:
+            try:
+                el = next(self._it)
+            except StopIteration:
+                self._done = True
+                self._log_summary()
+                if not rows or self.training:
+                    raise
+                break
+            if "skip" in el:
+                self._skip(el["skip"])
+                skipped_here += 1
+                if skipped_here > 100 * self.batch_size:  # a config error, not a few bad samples
+                    raise BadSample(f"no usable sample in the last {skipped_here}: {self.summary()}; "
+                                    f"e.g. {self.examples[0]}")
+            else:
+                rows.append(el)
+        valid = len(rows)
+        rows += [self._pad_row()] * (self.batch_size - valid)
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _skip(self, message: str) -> None:
+        if self.strict:
+            raise BadSample(f"bad input (strict mode): {message}")
+        reason = message.split(": ", 1)[-1].split(" (")[0]
+        self.skipped[" ".join(w for w in reason.split() if not any(c.isdigit() for c in w))[:60]] += 1
+        if len(self.examples) < 3:
+            self.examples.append(message)
+
+    def _pad_row(self) -> dict:
+        row = {k: np.zeros_like(v) for k, v in self._template.items()}
+        row["labels"] = np.full_like(self._template["labels"], IGNORE)
+        return row
+
+    def _log_summary(self) -> None:
+        if self.skipped:
+            log.warning("data: skipped %d bad samples %s; e.g. %s", sum(self.skipped.values()),
+                        dict(self.skipped), self.examples[0])
+
+    def summary(self) -> str:
+        return f"skipped {sum(self.skipped.values())} bad samples {dict(self.skipped)}"
+
+    def get_state(self) -> bytes:
+        state = {"loader": self._it.get_state().decode(), "skipped": dict(self.skipped), "done": self._done}
+        return json.dumps(state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        s = json.loads(state)
+        self._it.set_state(s["loader"].encode())
+        self.skipped, self._done = Counter(s["skipped"]), s["done"]
+
+
+def make_encoder(cfg: ml_collections.ConfigDict):
+    """-> (ConversationEncoder, TokenIds) for the config's tokenizer and location format."""
+    from jaxground.data.location_format import get_format
+    from jaxground.data.tokenizer import load_tokenizer
+
+    fmt = get_format(cfg.location_format)
+    path = cfg.tokenizer
+    if not path:
+        shapes = [e for e in cfg.datasets.values() if e.kind == "shapes"]
+        if not shapes:
+            raise ValueError("data.tokenizer is empty and there is no `shapes` dataset to take it from")
+        path = str(Path(shapes[0].path) / "tokenizer")
+    tok, ids = load_tokenizer(path, fmt.extra_tokens)
+    return ConversationEncoder(tok, ids, fmt, cfg.num_image_tokens, cfg.system_prompt), ids
+
+
+def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, process_index: int | None = None,
+                  process_count: int | None = None, num_epochs: int | None = None) -> DataIterator:
+    """Training: shuffled, endless (or `num_epochs`), full batches. Evaluation: in order, one epoch, the last
+    batch padded with `valid=False` rows. Shards by `jax.process_index()/process_count()` unless given."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    encoder, _ = make_encoder(cfg)
+    sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
+    mixture = Mixture(sources, {n: e.weight for n, e in cfg.datasets.items()}, cfg.seed)
+    maker = SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
+    sampler = grain.IndexSampler(
+        len(mixture), shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=training),
+        shuffle=training, num_epochs=num_epochs if num_epochs is not None else (None if training else 1),
+        seed=cfg.seed)
+    loader = grain.DataLoader(data_source=mixture, sampler=sampler, operations=[maker],
+                              worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size)
+    return DataIterator(loader, cfg.batch_size, training, cfg.strict, _template(cfg, encoder))
+
+
+def _template(cfg, encoder) -> dict:
+    T, Q, S = cfg.max_len, cfg.max_boxes, cfg.image_size
+    t = {"images": np.zeros((S, S, 3), np.float32), "input_ids": np.full(T, encoder.ids.pad, np.int32),
+         "attention_mask": np.zeros(T, bool), "labels": np.full(T, IGNORE, np.int32),
+         "boxes": np.zeros((Q, 4), np.float32), "box_mask": np.zeros(Q, bool),
+         "target_boxes": np.zeros((Q, 4), np.float32), "target_mask": np.zeros(Q, bool), "valid": np.bool_(False)}
+    if cfg.with_masks:
+        t["masks"], t["mask_valid"] = np.zeros((Q, cfg.mask_size, cfg.mask_size), np.float32), np.zeros(Q, bool)
+    if cfg.with_sam:
+        t["sam_images"] = np.zeros((cfg.sam_size, cfg.sam_size, 3), np.float32)
+    return t

@@ -1,0 +1,105 @@
+"""Task prompt templates: several phrasings per task, one picked per sample from a seeded generator.
+
+`build_turns(example, task, item, rng)` turns one task item (see `records.Example`) into conversation turns
+`[(role, text, groups)]`: `text` holds one `<loc>` per entry of `groups`, each a list of object indices whose
+boxes the location format writes there. REC answers are `"Answer: <loc> ."`, the form the authors
+teacher-force at evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxground.data.records import Example
+
+LOC = "<loc>"
+
+QUESTIONS = {
+    "rec": (
+        "Where is <expr> in the image?",
+        "Where is <expr>?",
+        "Can you point out <expr> in the image?",
+        "Locate <expr> in the image.",
+        "Please find <expr> and give its location.",
+        "Which object is <expr>? Show its box.",
+    ),
+    "reg": (
+        "What is region <loc>?",
+        "Describe region <loc> briefly.",
+        "What object is in region <loc>?",
+        "Give a short description of region <loc>.",
+        "What can you see in <loc>?",
+    ),
+    "gcap": (
+        "Describe the image, with the location of each object.",
+        "What is in the image? Give the box of each object you name.",
+        "Briefly describe the image and locate the objects you mention.",
+        "Write a grounded caption of the image.",
+    ),
+    "pope": (
+        "Is there a <obj> in the image?",
+        "Is there a <obj> in the image? Answer yes or no.",
+        "Does the image contain a <obj>?",
+        "Can you see a <obj> in this image?",
+    ),
+    "count": (
+        "How many <noun> are there?",
+        "How many <noun> are in the image?",
+        "Count the <noun> in the image.",
+        "What is the number of <noun> here?",
+    ),
+    "v7w": (
+        "<question> Candidates: <cands>.",
+        "<question> Choose one of <cands>.",
+        "<question> Pick the right region among <cands>.",
+    ),
+    "vqa": ("<question>",),
+}
+_YES = {"yes": ("Yes.", "Yes, there is."), "no": ("No.", "No, there is not.")}
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+Turn = tuple  # (role "user" | "assistant", text with <loc> markers, groups: list[list[int]])
+
+
+def _pick(options, rng: np.random.Generator) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def available_tasks(example: Example) -> list[str]:
+    """Tasks this example can serve (`reg` comes with `rec`)."""
+    tasks = [t for t, items in example.tasks.items() if items]
+    return tasks + (["reg"] if "rec" in tasks else [])
+
+
+def build_turns(example: Example, task: str, item: dict, rng: np.random.Generator) -> list[Turn]:
+    q = _pick(QUESTIONS.get(task, ("",)), rng)
+    if task == "rec":
+        return [("user", q.replace("<expr>", item["expr"]), []), ("assistant", f"Answer: {LOC} .", [[item["obj"]]])]
+    if task == "reg":
+        expr = item["expr"].removeprefix("the ")
+        return [("user", q, [[item["obj"]]]), ("assistant", f"{expr[0].upper()}{expr[1:]}.", [])]
+    if task == "gcap":
+        return [("user", q, []), ("assistant", item["caption"], [list(g) for g in item["groups"]])]
+    if task == "pope":
+        return [("user", q.replace("<obj>", item["object"]), []), ("assistant", _pick(_YES[item["answer"]], rng), [])]
+    if task == "count":
+        objs = list(item["objs"])
+        word = _NUMBERS[len(objs)] if len(objs) < len(_NUMBERS) else str(len(objs))
+        answer = f"{word.capitalize()}." if not objs else f"{word.capitalize()}: {LOC} ."
+        return [("user", q.replace("<noun>", item["noun"]), []), ("assistant", answer, [objs] if objs else [])]
+    if task == "v7w":
+        cands = list(item["candidates"])
+        text = q.replace("<question>", item["question"]).replace("<cands>", " ".join([LOC] * len(cands)))
+        return [("user", text, [[c] for c in cands]), ("assistant", f"Answer: {LOC} .", [[cands[item["answer"]]]])]
+    if task == "vqa":
+        return [("user", item["question"], []), ("assistant", item["answer"], [])]
+    if task == "conv":
+        return [(role, text.replace("<image>", "").strip(), []) for role, text in item["turns"]]
+    raise ValueError(f"unknown task {task!r}")
+
+
+def all_template_texts() -> list[str]:
+    """Every fixed phrase (for training a tokenizer on the synthetic corpus)."""
+    out = [q for qs in QUESTIONS.values() for q in qs]
+    out += [a for answers in _YES.values() for a in answers] + list(_NUMBERS) + ["Answer: ."]
+    return out

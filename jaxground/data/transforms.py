@@ -1,0 +1,72 @@
+"""CLIP-side image transforms: expand2square (pad to a centred square with the CLIP mean colour, as LLaVA and
+NExT-Chat do), bicubic resize, CLIP normalisation; boxes and masks follow the same geometry.
+
+Pixel boxes are xyxy with exclusive right/bottom edges (a mask's bounding box is [x_min, y_min, x_max + 1,
+y_max + 1]), so padding shifts them exactly and normalising by the square side gives [0, 1] coordinates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def square_offsets(height: int, width: int) -> tuple[int, int, int]:
+    """-> (side, left, top): where expand2square places an HxW image."""
+    side = max(height, width)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def expand2square(image: np.ndarray, fill=tuple(int(v * 255) for v in CLIP_MEAN)) -> np.ndarray:
+    """uint8[H,W,3] -> uint8[S,S,3], S = max(H, W), the image centred on `fill`."""
+    h, w = image.shape[:2]
+    side, left, top = square_offsets(h, w)
+    if h == w:
+        return image
+    out = np.empty((side, side, 3), np.uint8)
+    out[:] = np.asarray(fill, np.uint8)
+    out[top : top + h, left : left + w] = image
+    return out
+
+
+def boxes_to_square(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float[n,4] pixel xyxy in the HxW image -> float32[n,4] normalised to the padded square."""
+    side, left, top = square_offsets(height, width)
+    shift = np.array([left, top, left, top], np.float32)
+    return ((np.asarray(boxes, np.float32).reshape(-1, 4) + shift) / side).astype(np.float32)
+
+
+def masks_to_square(masks: np.ndarray, size: int) -> np.ndarray:
+    """bool[n,H,W] -> float32[n,size,size] in {0,1}: padded like the image, then nearest-resized."""
+    n, h, w = masks.shape
+    side, left, top = square_offsets(h, w)
+    padded = np.zeros((n, side, side), bool)
+    padded[:, top : top + h, left : left + w] = masks
+    if side == size:
+        return padded.astype(np.float32)
+    # Nearest sampling at pixel centres, the same rule for every mask.
+    idx = np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
+    return padded[:, idx][:, :, idx].astype(np.float32)
+
+
+def clip_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8[H,W,3] -> float32[size,size,3]: expand2square, bicubic resize, CLIP normalisation."""
+    square = expand2square(image)
+    if square.shape[0] != size:
+        square = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
+    return (square.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
+    """COCO polygons (flat [x0,y0,x1,y1,...] pixel lists) -> bool[H,W]."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in polygons:
+        if len(poly) >= 6:
+            draw.polygon([float(v) for v in poly], fill=1, outline=1)
+    return np.asarray(canvas, bool)
