@@ -36,7 +36,7 @@ class BoxEncoder(nnx.Module):
     """G: f32[..., 4] xyxy -> [..., D]: Linear(4 -> D/2), ReLU, Linear(D/2 -> D)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, init_std: float = 0.02, dtype=None, param_dtype=jnp.float32):
-        kw = dict(std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = {"std": init_std, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
         self.fc1 = _linear(4, dim // 2, (None, "mlp"), **kw)
         self.fc2 = _linear(dim // 2, dim, ("mlp", "embed"), **kw)
 
@@ -61,7 +61,7 @@ class BoxDecoder(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
     ):
-        kw = dict(std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = {"std": init_std, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
         self.fc1 = _linear(dim, dim // 2, ("embed", "mlp"), **kw)
         zeros = nnx.initializers.zeros_init() if box_prior else None
         self.fc2 = _linear(dim // 2, 4, ("mlp", None), **kw, kernel_init=zeros)

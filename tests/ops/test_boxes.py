@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 
 from jaxground.ops import boxes as B
