@@ -201,4 +201,17 @@ def build(source, config: SamConfig | None = None, *, shardings=None,
 
 
 __all__ = ["build", "config_from_shapes", "detect", "find_prefix", "image_encoder_rules", "mask_decoder_rules",
+           "mask_head_rules",
            "prompt_encoder_rules", "sam_rules", "conv_transpose2d"]
+
+
+def mask_head_rules(prefix: str = "", dst: str = "mask_head.", *, hf: bool = False, iou_head_depth: int = 3):
+    """NExT-Chat's `seg_prompt_mlp` + SAM prompt encoder + mask decoder -> `MaskHead` under `dst`.
+    `prefix` is the torch prefix of the NExT-Chat model (its SAM lives under `prefix + "sam.model."`)."""
+    p = re.escape(prefix)
+    return [
+        *_linear(p + r"seg_prompt_mlp\.0", dst + "seg_prompt_mlp.fc1"),
+        *_linear(p + r"seg_prompt_mlp\.2", dst + "seg_prompt_mlp.fc2"),
+        *prompt_encoder_rules(prefix + "sam.model.prompt_encoder.", dst + "prompt_encoder."),
+        *mask_decoder_rules(prefix + "sam.model.mask_decoder.", dst + "mask_decoder.", iou_head_depth, hf=hf),
+    ]
