@@ -370,6 +370,11 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
         len(mixture), shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=training),
         shuffle=training, num_epochs=num_epochs if num_epochs is not None else (None if training else 1),
         seed=cfg.seed)
+    if cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; we have no absl main
+            flags.FLAGS.mark_as_parsed()
     loader = grain.DataLoader(data_source=mixture, sampler=sampler, operations=[maker],
                               worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size)
     return DataIterator(loader, cfg.batch_size, training, cfg.strict, _template(cfg, encoder))

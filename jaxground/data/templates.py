@@ -81,7 +81,8 @@ def build_turns(example: Example, task: str, item: dict, rng: np.random.Generato
     if task == "gcap":
         return [("user", q, []), ("assistant", item["caption"], [list(g) for g in item["groups"]])]
     if task == "pope":
-        return [("user", q.replace("<obj>", item["object"]), []), ("assistant", _pick(_YES[item["answer"]], rng), [])]
+        q = item.get("question") or q.replace("<obj>", item["object"])  # real POPE keeps its own wording
+        return [("user", q, []), ("assistant", _pick(_YES[item["answer"]], rng), [])]
     if task == "count":
         objs = list(item["objs"])
         word = _NUMBERS[len(objs)] if len(objs) < len(_NUMBERS) else str(len(objs))

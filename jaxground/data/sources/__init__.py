@@ -1,0 +1,38 @@
+"""Readers of real datasets from local files (nothing is downloaded). Each returns a list of
+`records.Example` with pixel xyxy boxes, image paths relative to the entry's `image_root`, and task items.
+
+`read(kind, entry)`; `entry` has `path`, `split` and optionally `image_root` (a config `datasets` entry).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from jaxground.data.records import Example
+
+READERS = {
+    "refcoco": ("refcoco", "read_refcoco"),
+    "refcoco_jsonl": ("refcoco", "read_refcoco_jsonl"),
+    "flickr": ("flickr", "read_flickr"),
+    "vg": ("vg", "read_vg"),
+    "v7w": ("v7w", "read_v7w"),
+    "pope": ("pope", "read_pope"),
+    "llava": ("llava", "read_llava"),
+    "tfds_refcoco": ("tfds_refcoco", "read_tfds_refcoco"),
+}
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be read: missing files, wrong layout, missing optional dependency."""
+
+
+def read(kind: str, entry) -> list[Example]:
+    if kind not in READERS:
+        raise SourceError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
+    module, fn = READERS[kind]
+    reader = getattr(importlib.import_module(f"jaxground.data.sources.{module}"), fn)
+    return reader(str(entry["path"]), str(entry.get("split", "train")))
+
+
+def xywh_to_xyxy(x, y, w, h) -> list[float]:
+    return [float(x), float(y), float(x) + float(w), float(y) + float(h)]
