@@ -79,20 +79,28 @@ def init_state(model_state: nnx.State, tx: optax.GradientTransformation, trainab
     return TrainState(step=jnp.zeros((), jnp.int32), model=model_state, opt=tx.init(params))
 
 
-def create_sharded(
-    model_factory, tx: optax.GradientTransformation, trainable: PathFilter, mesh
-) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """Builds the model and its optimizer state directly in their shardings (no host holds the whole model):
-    returns (graphdef, state, state shardings)."""
+def plan(model_factory, tx: optax.GradientTransformation, trainable: PathFilter, mesh):
+    """(graphdef, abstract TrainState, its shardings) without allocating anything."""
     from jaxground.parallel import RULES, state_shardings
 
     # with a mesh in context NNX resolves the logical names while building; it needs the rules for that
     with nnx.logical_axis_rules(RULES):
         graphdef, abstract_model = nnx.split(nnx.eval_shape(model_factory))
         abstract = jax.eval_shape(lambda s: init_state(s, tx, trainable), abstract_model)
-        shardings = state_shardings(abstract, mesh)
+        return graphdef, abstract, state_shardings(abstract, mesh)
 
-        def build():
-            return init_state(nnx.state(model_factory()), tx, trainable)
 
+def create_sharded(
+    model_factory, tx: optax.GradientTransformation, trainable: PathFilter, mesh
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Builds the model and its optimizer state directly in their shardings (no host holds the whole model):
+    returns (graphdef, state, state shardings)."""
+    from jaxground.parallel import RULES
+
+    graphdef, _, shardings = plan(model_factory, tx, trainable, mesh)
+
+    def build():
+        return init_state(nnx.state(model_factory()), tx, trainable)
+
+    with nnx.logical_axis_rules(RULES):
         return graphdef, jax.jit(build, out_shardings=shardings)(), shardings

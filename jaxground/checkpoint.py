@@ -1,0 +1,163 @@
+"""Orbax checkpoints of a training run: model state, optimizer state, data-iterator state and config.
+
+Layout: `DIR/<step>/model` (every model variable), `DIR/<step>/opt` (step counter + optax state over the
+trainable subset), `DIR/<step>/meta` (JSON: step, data-iterator state, config). Saves are asynchronous
+(training continues while the files are written) and atomic (Orbax writes a temporary directory and renames
+it); the last `keep` are kept. Restoring places every array straight into the shardings of the current mesh,
+whatever mesh saved it. `--init-from` reads only `model`, so a stage-3 run can start from a stage-1 run whose
+optimizer covered other parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxground.train.state import TrainState
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose arrays do not fit the model being trained."""
+
+
+def _key_name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"a/b/value": shape} for arrays, ShapeDtypeStructs and Orbax ArrayMetadata leaves alike."""
+    # NNX variables have a `shape` too; they stop the walk, so their saved "/value" level is dropped
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    names = ("/".join(_key_name(k) for k in path) for path, _ in leaves)
+    return {n.removesuffix("/value"): tuple(x.shape) for n, (_, x) in zip(names, leaves)}
+
+
+def encode_data_state(state):
+    """Grain iterators give a dict (datasets API) or JSON bytes (DataLoader); both go into the JSON item."""
+    if isinstance(state, bytes):
+        return {"__bytes__": base64.b64encode(state).decode("ascii")}
+    return state
+
+
+def decode_data_state(state):
+    if isinstance(state, dict) and set(state) == {"__bytes__"}:
+        return base64.b64decode(state["__bytes__"])
+    return state
+
+
+def check_model_shapes(saved, abstract, where: str) -> None:
+    """Raises CheckpointMismatch listing every missing, unexpected and mis-shaped array."""
+    have, want = _shapes(saved), _shapes(abstract)
+    problems = [f"missing in checkpoint: {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"not in the model: {k} {have[k]}" for k in sorted(have.keys() - want.keys())]
+    problems += [
+        f"shape {k}: checkpoint {have[k]} vs model {want[k]}"
+        for k in sorted(want.keys() & have.keys())
+        if have[k] != want[k]
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  {shown}")
+
+
+def _handlers() -> dict:
+    # registered up front so that a fresh process can read metadata before its first save or restore
+    return {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
+def _saved_model(manager: ocp.CheckpointManager, step: int):
+    saved = manager.item_metadata(step)["model"]
+    if saved is None:
+        raise CheckpointMismatch(f"checkpoint {manager.directory / str(step)} has no readable model item")
+    return saved.tree if hasattr(saved, "tree") else saved
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+class Checkpointer:
+    """One run's checkpoint directory."""
+
+    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, save_every), max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, *, data_state=None, config: dict | None = None,
+             force: bool = False) -> bool:
+        """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did."""
+        meta = {"step": int(step), "data": encode_data_state(data_state), "config": config}
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardSave(state.model),
+                opt=ocp.args.StandardSave({"step": state.step, "opt": state.opt}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def check(self, step: int, abstract: TrainState) -> None:
+        check_model_shapes(_saved_model(self.manager, step), abstract.model, str(self.directory / str(step)))
+
+    def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, object, dict]:
+        """(state in `shardings`, data-iterator state, saved config) of checkpoint `step`."""
+        self.check(step, abstract)
+        target = _with_shardings(abstract, shardings)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(target.model),
+                    opt=ocp.args.StandardRestore({"step": target.step, "opt": target.opt}),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatch(
+                f"optimizer state in {self.directory / str(step)} does not fit (was the trainable set or the "
+                f"optimizer changed?): {e}"
+            ) from None
+        state = TrainState(step=out.opt["step"], model=out.model, opt=out.opt["opt"])
+        return state, decode_data_state(out.meta["data"]), out.meta["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """A run's workdir, its checkpoint directory, or one `<step>` directory -> (checkpoint dir, step)."""
+    path = Path(path).absolute()
+    if (path / "model").is_dir():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(int(p.name) for p in path.glob("*") if p.name.isdigit() and (p / "model").is_dir())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found at {path}")
+    return path, steps[-1]
+
+
+def load_model(path: str | Path, abstract_model, shardings):
+    """The model state of a checkpoint (`--init-from`), checked against and placed like `abstract_model`."""
+    directory, step = resolve(path)
+    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
+        check_model_shapes(_saved_model(manager, step), abstract_model, str(directory / str(step)))
+        out = manager.restore(
+            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_with_shardings(abstract_model, shardings)))
+        )
+    return out.model

@@ -1,0 +1,171 @@
+"""The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
+
+Generic over what it trains: a `Task` gives the model factory, the loss, the training batches (an iterator of
+this process's numpy rows with `get_state`/`set_state`) and optionally an evaluation. The config supplies
+`mesh.{data,fsdp,tensor}`, `train.*` and `optim.*` (see `jaxground/train/defaults.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxground import checkpoint, parallel
+from jaxground.train import state as st, step as stp
+from jaxground.train.metrics import MetricsWriter, Progress
+
+
+@dataclasses.dataclass
+class Task:
+    model_factory: Callable[[], object]  # () -> nnx.Module, deterministic (seeded inside)
+    loss_fn: stp.LossFn
+    train_batches: Iterator[dict]  # numpy rows of this process; has get_state() / set_state(state)
+    eval_fn: stp.EvalFn | None = None  # (model, batch) -> sums over the batch's valid rows
+    eval_batches: Callable[[], Iterable[dict]] | None = None  # a fresh pass over the held-out split
+    summarize: Callable[[dict], dict] = dict  # sums over the split -> the reported figures
+
+
+@dataclasses.dataclass
+class Result:
+    step: int
+    status: str  # "done" | "preempted"
+    eval: dict
+    last_metrics: dict
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop checks after each step (saving from inside a handler is unsafe)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self) -> bool:
+        """Every process stops at the same step: a flag raised on any host stops all of them."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+
+def _log(*args) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def evaluate(task: Task, eval_step, model_state, mesh) -> dict:
+    sums: dict[str, float] = {}
+    for rows in task.eval_batches():
+        out = jax.device_get(eval_step(model_state, parallel.global_batch(rows, mesh)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return task.summarize(sums)
+
+
+def config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None,
+        hooks: Iterable[Callable[[int, st.TrainState, dict], None]] = ()) -> Result:
+    workdir = Path(workdir)
+    tc = config.train
+    mesh = parallel.make_mesh(dict(config.mesh))
+    parallel.check_batch(tc.batch_size, mesh, micro_steps=tc.micro_steps, processes=jax.process_count())
+    tx = st.make_optimizer(config.optim, tc.steps)
+    trainable = st.PathFilter(tc.trainable, tc.frozen)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+
+    with jax.set_mesh(mesh):
+        graphdef, abstract, shardings = st.plan(task.model_factory, tx, trainable, mesh)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, data_state, _ = ckpt.restore(latest, abstract, shardings)
+            if data_state is not None:
+                task.train_batches.set_state(data_state)
+            _log(f"resumed from {ckpt.directory / str(latest)} at step {latest}")
+        else:
+            _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)
+            if init_from:
+                model = checkpoint.load_model(init_from, abstract.model, shardings.model)
+                state = dataclasses.replace(state, model=model)
+                _log(f"initialised the model from {init_from}")
+        n_train = len(st.trainable_paths(abstract.model, trainable))
+        _log(f"mesh {dict(mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es); "
+             f"{n_train} trainable arrays")
+
+        train_step = stp.jit_train_step(
+            stp.make_train_step(graphdef, task.loss_fn, tx, trainable, micro_steps=tc.micro_steps), shardings, mesh
+        )
+        eval_step = None
+        if task.eval_fn is not None:
+            eval_step = stp.jit_eval_step(stp.make_eval_step(graphdef, task.eval_fn), shardings.model, mesh)
+
+        step = int(jax.device_get(state.step))
+        progress = Progress(tc.steps, tc.batch_size, step)
+        metrics: dict = {}
+        figures: dict = {}
+        status = "done"
+        with _Preemption() as preemption:
+            while step < tc.steps:
+                try:
+                    rows = next(task.train_batches)
+                except StopIteration:
+                    raise RuntimeError(f"the training data ran out at step {step}; make it repeat") from None
+                state, out = train_step(state, parallel.global_batch(rows, mesh))
+                step += 1
+                metrics = {k: float(v) for k, v in jax.device_get(out).items()}
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    ckpt.wait()
+                    last = ckpt.latest_step()
+                    raise Diverged(f"non-finite loss at step {step}: {metrics}; last good checkpoint: "
+                                   f"{'none' if last is None else ckpt.directory / str(last)}")
+                for hook in hooks:
+                    hook(step, state, metrics)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    metrics["lr"] = float(st.make_schedule(config.optim, tc.steps)(step - 1))
+                    _log(progress.line(step, metrics))
+                    writer.write(step, metrics)
+                if eval_step is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < tc.steps:
+                    figures = evaluate(task, eval_step, state.model, mesh)
+                    _log(f"eval step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+                    writer.write(step, figures, split="eval")
+                preempted = preemption.agreed()
+                ckpt.save(step, state, data_state=task.train_batches.get_state(), config=config_json(config),
+                          force=preempted or step == tc.steps)
+                if preempted:
+                    status = "preempted"
+                    _log(f"SIGTERM: saved step {step} to {ckpt.directory / str(step)}; stopping")
+                    break
+        ckpt.wait()
+        if status == "done" and eval_step is not None:
+            figures = evaluate(task, eval_step, state.model, mesh)
+            _log("eval final | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+            writer.write(step, figures, split="eval")
+            if jax.process_index() == 0:
+                (workdir / "eval.json").write_text(json.dumps({"step": step, **figures}, indent=2) + "\n")
+    writer.close()
+    ckpt.close()
+    return Result(step=step, status=status, eval=figures, last_metrics=metrics)

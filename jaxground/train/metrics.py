@@ -1,0 +1,56 @@
+"""Run outputs: the progress line, `WORKDIR/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+
+    def write(self, step: int, values: dict, *, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        for k, v in values.items():
+            if math.isfinite(v):
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """`step 120/600 | loss 1.234 ce 0.9 l1 0.1 ... | 52.1 samples/s | ETA 0:03:10` lines."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int):
+        self.total, self.batch = total_steps, batch_size
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def line(self, step: int, values: dict) -> str:
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        parts = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
+        return f"step {step}/{self.total} | {parts} | {rate * self.batch:.1f} samples/s | ETA {eta}"

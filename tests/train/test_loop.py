@@ -1,0 +1,128 @@
+"""The training loop: exact resume after a crash, SIGTERM, divergence, mismatched checkpoints, other meshes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy  # noqa: E402
+import toy_run  # noqa: E402
+
+from jaxground import checkpoint, parallel  # noqa: E402
+from jaxground.train import loop, state as st  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def final_params(workdir, step):
+    with jax.set_mesh(parallel.make_mesh((1, -1, 1))):
+        c = toy_run.config()
+        _, abstract, sh = st.plan(lambda: toy.Toy(nnx.Rngs(0)), st.make_optimizer(c.optim, c.train.steps),
+                                  st.PathFilter(c.train.trainable, c.train.frozen), parallel.make_mesh((1, -1, 1)))
+        model = checkpoint.load_model(Path(workdir) / "checkpoints" / str(step), abstract.model, sh.model)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(model)}
+
+
+def run_script(*args):
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
+    return subprocess.run([sys.executable, str(HERE / "run_toy.py"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_crash_and_resume_is_exact(tmp_path):
+    full = toy_run.fit(tmp_path / "full", steps=6)
+    assert full.status == "done" and full.step == 6
+    killed = run_script(tmp_path / "crash", "--kill-at", 4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert checkpoint.resolve(tmp_path / "crash")[1] == 3
+    resumed = run_script(tmp_path / "crash")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "crash")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for s in a:
+        assert a[s] == b[s], (s, a[s], b[s])
+    pa, pb = final_params(tmp_path / "full", 6), final_params(tmp_path / "crash", 6)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    assert a[6] < a[1]  # and it learns
+    assert json.loads((tmp_path / "full" / "eval.json").read_text())["acc"] > 0
+
+
+def test_sigterm_saves_and_restores(tmp_path):
+    def term(step, state, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = toy_run.fit(tmp_path, steps=6, save_every=100, hooks=[term])
+    assert stopped.status == "preempted" and stopped.step == 2
+    assert checkpoint.resolve(tmp_path)[1] == 2
+    assert not (tmp_path / "eval.json").exists()
+    resumed = toy_run.fit(tmp_path, steps=6, save_every=100)
+    assert resumed.status == "done" and resumed.step == 6
+    assert checkpoint.resolve(tmp_path)[1] == 6
+
+
+def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    original = toy.make_batch
+
+    def make_batch(seed, n):
+        b = original(seed, n)
+        if seed >= 3:
+            b["x"][:] = np.nan
+        return b
+
+    toy.make_batch = make_batch
+    try:
+        with pytest.raises(loop.Diverged, match="step 4") as e:
+            toy_run.fit(tmp_path, steps=6)
+    finally:
+        toy.make_batch = original
+    assert str(tmp_path / "checkpoints" / "3") in str(e.value)
+    assert checkpoint.resolve(tmp_path)[1] == 3
+
+
+def test_other_model_shape_in_workdir_is_refused_before_training(tmp_path):
+    toy_run.fit(tmp_path, steps=1)
+
+    class Wider(toy.Toy):
+        def __init__(self, rngs):
+            super().__init__(rngs)
+            self.box = nnx.Linear(toy.D, 5, rngs=rngs)
+
+    c = toy_run.config(steps=3)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"shape box/kernel: checkpoint \(16, 4\) vs model \(16, 5\)"):
+        loop.fit(toy_run.task(factory=lambda: Wider(nnx.Rngs(0))), c, tmp_path)
+    assert checkpoint.resolve(tmp_path)[1] == 1
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    toy_run.fit(tmp_path, steps=2, mesh=(1, 4, 2))
+    saved = final_params(tmp_path, 2)
+    mesh = parallel.make_mesh((2, 1, 4))
+    c = toy_run.config()
+    with jax.set_mesh(mesh):
+        _, abstract, sh = st.plan(lambda: toy.Toy(nnx.Rngs(0)), st.make_optimizer(c.optim, 6),
+                                  st.PathFilter(c.train.trainable, c.train.frozen), mesh)
+        ck = checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=1, keep=3)
+        state, data_state, config = ck.restore(2, abstract, sh)
+        ck.close()
+    assert data_state == {"index": 2} and config["train"]["steps"] == 2
+    up = state.model["up"]["kernel"][...]
+    assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.model)}
+    for k in saved:
+        np.testing.assert_array_equal(saved[k], got[k], err_msg=k)
