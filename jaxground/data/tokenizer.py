@@ -28,7 +28,7 @@ def load_tokenizer(path: str | Path, extra_tokens: list[str] = ()):
     elif (path / "tokenizer.model").is_file():
         from transformers import LlamaTokenizer
 
-        tok = LlamaTokenizer(vocab_file=str(path / "tokenizer.model"), legacy=True, add_bos_token=False)
+        tok = LlamaTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
         raise TokenizerError(f"{path} has neither tokenizer.json nor tokenizer.model")
     return add_special_tokens(tok, extra_tokens)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from jaxground.data.transforms import (CLIP_MEAN, CLIP_STD, boxes_to_square, clip_image, expand2square,
+                                       masks_to_square, polygons_to_mask, square_offsets)
+
+
+def _bbox(mask):
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+@pytest.mark.parametrize("h,w", [(30, 50), (50, 30), (40, 40), (31, 52)])
+def test_box_and_mask_stay_consistent(h, w):
+    rng = np.random.default_rng(h * w)
+    masks = np.zeros((3, h, w), bool)
+    for m in masks:
+        x0, y0 = rng.integers(0, w - 6), rng.integers(0, h - 6)
+        m[y0 : y0 + rng.integers(3, 6), x0 : x0 + rng.integers(3, 6)] = True  # >= 3 px: survives the 24 px resize
+    boxes = np.stack([_bbox(m) for m in masks])
+    side = max(h, w)
+    sq_boxes = boxes_to_square(boxes, h, w)
+    sq_masks = masks_to_square(masks, side)  # padding only: exact
+    for b, m in zip(sq_boxes, sq_masks):
+        np.testing.assert_allclose(b * side, _bbox(m), atol=1e-4)  # float32 rounding only
+    big = masks_to_square(masks, 2 * side)  # an integer upscale: still exact
+    for b, m in zip(sq_boxes, big):
+        np.testing.assert_allclose(b * 2 * side, _bbox(m), atol=1e-4)
+    small = masks_to_square(masks, 24)  # any resize: within one output pixel
+    for b, m in zip(sq_boxes, small):
+        assert np.abs(b * 24 - _bbox(m)).max() <= 1.0
+
+
+def test_expand2square_centres_on_the_mean_colour():
+    image = np.full((20, 40, 3), 7, np.uint8)
+    sq = expand2square(image)
+    side, left, top = square_offsets(20, 40)
+    assert sq.shape == (40, 40, 3) and (left, top) == (0, 10)
+    assert (sq[10:30] == 7).all()
+    np.testing.assert_array_equal(sq[0, 0], (CLIP_MEAN * 255).astype(np.uint8))
+
+
+def test_clip_image_normalises_and_resizes():
+    image = np.zeros((10, 20, 3), np.uint8)
+    out = clip_image(image, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[8, 8], -CLIP_MEAN / CLIP_STD, atol=1e-6)  # the image's black centre
+    # The padded band is the mean colour, so it normalises to ~0.
+    assert np.abs(out[0, 8]).max() < 0.02
+
+
+def test_polygon_mask_matches_its_box():
+    m = polygons_to_mask([[2, 3, 10, 3, 10, 8, 2, 8]], 12, 14)
+    np.testing.assert_array_equal(_bbox(m), [2, 3, 11, 9])  # PIL fills the outline pixels inclusively
