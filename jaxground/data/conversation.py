@@ -29,7 +29,12 @@ SHORT_SYSTEM = "A chat about an image."
 
 
 class BadSample(ValueError):
-    """A sample that cannot be encoded faithfully (it is skipped, or raised in strict mode)."""
+    """A sample that cannot be encoded faithfully (it is skipped, or raised in strict mode). `reason` is a
+    short category for the skip counters."""
+
+    def __init__(self, message: str, reason: str = "bad sample"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -56,7 +61,7 @@ class ConversationEncoder:
     def _render(self, text: str, groups: list, boxes: np.ndarray, key: str) -> tuple[str, list[list[int]]]:
         parts = text.split(LOC)
         if len(parts) - 1 != len(groups):
-            raise BadSample(f"{key}: {len(parts) - 1} <loc> markers but {len(groups)} box groups")
+            raise BadSample(f"{key}: {len(parts) - 1} <loc> markers but {len(groups)} box groups", "marker/box mismatch")
         out = [parts[0]]
         for group, rest in zip(groups, parts[1:]):
             out += [self.fmt.format(boxes[list(group)].reshape(-1, 4)), rest]
@@ -81,7 +86,7 @@ class ConversationEncoder:
         image = [ids.im_start] + [ids.im_patch] * self.num_image_tokens + [ids.im_end]
         for t, (role, text, groups) in enumerate(turns):
             if role != ("user" if t % 2 == 0 else "assistant"):
-                raise BadSample(f"{key}: turn {t} has role {role!r}; turns must alternate user/assistant")
+                raise BadSample(f"{key}: turn {t} has role {role!r}; turns must alternate user/assistant", "bad turns")
             rendered, groups = self._render(text, groups, object_boxes, key)
             if self._carries_boxes:
                 box_list += [o for g in groups for o in g]
@@ -107,7 +112,7 @@ class ConversationEncoder:
         n_slots, n_triggers = int((input_ids == ids.boxes).sum()), int((labels == ids.at).sum())
         if n_slots != len(box_list) or n_triggers != len(target_objs):
             raise BadSample(f"{key}: {n_slots} <boxes> tokens for {len(box_list)} boxes, "
-                            f"{n_triggers} triggers for {len(target_objs)} target boxes")
+                            f"{n_triggers} triggers for {len(target_objs)} target boxes", "<boxes>/box mismatch")
         boxes = object_boxes[box_list].reshape(-1, 4).astype(np.float32)
         targets = object_boxes[target_objs].reshape(-1, 4).astype(np.float32)
         return Encoded(input_ids, labels, boxes, targets, target_objs)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -103,8 +102,8 @@ class Subset:
 
 
 class Mixture:
-    """Weighted mixture: an epoch of `sum(len)` records, dataset d contributing a share `w_d / sum(w)`,
-    cycling through a seeded permutation of its records. Yields (dataset name, Example or error text)."""
+    """Weighted mixture: an epoch of `sum(len)` records, dataset d contributing a share `w_d / sum(w)` of them
+    (cycling through its records when that is more than it has). Yields (dataset name, Example or error text)."""
 
     def __init__(self, sources: dict, weights: dict, seed: int):
         self._names = list(sources)
@@ -120,10 +119,18 @@ class Mixture:
         for d, (src, n) in enumerate(zip(self._sources, counts)):
             if n and not len(src):
                 raise ValueError(f"dataset {self._names[d]!r} has weight {w[d]} but no records")
-            reps = math.ceil(n / max(len(src), 1))
-            idx = np.concatenate([rng.permutation(len(src)) for _ in range(reps)])[:n] if n else np.zeros(0)
+            # Whole passes in record order, then a seeded subset (in order) for the remainder: an unweighted
+            # evaluation set is read in order; the sampler does the shuffling for training.
+            full, rest = divmod(int(n), max(len(src), 1))
+            idx = np.concatenate([np.arange(len(src))] * full + [np.sort(rng.permutation(len(src))[:rest])])
             table.append(np.stack([np.full(n, d), idx], 1))
         self._table = np.concatenate(table).astype(np.int64)
+        # Grain checks a restored iterator against repr(source): name what decides the record order.
+        self._repr = (f"Mixture(names={self._names}, sizes={[len(s) for s in self._sources]}, "
+                      f"counts={counts.tolist()}, seed={seed})")
+
+    def __repr__(self) -> str:
+        return self._repr
 
     def __len__(self) -> int:
         return len(self._table)
@@ -176,13 +183,13 @@ def _load_image(ex: Example, image_root: str) -> np.ndarray:
 def _check_boxes(boxes: np.ndarray, h: int, w: int, key: str) -> None:
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     if not np.isfinite(b).all():
-        raise BadSample(f"{key}: non-finite box")
+        raise BadSample(f"{key}: non-finite box", "bad box")
     bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
     if bad.any():
-        raise BadSample(f"{key}: box {b[bad][0].tolist()} has x1 <= x0 or y1 <= y0")
+        raise BadSample(f"{key}: box {b[bad][0].tolist()} has x1 <= x0 or y1 <= y0", "bad box")
     out = (b[:, 0] < -1) | (b[:, 1] < -1) | (b[:, 2] > w + 1) | (b[:, 3] > h + 1)  # 1 px of annotation slack
     if out.any():
-        raise BadSample(f"{key}: box {b[out][0].tolist()} lies outside the {w}x{h} image")
+        raise BadSample(f"{key}: box {b[out][0].tolist()} lies outside the {w}x{h} image", "box outside image")
 
 
 class SampleMaker(grain.RandomMapTransform):
@@ -196,18 +203,18 @@ class SampleMaker(grain.RandomMapTransform):
         name, ex = element
         try:
             if isinstance(ex, str):
-                raise BadSample(ex)
+                raise BadSample(ex, "unreadable record")
             return self.make(ex, rng, self.image_roots.get(name, ""))
         except BadSample as e:
-            return {"skip": str(e)}
+            return {"skip": str(e), "reason": e.reason}
         except Exception as e:  # unreadable image files and the like: counted, and named in strict mode
-            return {"skip": f"{getattr(ex, 'key', name)}: {type(e).__name__}: {e}"}
+            return {"skip": f"{getattr(ex, 'key', name)}: {type(e).__name__}: {e}", "reason": type(e).__name__}
 
     def make(self, ex: Example, rng: np.random.Generator, image_root: str = "") -> dict:
         cfg, key = self.cfg, ex.key or ex.image_path or "?"
         tasks = [t for t in templates.available_tasks(ex) if self.task_weights.get(t, 0) > 0]
         if not tasks:
-            raise BadSample(f"{key}: no task with a positive weight among {templates.available_tasks(ex)}")
+            raise BadSample(f"{key}: no task with a positive weight among {templates.available_tasks(ex)}", "no task")
         p = np.array([self.task_weights[t] for t in tasks], np.float64)
         task = tasks[rng.choice(len(tasks), p=p / p.sum())]
         items = ex.tasks["rec" if task == "reg" else task]
@@ -215,16 +222,17 @@ class SampleMaker(grain.RandomMapTransform):
         image = _load_image(ex, image_root)
         h, w = image.shape[:2]
         if (ex.width and ex.width != w) or (ex.height and ex.height != h):
-            raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}")
+            raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}", "image size")
         _check_boxes(ex.boxes, h, w, key)
         boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
         enc = self.encoder.encode(templates.build_turns(ex, task, item, rng), boxes, key)
         T, Q = cfg.max_len, cfg.max_boxes
         n = len(enc.input_ids)
         if n > T:
-            raise BadSample(f"{key}: {n} tokens exceed max_len {T}")
+            raise BadSample(f"{key}: {n} tokens exceed max_len {T}", "too long")
         if len(enc.boxes) > Q or len(enc.target_boxes) > Q:
-            raise BadSample(f"{key}: {len(enc.boxes)} boxes / {len(enc.target_boxes)} targets exceed max_boxes {Q}")
+            raise BadSample(f"{key}: {len(enc.boxes)} boxes / {len(enc.target_boxes)} targets exceed max_boxes {Q}",
+                            "too many boxes")
         out = {
             "images": clip_image(image, cfg.image_size),
             "input_ids": _pad(enc.input_ids, T, self.encoder.ids.pad),
@@ -269,7 +277,7 @@ def _pad(x: np.ndarray, n: int, value) -> np.ndarray:
 
 class DataIterator:
     """Batches of `Batch`-named numpy arrays. `get_state()`/`set_state()` (JSON bytes) resume exactly;
-    `skipped` counts bad samples by reason (the first words of the message after the key)."""
+    `skipped` counts bad samples by reason (`BadSample.reason`, or the exception's type name)."""
 
     def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict):
         self._loader, self._it = loader, iter(loader)
@@ -296,7 +304,7 @@ class DataIterator:
                     raise
                 break
             if "skip" in el:
-                self._skip(el["skip"])
+                self._skip(el["skip"], el["reason"])
                 skipped_here += 1
                 if skipped_here > 100 * self.batch_size:  # a config error, not a few bad samples
                     raise BadSample(f"no usable sample in the last {skipped_here}: {self.summary()}; "
@@ -307,11 +315,10 @@ class DataIterator:
         rows += [self._pad_row()] * (self.batch_size - valid)
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
-    def _skip(self, message: str) -> None:
+    def _skip(self, message: str, reason: str) -> None:
         if self.strict:
-            raise BadSample(f"bad input (strict mode): {message}")
-        reason = message.split(": ", 1)[-1].split(" (")[0]
-        self.skipped[" ".join(w for w in reason.split() if not any(c.isdigit() for c in w))[:60]] += 1
+            raise BadSample(f"bad input (strict mode): {message}", reason)
+        self.skipped[reason] += 1
         if len(self.examples) < 3:
             self.examples.append(message)
 

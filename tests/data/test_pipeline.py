@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+
+from jaxground.data.batch import Batch
+from jaxground.data.conversation import IGNORE, BadSample
+from jaxground.data.pipeline import Mixture, ListSource, build_source, make_pipeline, pipeline_config
+from jaxground.data.records import Example, png_bytes, write_records
+
+
+def _cfg(shapes_dir, **kw):
+    cfg = pipeline_config(num_image_tokens=4, image_size=16, max_len=80, batch_size=4, **kw)
+    cfg.datasets.shapes.path = str(shapes_dir)
+    return cfg
+
+
+def _pipe(cfg, training=True, **kw):
+    return make_pipeline(cfg, training=training, process_index=kw.pop("index", 0),
+                         process_count=kw.pop("count", 1), **kw)
+
+
+def test_batches_fill_batch_exactly(shapes_dir, encoder):
+    b = next(_pipe(_cfg(shapes_dir, with_masks=True, mask_size=32)))
+    Batch(**b)
+    assert b["images"].shape == (4, 16, 16, 3) and b["images"].dtype == np.float32
+    assert b["input_ids"].shape == (4, 80) and b["input_ids"].dtype == np.int32
+    assert b["labels"].dtype == np.int32 and b["attention_mask"].dtype == bool and b["valid"].all()
+    ids = encoder.ids
+    for r in range(4):
+        x, y, m = b["input_ids"][r], b["labels"][r], b["attention_mask"][r]
+        assert (y[~m] == IGNORE).all() and (x[~m] == ids.pad).all() and m[: m.sum()].all()
+        assert b["box_mask"][r].sum() == (x == ids.boxes).sum()
+        assert b["target_mask"][r].sum() == (y == ids.at).sum()
+        assert not (y == ids.boxes).any()
+        # Each target mask's bounding box is its target box (the same padded-square geometry).
+        for k in np.nonzero(b["mask_valid"][r])[0]:
+            ys, xs = np.nonzero(b["masks"][r, k])
+            np.testing.assert_allclose(np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 32,
+                                       b["target_boxes"][r, k], atol=1e-5)
+    assert b["mask_valid"].sum() == b["target_mask"].sum()
+
+
+def test_resume_gives_the_same_next_batches(shapes_dir):
+    it = _pipe(_cfg(shapes_dir))
+    next(it), next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    again = _pipe(_cfg(shapes_dir))
+    again.set_state(state)
+    for w in want:
+        got = next(again)
+        for k in w:
+            np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+
+
+def test_eval_pads_the_last_batch_and_ends(shapes_dir):
+    cfg = _cfg(shapes_dir)
+    cfg.datasets.shapes.split = "val"  # 10 records: 4 + 4 + (2 + 2 pad rows)
+    batches = list(_pipe(cfg, training=False))
+    assert [b["valid"].tolist() for b in batches] == [[True] * 4, [True] * 4, [True, True, False, False]]
+    last = batches[-1]
+    assert not last["attention_mask"][2:].any() and (last["labels"][2:] == IGNORE).all()
+    assert not last["box_mask"][2:].any() and not last["target_mask"][2:].any()
+
+
+def test_hosts_get_disjoint_shards(shapes_dir):
+    cfg = _cfg(shapes_dir)
+    cfg.datasets.shapes.split = "val"
+    cfg.batch_size = 1
+    rows = [[b["images"].tobytes() for b in _pipe(cfg, training=False, index=i, count=2)] for i in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 5 and not set(rows[0]) & set(rows[1])
+
+
+def test_curriculum_filter_and_mixture_weights(shapes_dir):
+    cfg = _cfg(shapes_dir)
+    src = build_source(cfg.datasets.shapes, max_objects=1)
+    assert 0 < len(src) < 48 and all(len(src[i].boxes) == 1 for i in range(len(src)))
+    mix = Mixture({"a": ListSource(list(range(30))), "b": ListSource(list(range(10)))}, {"a": 1.0, "b": 3.0}, 0)
+    names = [mix[i][0] for i in range(len(mix))]
+    assert len(mix) == 40 and names.count("b") == 30 and names.count("a") == 10
+
+
+def _bad_records(path):
+    image = np.full((20, 30, 3), 128, np.uint8)
+    good = dict(image=png_bytes(image), width=30, height=20, names=["x"])
+
+    def ex(key, boxes=((2, 2, 10, 10),), expr="the red circle", **kw):
+        return Example(boxes=np.array(boxes, np.float32), tasks={"rec": [{"expr": expr, "obj": 0}]},
+                       key=key, **{**good, **kw})
+
+    write_records(path, [
+        ex("good0"), ex("corrupt_image", image=b"not a png"), ex("outside", boxes=[(2, 2, 40, 10)]),
+        ex("flipped", boxes=[(10, 2, 2, 10)]), ex("too_long", expr="the red circle " * 40),
+        ex("stray_boxes", expr="the <boxes> circle"), ex("good1"),
+    ])
+
+
+def _records_cfg(shapes_dir, path, strict=False):
+    cfg = _cfg(shapes_dir, strict=strict, tokenizer=str(shapes_dir / "tokenizer"))
+    cfg.datasets = {"bad": {"kind": "records", "path": str(path), "split": "", "image_root": "", "weight": 1.0}}
+    cfg.task_weights = {"rec": 1.0}
+    cfg.batch_size = 2
+    return cfg
+
+
+def test_bad_input_is_skipped_and_counted(shapes_dir, tmp_path):
+    _bad_records(tmp_path / "bad.array_record")
+    it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record"), training=False)
+    batches = list(it)
+    assert len(batches) == 1 and batches[0]["valid"].all()
+    assert it.skipped == {"UnidentifiedImageError": 1, "box outside image": 1, "bad box": 1, "too long": 1,
+                          "<boxes>/box mismatch": 1}, it.skipped
+
+
+def test_strict_mode_names_file_and_index(shapes_dir, tmp_path):
+    _bad_records(tmp_path / "bad.array_record")
+    it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record", strict=True), training=False)
+    with pytest.raises(BadSample, match=r"bad\.array_record#1 \(corrupt_image\)"):
+        list(it)
