@@ -1,0 +1,280 @@
+"""Batched generation with a KV cache: prefill, then one jitted `jax.lax.while_loop` of decoding steps.
+
+Axes: B prompts, W beams, R = B·W rows decoded together, T prompt tokens (left-padded), N max new tokens,
+D model width, V vocabulary, Q max triggers per row.
+
+Decoding: greedy, sampling (temperature, top-p) or beam search (`num_beams` W; rows of one prompt are
+adjacent). Each row stops at `eos_id` or after N tokens; tokens after the end are `pad_id`.
+
+pixel2emb (when a locator is given): whenever the token fed last was `<at>`, its hidden state t (last layer,
+after the final norm) is decoded to a box F(t), recorded in the row's next trigger slot ([R,Q,4] buffer, plus
+t itself for the mask head), and the next token is forced to `<boxes>` with input embedding G(F(t)) instead of
+its table row, as the authors' demo does (it overwrites whatever was sampled after `<at>` with `<boxes>`).
+A trailing `<at>` in the prompt is handled the same way. Triggers beyond Q are decoded but not recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxground.models.kv_cache import KVCache
+from jaxground.models.llama import Llama
+
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    method: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam ranking: sum log p / length ** length_penalty
+    max_triggers: int = 8
+    eos_id: int = 2  # -1: never stop before N tokens
+    pad_id: int = 0
+    at_id: int = -1  # <at>; -1 disables box decoding
+    boxes_id: int = -1  # <boxes>
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.max_triggers < 1:
+            raise ValueError("max_new_tokens, num_beams and max_triggers must be >= 1")
+        if self.method == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.num_beams > 1 and self.method != "beam":
+            raise ValueError(f"num_beams={self.num_beams} needs method='beam'")
+
+
+@struct.dataclass
+class Generation:
+    tokens: jax.Array  # int32[B,N], pad_id after the end
+    lengths: jax.Array  # int32[B], eos included
+    scores: jax.Array  # float32[B], sum of log-probabilities of the chosen tokens
+    boxes: jax.Array  # float32[B,Q,4], F(t) per trigger, normalised xyxy of the padded square
+    trigger_states: jax.Array  # [B,Q,D], t per trigger (input of the mask head)
+    num_triggers: jax.Array  # int32[B], recorded triggers (<= Q)
+
+
+@struct.dataclass
+class _State:
+    step: jax.Array
+    cache: KVCache
+    hidden: jax.Array  # [R,D] last layer state of the token fed last
+    logits: jax.Array  # [R,V] next-token logits after it
+    fed: jax.Array  # int32[R] the token fed last
+    tokens: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    scores: jax.Array
+    boxes: jax.Array
+    states: jax.Array
+    num_triggers: jax.Array
+    rng: jax.Array
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """[R,V] logits with every token outside the nucleus set to -inf (the most likely token always stays)."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _one_hot_logp(token: int, vocab: int) -> jax.Array:
+    return jnp.where(jnp.arange(vocab) == token, 0.0, -jnp.inf)
+
+
+def _step_logp(state: _State, cfg: GenerationConfig) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities [R,V] of the next token with forcing applied, and the rows forced to <boxes>."""
+    vocab = state.logits.shape[-1]
+    logits = state.logits
+    if cfg.method == "sample":
+        logits = top_p_filter(logits / cfg.temperature, cfg.top_p)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    forced = (state.fed == cfg.at_id) & ~state.done if cfg.at_id >= 0 else jnp.zeros_like(state.done)
+    logp = jnp.where(forced[:, None], _one_hot_logp(cfg.boxes_id, vocab), logp)
+    logp = jnp.where(state.done[:, None], _one_hot_logp(cfg.pad_id, vocab), logp)
+    return logp, forced
+
+
+def _choose(state: _State, logp: jax.Array, cfg: GenerationConfig, beams: int):
+    """-> (parent row int32[R], token int32[R], new scores [R]) for this step."""
+    rows = logp.shape[0]
+    if cfg.method == "beam":
+        vocab = logp.shape[-1]
+        cand = (state.scores[:, None] + logp).reshape(rows // beams, beams * vocab)
+        scores, flat = jax.lax.top_k(cand, beams)
+        parent = (jnp.arange(rows // beams)[:, None] * beams + flat // vocab).reshape(rows)
+        return parent, (flat % vocab).reshape(rows).astype(jnp.int32), scores.reshape(rows)
+    if cfg.method == "sample":
+        key = jax.random.fold_in(state.rng, state.step)
+        token = jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+    else:
+        token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    return jnp.arange(rows), token, state.scores + chosen
+
+
+def _gather_rows(state: _State, parent: jax.Array) -> _State:
+    take = functools.partial(jnp.take, indices=parent, axis=0)
+    cache = state.cache
+    cache = cache.replace(k=jnp.take(cache.k, parent, axis=1), v=jnp.take(cache.v, parent, axis=1),
+                          mask=take(cache.mask))
+    fields = ("hidden", "fed", "tokens", "done", "lengths", "boxes", "states", "num_triggers")
+    return state.replace(cache=cache, **{f: take(getattr(state, f)) for f in fields})
+
+
+def _record_trigger(state: _State, forced: jax.Array, box: jax.Array) -> _State:
+    """Writes box [R,4] and the trigger state into slot num_triggers of each forced row (if a slot is left)."""
+    q = state.boxes.shape[1]
+    slot = jax.nn.one_hot(state.num_triggers, q, dtype=jnp.bool_) & forced[:, None]  # [R,Q], all False when full
+    return state.replace(
+        boxes=jnp.where(slot[..., None], box[:, None, :], state.boxes),
+        states=jnp.where(slot[..., None], state.hidden[:, None, :].astype(state.states.dtype), state.states),
+        num_triggers=state.num_triggers + jnp.any(slot, axis=1),
+    )
+
+
+def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beams: int) -> _State:
+    def cond(s: _State):
+        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _State):
+        logp, forced = _step_logp(s, cfg)
+        box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
+        parent, token, scores = _choose(s, logp, cfg, beams)
+        s = _gather_rows(s, parent)
+        forced, box = forced[parent], box[parent]
+        active = ~s.done
+        s = _record_trigger(s, forced, box)
+        finished = active & (token == cfg.eos_id)
+        s = s.replace(
+            tokens=s.tokens.at[:, s.step].set(token),
+            lengths=s.lengths + active,
+            done=s.done | finished | (s.step + 1 >= cfg.max_new_tokens),
+            scores=scores,
+        )
+        embeds = llm.embed_tokens(token[:, None])
+        if locator is not None:
+            embeds = jnp.where(forced[:, None, None], locator[0](box)[:, None, :].astype(embeds.dtype), embeds)
+        hidden, logits, cache = llm.forward_embeds(embeds, active[:, None], cache=s.cache)
+        return s.replace(step=s.step + 1, cache=cache, hidden=hidden[:, 0], logits=logits[:, 0], fed=token)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
+    """Runs the prompts (each repeated W times) through the model and builds the initial loop state."""
+    b, t, d = embeds.shape
+    w = cfg.num_beams if cfg.method == "beam" else 1
+    rows, n, q = b * w, cfg.max_new_tokens, cfg.max_triggers
+    repeat = functools.partial(jnp.repeat, repeats=w, axis=0)
+    embeds, mask = repeat(embeds), repeat(mask)
+
+    cache = llm.init_cache(rows, t + n, dtype=embeds.dtype)
+    hidden, logits, cache = llm.forward_embeds(embeds, mask, cache=cache)
+    last_fed = jnp.full((rows,), -1, jnp.int32)
+    first_scores = jnp.where(jnp.arange(rows) % w == 0, 0.0, -jnp.inf)  # beams of a prompt start as one
+    state = _State(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        hidden=hidden[:, -1],
+        logits=logits[:, -1],
+        fed=last_fed,
+        tokens=jnp.full((rows, n), cfg.pad_id, jnp.int32),
+        done=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        scores=first_scores.astype(jnp.float32),
+        boxes=jnp.zeros((rows, q, 4), jnp.float32),
+        states=jnp.zeros((rows, q, d), hidden.dtype),
+        num_triggers=jnp.zeros((rows,), jnp.int32),
+        rng=rng,
+    )
+    return state
+
+
+def generate_from_embeds(
+    llm: Llama,
+    embeds: jax.Array,
+    attention_mask: jax.Array,
+    cfg: GenerationConfig,
+    *,
+    last_token: jax.Array | None = None,
+    locator: tuple[nnx.Module, nnx.Module] | None = None,
+    rng: jax.Array | None = None,
+) -> Generation:
+    """Decodes after prompts embeds [B,T,D] (left-padded, attention_mask bool[B,T]).
+
+    `last_token` int32[B] is the last prompt token (only its being `<at>` matters); `locator` is (G, F).
+    Call inside `jit` (see `generate_jit`).
+    """
+    b = embeds.shape[0]
+    w = cfg.num_beams if cfg.method == "beam" else 1
+    if cfg.at_id >= 0 and locator is None:
+        raise ValueError("at_id is set but no locator (G, F) was given")
+    rng = jax.random.key(0) if rng is None else rng
+    state = _prefill(llm, embeds, attention_mask, rng, cfg)
+    if last_token is not None:
+        state = state.replace(fed=jnp.repeat(last_token.astype(jnp.int32), w, axis=0))
+    state = _decode_loop(llm, locator, state, cfg, w)
+    return _best_beams(state, cfg, b, w)
+
+
+def _best_beams(state: _State, cfg: GenerationConfig, b: int, w: int) -> Generation:
+    if w == 1:
+        pick = jnp.arange(b)
+    else:
+        norm = state.scores / jnp.maximum(state.lengths, 1).astype(jnp.float32) ** cfg.length_penalty
+        pick = jnp.arange(b) * w + jnp.argmax(norm.reshape(b, w), axis=1)
+    return Generation(
+        tokens=state.tokens[pick],
+        lengths=state.lengths[pick],
+        scores=state.scores[pick],
+        boxes=state.boxes[pick],
+        trigger_states=state.states[pick],
+        num_triggers=state.num_triggers[pick],
+    )
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg",))
+def generate_jit(llm, embeds, attention_mask, last_token, locator, rng, cfg: GenerationConfig) -> Generation:
+    """`generate_from_embeds` compiled once per (shapes, cfg)."""
+    return generate_from_embeds(llm, embeds, attention_mask, cfg, last_token=last_token, locator=locator, rng=rng)
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg",))
+def _generate_ids_jit(llm, input_ids, attention_mask, rng, cfg):
+    embeds = llm.embed_tokens(input_ids)
+    return generate_from_embeds(llm, embeds, attention_mask, cfg, last_token=input_ids[:, -1], rng=rng)
+
+
+def generate_ids(
+    llm: Llama, input_ids, attention_mask, cfg: GenerationConfig, rng: jax.Array | None = None
+) -> Generation:
+    """Text-only generation from left-padded token ids int32[B,T] (attention_mask bool[B,T])."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, bool)
+    check_fits(llm, input_ids.shape[1], cfg)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate_ids_jit(llm, input_ids, attention_mask, rng, cfg)
+
+
+def check_fits(llm: Llama, prompt_len: int, cfg: GenerationConfig) -> None:
+    """Refuses, before any compute, a prompt that leaves no room for max_new_tokens in the context."""
+    limit = llm.cfg.max_position
+    if prompt_len + cfg.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's context "
+            f"of {limit} tokens"
+        )
