@@ -50,3 +50,35 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
             "frozen": frozen,
         }
     )
+
+
+def loss(det: str = "released", w_cycle: float = 1.0, seg: str = "released") -> ConfigDict:
+    """Loss presets: `det` in ops.losses.DET_PRESETS ("paper" 1:0.4 or "released" 2:0.2 for L1:GIoU),
+    `seg` in ops.mask_losses.PRESETS (stage 3)."""
+    return ConfigDict({"det": det, "w_cycle": w_cycle, "seg": seg})
+
+
+def llama(size: str, **overrides) -> ConfigDict:
+    """LLaMA-2 / Vicuna shapes; `dtype` bfloat16 compute over float32 master weights, layers scanned and
+    rematerialised (the settings that fit 7B on 16 GiB chips with FSDP, DESIGN.md)."""
+    shapes = {
+        "7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32),
+        "13b": dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40),
+    }[size]
+    base = dict(vocab_size=32005, rms_eps=1e-5, rope_theta=10000.0, max_position=4096, dtype="bfloat16",
+                param_dtype="float32", scan_layers=True, remat="full", **shapes)
+    base.update(overrides)
+    return ConfigDict(base)
+
+
+def clip_vit_l14_336(**overrides) -> ConfigDict:
+    base = dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                layer_norm_eps=1e-5, select_layer=-2, position_embedding="learned", dtype="bfloat16",
+                param_dtype="float32")
+    base.update(overrides)
+    return ConfigDict(base)
+
+
+def sam_vit_h() -> ConfigDict:
+    return ConfigDict(dict(img_size=1024, patch_size=16, width=1280, depth=32, num_heads=16,
+                           global_attn_indexes=(7, 15, 23, 31), prompt_dim=256))

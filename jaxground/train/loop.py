@@ -93,6 +93,8 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
     tc = config.train
     mesh = parallel.make_mesh(dict(config.mesh))
     parallel.check_batch(tc.batch_size, mesh, micro_steps=tc.micro_steps, processes=jax.process_count())
+    if "eval" in config and "batch_size" in config.eval:
+        parallel.check_batch(config.eval.batch_size, mesh, processes=jax.process_count())
     tx = st.make_optimizer(config.optim, tc.steps)
     trainable = st.PathFilter(tc.trainable, tc.frozen)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)

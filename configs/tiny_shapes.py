@@ -1,0 +1,44 @@
+"""The embedded default, stage 1: a tiny NExT-Chat learns to ground expressions in the synthetic shapes data
+on one CPU in minutes (`bash launch/local.sh`). Stage 3 continues in `tiny_shapes_stage3.py`.
+
+Differences from the paper's recipe, because nothing here is pretrained: the tiny CLIP trains too (a frozen
+random tower would be a fixed random projection), with fixed 2-D sin-cos patch positions as its spatial
+prior; the LLM is 4 layers at width 128 on a ~500-token BPE; sequences are short (short system prompt).
+"""
+
+from ml_collections import ConfigDict
+
+from jaxground.data.pipeline import pipeline_config
+from jaxground.train import defaults
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.mesh = defaults.mesh(data=1, fsdp=-1, tensor=1)
+    c.model = ConfigDict(dict(
+        llm=dict(vocab_size=-1, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=4,
+                 max_position=256, dtype="float32", param_dtype="float32", scan_layers=False, remat="none"),
+        vision=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_layers=2,
+                    num_heads=4, select_layer=-1, position_embedding="sincos"),
+        projector="mlp2x_gelu",
+        freeze_vision=False,
+        box_prior=False,
+    ))
+    c.data = pipeline_config(
+        datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "train", "image_root": "",
+                             "weight": 1.0}},
+        task_weights={"rec": 1.0},
+        max_len=96,
+        max_boxes=4,
+        max_objects=0,
+    )
+    c.eval = ConfigDict(dict(
+        datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",
+                             "weight": 1.0}},
+        batch_size=64,
+    ))
+    c.loss = defaults.loss(det="released")
+    c.optim = defaults.optim(1e-3, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
+    c.train = defaults.train(1, steps=1500, batch_size=32, log_every=50, eval_every=500, save_every=500, keep=2)
+    c.train.frozen = ()  # nothing pretrained: the tiny vision tower trains as well
+    return c

@@ -1,0 +1,56 @@
+"""`jaxground train --config configs/X.py [--workdir DIR] [--init-from CKPT] [key=value ...]`
+
+Trains on every device of every process (multi-host: start the same command on each host; TPU VMs and
+SLURM are detected, or pass --coordinator/--num-processes/--process-id). Resumes from the latest
+checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted (checkpoint saved), 1 diverged,
+2 bad config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="configs/*.py with get_config()")
+    parser.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, tb/, eval.json "
+                        "(default: runs/<config name>)")
+    parser.add_argument("--init-from", default=None, help="a run's workdir or checkpoint: start from its model "
+                        "weights (fresh optimizer), e.g. stage 3 from stage 1")
+    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+
+
+def run(args) -> int:
+    from jaxground import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+
+    from jaxground import checkpoint, parallel
+    from jaxground.config import ConfigError, load_config
+    from jaxground.train import loop
+    from jaxground.train.task import TaskConfigError, make_task
+
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    try:
+        config = load_config(args.config, args.overrides)
+        task = make_task(config)
+        result = loop.fit(task, config, workdir, init_from=args.init_from)
+    except (ConfigError, TaskConfigError, parallel.MeshError, checkpoint.CheckpointMismatch,
+            FileNotFoundError) as e:
+        print(f"jaxground train: {e}")
+        return 2
+    except loop.Diverged as e:
+        print(f"jaxground train: stopped: {e}")
+        return 1
+    if jax.process_index() == 0:
+        if result.status == "preempted":
+            print(f"preempted at step {result.step}; rerun the same command to resume")
+        else:
+            print(f"done: step {result.step}; eval {json.dumps(result.eval)}; workdir {workdir}")
+    return 0

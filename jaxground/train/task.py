@@ -1,0 +1,103 @@
+"""NExT-Chat as a training `Task`: the model from `config.model`, the loss of the stage, the Grain pipelines of
+`config.data` (training mixture) and `config.eval` (held-out split), and teacher-forced REC evaluation.
+
+Evaluation as the authors do it: each held-out sample is a REC question answered `<at> <boxes>`; one forward
+pass with the answer given (teacher forcing) puts the predicted box F(t) at the trigger; Acc@0.5 and mean IoU
+against `target_boxes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jaxground.data.batch import Batch
+from jaxground.eval.metrics import rec_sums, rec_summary
+from jaxground.models.clip import ClipVisionConfig
+from jaxground.models.llama import LlamaConfig
+from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss
+from jaxground.ops.losses import DET_PRESETS
+from jaxground.train.loop import Task
+
+
+class TaskConfigError(ValueError):
+    """A model, loss or data section that cannot be built."""
+
+
+def _fields(cls, section: ml_collections.ConfigDict, what: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section.keys()) - known)
+    if unknown:
+        raise TaskConfigError(f"{what}: unknown keys {unknown} (known: {sorted(known)})")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in section.to_dict().items()}
+
+
+def model_config(config, tokens) -> NextChatConfig:
+    """`config.model` -> NextChatConfig; `llm.vocab_size` -1 takes the tokenizer's size."""
+    llm = _fields(LlamaConfig, config.model.llm, "model.llm")
+    if llm.get("vocab_size", -1) == -1:
+        llm["vocab_size"] = max(dataclasses.asdict(tokens).values()) + 1
+    return NextChatConfig(
+        llm=LlamaConfig(**llm),
+        vision=ClipVisionConfig(**_fields(ClipVisionConfig, config.model.vision, "model.vision")),
+        projector=config.model.projector,
+        freeze_vision=config.model.freeze_vision,
+        box_prior=config.model.box_prior,
+        tokens=tokens,
+    )
+
+
+def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
+    """The pipeline section for this process: the per-host batch is `train.batch_size / process_count`;
+    evaluation reads `eval.datasets` with only the REC task."""
+    cfg = ml_collections.ConfigDict(config.data.to_dict())
+    hosts = jax.process_count()
+    if training:
+        cfg.batch_size = config.train.batch_size // hosts
+    else:
+        cfg.datasets = config.eval.datasets.to_dict()
+        cfg.task_weights = {"rec": 1.0}
+        cfg.max_objects = 0
+        cfg.batch_size = config.eval.batch_size // hosts
+    return cfg
+
+
+def rec_eval(model: NextChat, batch: dict) -> dict:
+    b = Batch(**batch)
+    out = model(b)
+    valid = b.target_mask & b.valid[:, None]  # a target whose trigger is missing scores IoU 0
+    return rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
+
+
+def make_task(config) -> Task:
+    from jaxground.data.pipeline import make_encoder, make_pipeline
+
+    if config.train.stage not in (1, 2):
+        raise TaskConfigError(f"train.stage {config.train.stage}: stage 3 needs the SAM mask head in NextChat")
+    if config.loss.det not in DET_PRESETS:
+        raise TaskConfigError(f"loss.det {config.loss.det!r} is not one of {sorted(DET_PRESETS)}")
+    w_l1, w_giou = DET_PRESETS[config.loss.det]
+    w_cycle = config.loss.w_cycle
+    train_data = data_config(config, training=True)
+    _, tokens = make_encoder(train_data)
+    cfg = model_config(config, tokens)
+    seed = config.train.seed
+
+    def loss_fn(model: NextChat, batch: dict):
+        b = Batch(**batch)
+        total, parts = nextchat_loss(model(b), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle)
+        return total, {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
+
+    return Task(
+        model_factory=lambda: NextChat(cfg, rngs=nnx.Rngs(seed)),
+        loss_fn=loss_fn,
+        train_batches=make_pipeline(train_data, training=True),
+        eval_fn=rec_eval,
+        eval_batches=lambda: make_pipeline(data_config(config, training=False), training=False),
+        summarize=rec_summary,
+    )
+
+
