@@ -14,6 +14,7 @@ image can be regenerated alone.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -140,35 +141,35 @@ def resolve(expr: str, attrs: list[dict], boxes: np.ndarray) -> list[int]:
 
 
 def _expressions(attrs: list[dict], boxes: np.ndarray, rng: np.random.Generator, limit: int = 8) -> list[dict]:
-    """Unambiguous referring expressions (at most `limit`), each {"expr", "obj"}."""
-    cands = []
-    for i, a in enumerate(attrs):
-        s, c, z = a["shape"], a["colour"], a["size"]
-        phrases = [[s], [c, s], [z, s], [z, c, s], [c, "shape"], [c, "object"]]
-        cands += [(" ".join(p), i) for p in phrases]
+    """Unambiguous referring expressions (at most `limit`), each {"expr", "obj"}: attribute phrases found
+    unique by counting, extremes and relations by `resolve`; every kept one is checked with `resolve`."""
+    keys = [lambda a: (a["shape"],), lambda a: (a["colour"], a["shape"]), lambda a: (a["size"], a["shape"]),
+            lambda a: (a["size"], a["colour"], a["shape"]), lambda a: (a["colour"], "shape"),
+            lambda a: (a["colour"], "object")]
+    counts = [Counter(k(a) for a in attrs) for k in keys]
+    cands = [(" ".join(k(a)), i) for i, a in enumerate(attrs) for k, c in zip(keys, counts) if c[k(a)] == 1]
     cands += [(f"{w} shape", None) for w in ("largest", "smallest", *EXTREMES)]
+    relations = []
+    shape_counts = counts[0]
     for i, a in enumerate(attrs):  # relations, only where the head's shape alone is ambiguous
-        if len(_np_matches([a["shape"]], attrs)) < 2:
+        if shape_counts[(a["shape"],)] < 2:
             continue
         for j, b in enumerate(attrs):
             if i != j:
-                for rel in RELATIONS:
-                    for land in ([b["colour"], b["shape"]], [b["shape"]]):
-                        cands.append((f"{a['shape']} {rel} the {' '.join(land)}", i))
-    cands = list(dict.fromkeys(cands))
+                for land in ([b["colour"], b["shape"]], [b["shape"]]):
+                    if sum(1 for o in attrs if all(w in o.values() for w in land)) == 1:
+                        relations += [(f"{a['shape']} {rel} the {' '.join(land)}", i) for rel in RELATIONS]
     found = []
-    for k in rng.permutation(len(cands)):
-        text, want = cands[k]
-        expr = f"the {text}"
-        hits = resolve(expr, attrs, boxes)
-        if len(hits) == 1 and (want is None or hits[0] == want):
-            found.append({"expr": expr, "obj": hits[0]})
-            if len(found) >= 2 * limit:
-                break
-    # Prefer variety: relations and extremes are rarer than attribute phrases, keep some of each kind.
-    rel = [f for f in found if any(f" {r} " in f["expr"] for r in RELATIONS)]
-    other = [f for f in found if f not in rel]
-    return (rel[: limit // 2] + other)[:limit]
+    for pool, quota in ((relations, limit // 2), (cands, limit)):
+        for k in rng.permutation(len(pool)):
+            text, want = pool[k]
+            expr = f"the {text}"
+            hits = resolve(expr, attrs, boxes)
+            if len(hits) == 1 and (want is None or hits[0] == want) and all(f["expr"] != expr for f in found):
+                found.append({"expr": expr, "obj": hits[0]})
+                if len(found) >= quota:
+                    break
+    return found
 
 
 def _plural(noun: str, n: int) -> str:
@@ -191,12 +192,14 @@ def _tasks(attrs: list[dict], boxes: np.ndarray, rng: np.random.Generator) -> di
     present = {f"{c} {s}" for c, s in groups}
     absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
     k = min(len(present), 2)
-    pope = [{"object": str(o), "answer": "yes"} for o in rng.permutation(sorted(present))[:k]]
-    pope += [{"object": str(o), "answer": "no"} for o in rng.permutation(absent)[:k]]
+    present = sorted(present)
+    pope = [{"object": present[o], "answer": "yes"} for o in rng.permutation(len(present))[:k]]
+    pope += [{"object": absent[o], "answer": "no"} for o in rng.permutation(len(absent))[:k]]
     count = []
-    for s in rng.permutation(SHAPES)[:2]:
-        count.append({"noun": _plural(str(s), 2), "objs": [i for i, a in enumerate(attrs) if a["shape"] == s]})
-    c = str(rng.permutation(list(COLOURS))[0])
+    for s in rng.permutation(len(SHAPES))[:2]:
+        count.append({"noun": _plural(SHAPES[s], 2),
+                      "objs": [i for i, a in enumerate(attrs) if a["shape"] == SHAPES[s]]})
+    c = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     count.append({"noun": f"{c} shapes", "objs": [i for i, a in enumerate(attrs) if a["colour"] == c]})
     return {"rec": _expressions(attrs, boxes, rng), "gcap": [{"caption": caption, "groups": gcap_groups}],
             "pope": pope, "count": count}
