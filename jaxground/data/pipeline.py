@@ -249,7 +249,7 @@ class SampleMaker(grain.RandomMapTransform):
         if cfg.with_sam:
             from jaxground.data import sam_transforms
 
-            out["sam_images"] = sam_transforms.sam_image(image, cfg.sam_size)
+            out["sam_images"] = sam_transforms.preprocess_image(image, cfg.sam_size)[0]  # centred, as boxes
         return out
 
     def _masks(self, ex: Example, objs: list[int], h: int, w: int):

@@ -19,8 +19,9 @@ def _pipe(cfg, training=True, **kw):
 
 
 def test_batches_fill_batch_exactly(shapes_dir, encoder):
-    b = next(_pipe(_cfg(shapes_dir, with_masks=True, mask_size=32)))
+    b = next(_pipe(_cfg(shapes_dir, with_masks=True, mask_size=32, with_sam=True, sam_size=48)))
     Batch(**b)
+    assert b["sam_images"].shape == (4, 48, 48, 3) and b["sam_images"].dtype == np.float32
     assert b["images"].shape == (4, 16, 16, 3) and b["images"].dtype == np.float32
     assert b["input_ids"].shape == (4, 80) and b["input_ids"].dtype == np.int32
     assert b["labels"].dtype == np.int32 and b["attention_mask"].dtype == bool and b["valid"].all()
