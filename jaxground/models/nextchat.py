@@ -1,0 +1,200 @@
+"""NExT-Chat: CLIP vision tower -> projector -> LLaMA, with the pixel2emb box encoder G and decoder F.
+
+Axes: B batch, T tokens, P image patches, Dv vision width, D LLM width, V vocabulary, Q boxes (max_boxes).
+
+Flow of `NextChat.__call__(batch)`:
+1. image features: vision tower (stop_gradient when frozen) -> projector -> [B,P,D], written over the run of
+   `<im_patch>` tokens (the p-th `<im_patch>` of a row takes feature p);
+2. box inputs: G(boxes) [B,Q,D] written over the `<boxes>` tokens, the q-th `<boxes>` of a row takes
+   G(boxes[:, q]);
+3. LLaMA on these embeddings -> last hidden states (after the final norm) and logits;
+4. triggers: the hidden states at each `<at>` whose label is `<at>` (assistant triggers), in order, gathered
+   into [B,Q,D] with a mask, decoded by F into boxes [B,Q,4] (Q = target_boxes.shape[1]);
+5. cycle terms F(G(boxes)) and G(F(t)) so that `nextchat_loss` needs no model call.
+All placement is gather/where over static shapes: jittable, no data-dependent Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxground.data.batch import Batch
+from jaxground.models.clip import ClipVision, ClipVisionConfig
+from jaxground.models.llama import Llama, LlamaConfig
+from jaxground.models.locator import BoxDecoder, BoxEncoder
+from jaxground.models.projector import Projector
+from jaxground.ops.losses import IGNORE, cycle_loss, detection_loss, token_cross_entropy
+from jaxground.tokens import TokenIds
+
+
+@dataclasses.dataclass(frozen=True)
+class NextChatConfig:
+    llm: LlamaConfig
+    vision: ClipVisionConfig
+    projector: str = "mlp2x_gelu"
+    freeze_vision: bool = True
+    box_prior: bool = False
+    tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
+    sam: Any | None = None  # SAM config for the mask head (stage 3); see the hook in NextChat.__init__
+
+    def __post_init__(self):
+        ids = dataclasses.asdict(self.tokens)
+        bad = {k: v for k, v in ids.items() if not 0 <= v < self.llm.vocab_size}
+        if bad:
+            raise ValueError(f"token ids {bad} are outside the LLM vocabulary [0, {self.llm.vocab_size})")
+
+
+@struct.dataclass
+class NextChatOutput:
+    logits: jax.Array  # float32[B,T,V]
+    hidden: jax.Array  # [B,T,D], last layer after the final norm
+    pred_boxes: jax.Array  # float32[B,Q,4] = F(trigger_states)
+    trigger_states: jax.Array  # [B,Q,D], zeros where trigger_mask is False
+    trigger_mask: jax.Array  # bool[B,Q]
+    decode_of_encode: jax.Array  # float32[B,Q,4] = F(G(batch.boxes))
+    encode_of_decode: jax.Array  # [B,Q,D] = G(pred_boxes)
+
+
+def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
+    """Writes rows [B,K,D] over the slots bool[B,T] of embeds [B,T,D]: the k-th slot of a row takes rows[:, k].
+
+    Slots beyond K, or whose row is masked out by row_mask bool[B,K], keep their token embedding.
+    """
+    k = jnp.cumsum(is_slot, axis=1, dtype=jnp.int32) - 1  # [B,T]: index of each slot among its row's slots
+    kc = jnp.clip(k, 0, rows.shape[1] - 1)
+    take = is_slot & (k < rows.shape[1])
+    if row_mask is not None:
+        take &= jnp.take_along_axis(row_mask, kc, axis=1)
+    gathered = jnp.take_along_axis(rows, kc[..., None], axis=1)  # [B,T,D]
+    return jnp.where(take[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def gather_slots(hidden: jax.Array, is_slot: jax.Array, q: int) -> tuple[jax.Array, jax.Array]:
+    """States [B,T,D] at the first q slots bool[B,T] of each row, in order -> ([B,q,D] (zeros where absent),
+    bool[B,q])."""
+    k = jnp.cumsum(is_slot, axis=1, dtype=jnp.int32) - 1
+    onehot = is_slot[:, :, None] & (k[:, :, None] == jnp.arange(q))  # [B,T,Q]
+    mask = jnp.any(onehot, axis=1)  # [B,Q]
+    pos = jnp.argmax(onehot, axis=1)  # [B,Q]: the slot's position (0 where absent)
+    states = jnp.take_along_axis(hidden, pos[..., None], axis=1)
+    return jnp.where(mask[..., None], states, jnp.zeros_like(states)), mask
+
+
+class NextChat(nnx.Module):
+    """The NExT-Chat model; `__call__(batch: Batch) -> NextChatOutput`.
+
+    Parameter tree: `vision` (ClipVision), `projector`, `llm` (Llama), `loc_encoder` (G), `loc_decoder` (F).
+    """
+
+    def __init__(self, cfg: NextChatConfig, *, rngs: nnx.Rngs):
+        d = cfg.llm.hidden_size
+        dtype, param_dtype = jnp.dtype(cfg.llm.dtype), jnp.dtype(cfg.llm.param_dtype)
+        self.cfg = cfg
+        self.vision = ClipVision(cfg.vision, rngs=rngs)
+        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, d, rngs=rngs, dtype=cfg.llm.dtype,
+                                   param_dtype=cfg.llm.param_dtype)
+        self.llm = Llama(cfg.llm, rngs=rngs)
+        self.loc_encoder = BoxEncoder(d, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.loc_decoder = BoxDecoder(d, rngs=rngs, box_prior=cfg.box_prior, dtype=dtype, param_dtype=param_dtype)
+        # Mask-head hook: stage 3 builds `jaxground.models.mask_head` from cfg.sam here.
+        if cfg.sam is not None:
+            raise NotImplementedError("NextChatConfig.sam is set but the SAM mask head is not wired into NextChat yet")
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """float32[B,H,W,3] (CLIP-normalised) -> [B,P,D] projected patch features."""
+        feats = self.vision(images)  # [B,P,Dv]
+        if self.cfg.freeze_vision:
+            feats = jax.lax.stop_gradient(feats)  # the frozen tower gets exactly zero gradient
+        return self.projector(feats)
+
+    def embed_inputs(self, input_ids: jax.Array, images: jax.Array, boxes: jax.Array, box_mask: jax.Array):
+        """int32[B,T], float32[B,H,W,3], float32[B,Q,4], bool[B,Q] -> input embeddings [B,T,D]."""
+        self._check_slots(input_ids, boxes.shape[1])
+        return self._embed(input_ids, self.encode_image(images), self.loc_encoder(boxes), box_mask)
+
+    def _embed(self, input_ids, image_feats, box_embeds, box_mask):
+        tok = self.cfg.tokens
+        embeds = self.llm.embed(input_ids)
+        embeds = place_rows(embeds, input_ids == tok.im_patch, image_feats)
+        return place_rows(embeds, input_ids == tok.boxes, box_embeds, box_mask)
+
+    def __call__(self, batch: Batch) -> NextChatOutput:
+        self._check_batch(batch)
+        tok = self.cfg.tokens
+        box_embeds = self.loc_encoder(batch.boxes)  # [B,Q,D]
+        embeds = self._embed(batch.input_ids, self.encode_image(batch.images), box_embeds, batch.box_mask)
+        hidden, logits, _ = self.llm.forward_embeds(embeds, batch.attention_mask)
+        is_trigger = (batch.input_ids == tok.at) & (batch.labels == tok.at)
+        states, trigger_mask = gather_slots(hidden, is_trigger, batch.target_boxes.shape[1])
+        pred = self.loc_decoder(states)
+        return NextChatOutput(
+            logits=logits,
+            hidden=hidden,
+            pred_boxes=pred,
+            trigger_states=states,
+            trigger_mask=trigger_mask,
+            decode_of_encode=self.loc_decoder(box_embeds),
+            encode_of_decode=self.loc_encoder(pred),
+        )
+
+    def _check_batch(self, batch: Batch) -> None:
+        b, t = batch.input_ids.shape
+        q = batch.boxes.shape[1]
+        size = self.cfg.vision.image_size
+        expected = {
+            "images": (b, size, size, 3),
+            "attention_mask": (b, t),
+            "labels": (b, t),
+            "boxes": (b, q, 4),
+            "box_mask": (b, q),
+            "target_boxes": (b, batch.target_boxes.shape[1], 4),
+            "target_mask": batch.target_boxes.shape[:2],
+        }
+        bad = [f"{k} {tuple(getattr(batch, k).shape)} != {v}" for k, v in expected.items()
+               if tuple(getattr(batch, k).shape) != tuple(v)]
+        if bad:
+            raise ValueError("Batch shapes do not fit input_ids [B,T] and the vision config: " + "; ".join(bad))
+        self._check_slots(batch.input_ids, q)
+        if not isinstance(batch.input_ids, jax.core.Tracer) and not isinstance(batch.labels, jax.core.Tracer):
+            at = self.cfg.tokens.at
+            triggers = ((np.asarray(batch.input_ids) == at) & (np.asarray(batch.labels) == at)).sum(1)
+            if np.any(triggers > batch.target_boxes.shape[1]):
+                raise ValueError(f"rows have {triggers.tolist()} triggers, more than the "
+                                 f"{batch.target_boxes.shape[1]} target boxes")
+
+    def _check_slots(self, input_ids: jax.Array, q: int) -> None:
+        """With concrete ids: each row has 0 or exactly P `<im_patch>` and at most Q `<boxes>` tokens."""
+        if isinstance(input_ids, jax.core.Tracer):
+            return
+        ids, p = np.asarray(input_ids), self.cfg.vision.num_patches
+        patches = (ids == self.cfg.tokens.im_patch).sum(1)
+        boxes = (ids == self.cfg.tokens.boxes).sum(1)
+        if np.any((patches != 0) & (patches != p)):
+            raise ValueError(f"rows have {patches.tolist()} <im_patch> tokens; each needs 0 or {p} (the patches)")
+        if np.any(boxes > q):
+            raise ValueError(f"rows have {boxes.tolist()} <boxes> tokens, more than the {q} boxes given")
+
+
+def nextchat_loss(
+    out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L = CE + L_det + w_cycle * L_cyc (stages 1-2) -> (total, parts).
+
+    Rows with `batch.valid` False count nowhere. Boxes are scored only where a trigger was found *and* a
+    target exists. Parts: ce, n_tokens, l1, giou, det, cyc_box, cyc_emb, cyc. (w_l1, w_giou) usually come
+    from `jaxground.ops.losses.DET_PRESETS`.
+    """
+    valid = batch.valid[:, None]
+    ce, n_tokens = token_cross_entropy(out.logits, jnp.where(valid, batch.labels, IGNORE))
+    det = detection_loss(out.pred_boxes, batch.target_boxes, batch.target_mask & out.trigger_mask & valid,
+                         w_l1, w_giou)
+    cyc = cycle_loss(batch.boxes, batch.box_mask & valid, out.decode_of_encode,
+                     out.trigger_states, out.trigger_mask & valid, out.encode_of_decode)
+    total = ce + det["det"] + w_cycle * cyc["cyc"]
+    return total, {"ce": ce, "n_tokens": n_tokens.astype(jnp.float32), **det, **cyc}

@@ -1,0 +1,151 @@
+"""The NextChat assembly on a tiny random model: placement of image features and box embeddings, trigger
+gathering, a finite loss, and where gradients go (exactly zero for the frozen vision tower)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxground.data.batch import Batch
+from jaxground.models.clip import ClipVisionConfig
+from jaxground.models.llama import LlamaConfig
+from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss
+from jaxground.ops.losses import DET_PRESETS
+from jaxground.tokens import TokenIds
+
+TOK = TokenIds.after(59)  # a small base vocabulary with the 5 special tokens appended: 59..63
+CFG = NextChatConfig(
+    llm=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                    num_kv_heads=2, max_position=64),
+    vision=ClipVisionConfig(image_size=16, patch_size=8, hidden_size=24, intermediate_size=48, num_layers=2,
+                            num_heads=2, select_layer=-2),
+    tokens=TOK,
+)
+P = 4  # (16 / 8) ** 2 patches
+
+
+def _batch() -> Batch:
+    t = TOK
+    prompt = [1, t.im_start, *[t.im_patch] * P, t.im_end, 7, t.boxes, 8]
+    row0 = prompt + [9, t.at, t.boxes, 10, t.at, t.boxes, 2]  # question box, two answer boxes
+    row1 = [1, t.im_start, *[t.im_patch] * P, t.im_end, 11, 12, t.at, t.boxes, 2]
+    lengths = np.array([len(row0), len(row1)])
+    ids = np.array([row0, row1 + [t.pad] * (len(row0) - len(row1))], np.int32)
+    labels = np.full_like(ids, -100)
+    labels[0, len(prompt):] = ids[0, len(prompt):]  # answer: 9 <at> <boxes> 10 <at> <boxes> </s>
+    labels[1, 8:12] = ids[1, 8:12]  # answer: 12 <at> <boxes> </s>
+    labels[ids == t.boxes] = -100  # <boxes> is never a target
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1, (2, 3, 2, 2))
+    boxes = np.concatenate([xy.min(2), xy.max(2)], -1).astype(np.float32)
+    box_mask = np.array([[True, True, True], [True, False, False]])
+    boxes[~box_mask] = 0
+    # targets: the boxes of the answer's <boxes>, in trigger order
+    target_boxes = np.stack([boxes[0, 1:3], np.stack([boxes[1, 0], np.zeros(4, np.float32)])])
+    return Batch(
+        images=jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32),
+        input_ids=jnp.asarray(ids),
+        attention_mask=jnp.asarray(np.arange(ids.shape[1])[None] < lengths[:, None]),
+        labels=jnp.asarray(labels),
+        boxes=jnp.asarray(boxes),
+        box_mask=jnp.asarray(box_mask),
+        target_boxes=jnp.asarray(target_boxes),
+        target_mask=jnp.asarray([[True, True], [True, False]]),
+        valid=jnp.asarray([True, True]),
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Random weights drawn on the host: compiling the initialisers (eagerly or under jit) costs more CPU
+    seconds than the rest of this file."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NextChat(CFG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if "scale" in str(path[-1]):  # norm scales
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(leaf.dtype))
+
+    return nnx.merge(graphdef, jax.tree.map_with_path(draw, state))
+
+
+@nnx.jit
+def _pieces(model, batch):
+    embeds = model.embed_inputs(batch.input_ids, batch.images, batch.boxes, batch.box_mask)
+    feats = model.encode_image(batch.images)
+    tokens = model.llm.embed(batch.input_ids)
+    g = model.loc_encoder(batch.boxes)
+    out = model(batch)
+    return embeds, feats, tokens, g, out, model.loc_decoder(g), model.loc_decoder(out.hidden)
+
+
+def test_placement_and_trigger_gathering(model):
+    batch = _batch()
+    ids = np.asarray(batch.input_ids)
+    embeds, feats, tokens, g, out, f_of_g, f_of_hidden = _pieces(model, batch)
+    for b in range(2):
+        patch_pos = np.flatnonzero(ids[b] == TOK.im_patch)
+        np.testing.assert_allclose(embeds[b, patch_pos], feats[b], atol=1e-6)
+        box_pos = np.flatnonzero(ids[b] == TOK.boxes)
+        np.testing.assert_allclose(embeds[b, box_pos], g[b, : len(box_pos)], atol=1e-6)
+        other = np.setdiff1d(np.arange(ids.shape[1]), np.concatenate([patch_pos, box_pos]))
+        np.testing.assert_allclose(embeds[b, other], tokens[b, other], atol=0)
+
+    np.testing.assert_array_equal(out.trigger_mask, [[True, True], [True, False]])
+    at0 = np.flatnonzero(ids[0] == TOK.at)
+    np.testing.assert_allclose(out.trigger_states[0], out.hidden[0, at0], atol=0)
+    np.testing.assert_allclose(out.pred_boxes[0], f_of_hidden[0, at0], atol=1e-6)
+    assert float(jnp.abs(out.trigger_states[1, 1]).sum()) == 0.0
+    assert out.logits.shape == (2, 17, 64) and out.encode_of_decode.shape == (2, 2, 32)
+    np.testing.assert_allclose(out.decode_of_encode, f_of_g, atol=1e-6)
+
+
+def _grads(model, batch):
+    def loss_fn(m):
+        w_l1, w_giou = DET_PRESETS["released"]
+        return nextchat_loss(m(batch), batch, w_l1=w_l1, w_giou=w_giou)
+
+    (total, parts), grads = jax.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    return total, parts, grads
+
+
+def _norm(tree) -> float:
+    return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_loss_finite_and_gradients(model):
+    batch = _batch()
+    total, parts, grads = _grads(model, batch)
+    assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in parts.values())
+    assert float(parts["n_tokens"]) == 5 + 3  # answer tokens but <boxes>: 7 - 2 in row 0, 4 - 1 in row 1
+    assert float(parts["det"]) > 0 and float(parts["cyc_box"]) > 0 and float(parts["cyc_emb"]) > 0
+    for name in ("loc_encoder", "loc_decoder", "projector", "llm"):
+        assert _norm(getattr(grads, name)) > 0, name
+    assert _norm(grads.vision) == 0.0  # frozen tower: exactly zero
+
+
+def test_unfrozen_vision_gets_gradient(model):
+    """The switch that makes the zero above meaningful: without freezing, the tower does get gradient."""
+    images = _batch().images
+    for freeze, expect_zero in ((True, True), (False, False)):
+        m = nnx.clone(model)
+        m.cfg = dataclasses.replace(CFG, freeze_vision=freeze)
+        grads = nnx.jit(nnx.grad(lambda m_: jnp.sum(m_.encode_image(images) ** 2)))(m)
+        assert (_norm(grads.vision) == 0.0) == expect_zero
+        assert _norm(grads.projector) > 0
+
+
+def test_bad_inputs_are_refused(model):
+    batch = _batch()
+    with pytest.raises(ValueError, match="images"):
+        model(batch.replace(images=batch.images[:, :8]))
+    with pytest.raises(ValueError, match="<im_patch>"):
+        model(batch.replace(input_ids=batch.input_ids.at[0, 3].set(5)))
+    with pytest.raises(ValueError, match="triggers"):
+        model(batch.replace(target_boxes=batch.target_boxes[:, :1], target_mask=batch.target_mask[:, :1]))
+    with pytest.raises(ValueError, match="outside the LLM vocabulary"):
+        dataclasses.replace(CFG, tokens=TokenIds())
