@@ -1,0 +1,146 @@
+"""NExT-Chat prediction: prompt (+ input boxes) about one image -> answer text with `[k]` object references,
+boxes in image pixels and, with a mask head, masks at image size.
+
+Axes: B batch, T prompt tokens, Q trigger slots, D model width, H/W original image size.
+
+Input boxes are referred to in the prompt as `[0]`, `[1]`, ... (as in the authors' demo); each reference
+becomes `<at> <boxes>` whose `<boxes>` embedding is G(box). In the answer, every `<at> <boxes>` becomes `[k]`
+numbered after the input boxes, and box k is F(t) of that trigger mapped from the padded square to pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxground.data.templates import LOC
+from jaxground.data.transforms import square_offsets
+from jaxground.infer.generate import Generation, GenerationConfig, check_fits, generate_from_embeds
+
+REF = re.compile(r"\[(\d+)\]")
+
+
+class PredictError(ValueError):
+    """Bad predict input (image, boxes, prompt), reported before any compute."""
+
+
+def boxes_to_pixels(boxes01: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float[...,4] xyxy normalised to the centred padded square -> pixel xyxy, clipped to the HxW image."""
+    side, left, top = square_offsets(height, width)
+    px = np.asarray(boxes01, np.float64) * side - np.array([left, top, left, top], np.float64)
+    return np.clip(px, 0, np.array([width, height, width, height], np.float64)).astype(np.float32)
+
+
+def parse_box(text: str, height: int, width: int) -> np.ndarray:
+    """"x0,y0,x1,y1" in pixels -> float32[4]; refuses malformed, empty or out-of-image boxes."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise PredictError(f"--box {text!r}: expected four numbers x0,y0,x1,y1") from None
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise PredictError(f"--box {text!r}: expected four finite numbers x0,y0,x1,y1")
+    x0, y0, x1, y1 = values
+    if not (x0 < x1 and y0 < y1):
+        raise PredictError(f"--box {text!r}: needs x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise PredictError(f"--box {text!r} lies outside the {width}x{height} image")
+    return np.asarray(values, np.float32)
+
+
+def prompt_turn(prompt: str, num_boxes: int) -> tuple[str, list[list[int]]]:
+    """Replaces each `[i]` with a location marker -> (text, groups); every given box must exist."""
+    groups = []
+
+    def sub(m):
+        i = int(m.group(1))
+        if i >= num_boxes:
+            raise PredictError(f"prompt refers to [{i}] but only {num_boxes} --box given")
+        groups.append([i])
+        return LOC
+    text = REF.sub(sub, prompt)
+    return text, groups
+
+
+@dataclasses.dataclass
+class Prediction:
+    text: str  # the answer, `<at> <boxes>` replaced by `[k]`
+    boxes: np.ndarray  # float32[n,4] pixel xyxy of the answer's objects, k = num input boxes + index
+    first_ref: int  # index of the first answer object
+    masks: np.ndarray | None  # bool[n,H,W]
+
+    def to_json(self) -> dict:
+        objects = [{"ref": self.first_ref + i, "box": [round(float(v), 2) for v in b]} for i, b in enumerate(self.boxes)]
+        if self.masks is not None:
+            for o, m in zip(objects, self.masks):
+                o["mask_area"] = int(m.sum())
+        return {"answer": self.text, "objects": objects}
+
+
+@functools.partial(nnx.jit, static_argnames=("cfg",))
+def generate_nextchat(model, images, input_ids, attention_mask, boxes, box_mask, rng, cfg: GenerationConfig) -> Generation:
+    """NextChat generation: images float32[B,S,S,3], left-padded ids int32[B,T] (+ mask), input boxes
+    float32[B,Q,4] for the `<boxes>` tokens (box_mask bool[B,Q])."""
+    embeds = model.embed_inputs(input_ids, images, boxes, box_mask)
+    return generate_from_embeds(model.llm, embeds, attention_mask, cfg, last_token=input_ids[:, -1],
+                                locator=(model.loc_encoder, model.loc_decoder), rng=rng)
+
+
+def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int) -> str:
+    """Generated ids (up to eos) -> text with each `<at> <boxes>` as `[k]`."""
+    pieces, k, run = [], first_ref, []
+
+    def flush():
+        if run:
+            pieces.append(tokenizer.decode(run, skip_special_tokens=True).strip())
+            run.clear()
+    for t in tokens.tolist():
+        if t == ids.eos:
+            break
+        if t == ids.at:
+            flush()
+            pieces.append(f"[{k}]")
+            k += 1
+        elif t != ids.boxes:
+            run.append(t)
+    flush()
+    return re.sub(r"\s+([.,;:!?])", r"\1", " ".join(p for p in pieces if p))
+
+
+def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
+            *, rng=None, mask_fn=None) -> Prediction:
+    """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
+
+    `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (the SAM mask head).
+    """
+    from jaxground.data.transforms import boxes_to_square, clip_image
+
+    h, w = image.shape[:2]
+    text, groups = prompt_turn(prompt, len(boxes_px))
+    object_boxes = boxes_to_square(np.stack(boxes_px), h, w) if boxes_px else np.zeros((0, 4), np.float32)
+    enc = encoder.encode([("user", text, groups)], object_boxes, key="prompt")
+    check_fits(model.llm, len(enc.input_ids), cfg)
+    q = max(len(enc.boxes), 1)
+    in_boxes = np.zeros((1, q, 4), np.float32)
+    in_boxes[0, : len(enc.boxes)] = enc.boxes
+    box_mask = np.arange(q)[None] < len(enc.boxes)
+    size = model.cfg.vision.image_size
+    out = generate_nextchat(model, jnp.asarray(clip_image(image, size))[None], jnp.asarray(enc.input_ids)[None],
+                            jnp.ones((1, len(enc.input_ids)), bool), jnp.asarray(in_boxes), jnp.asarray(box_mask),
+                            jax.random.key(0) if rng is None else rng, cfg)
+    n = int(out.num_triggers[0])
+    tokens = np.asarray(out.tokens[0, : int(out.lengths[0])])
+    masks = None
+    if mask_fn is not None and n:
+        masks = np.asarray(mask_fn(out.trigger_states[:, :n], out.boxes[:, :n]))[0]
+    return Prediction(
+        text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px)),
+        boxes=boxes_to_pixels(np.asarray(out.boxes[0, :n]), h, w),
+        first_ref=len(boxes_px),
+        masks=masks,
+    )

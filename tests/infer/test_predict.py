@@ -1,0 +1,95 @@
+"""predict: pixel mapping, prompt references, answer text, drawing, and the command's bad-input errors."""
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxground.cli import main
+from jaxground.data.transforms import boxes_to_square
+from jaxground.infer.draw import draw
+from jaxground.infer.predict import PredictError, answer_text, boxes_to_pixels, parse_box, prompt_turn
+from jaxground.tokens import TokenIds
+
+
+@pytest.mark.parametrize("hw", [(40, 100), (100, 40), (50, 50)])
+def test_boxes_to_pixels_inverts_boxes_to_square(hw):
+    h, w = hw
+    px = np.array([[1, 2, 30, 39], [0, 0, w, h]], np.float32)
+    np.testing.assert_allclose(boxes_to_pixels(boxes_to_square(px, h, w), h, w), px, atol=1e-4)
+    # predictions outside the image (in the padding) are clipped to it
+    np.testing.assert_allclose(boxes_to_pixels(np.array([[-0.5, -0.5, 1.5, 1.5]]), h, w), [[0, 0, w, h]])
+
+
+def test_parse_box():
+    np.testing.assert_array_equal(parse_box("1,2,30.5,40", 50, 40), [1, 2, 30.5, 40])
+    for bad, msg in [("1,2,3", "four"), ("a,b,c,d", "four numbers"), ("5,5,2,9", "x0 < x1"),
+                     ("0,0,41,10", "outside"), ("1,2,nan,4", "finite")]:
+        with pytest.raises(PredictError, match=msg):
+            parse_box(bad, 50, 40)
+
+
+def test_prompt_turn_references():
+    text, groups = prompt_turn("what is [1] holding near [0]?", 2)
+    assert text == "what is <loc> holding near <loc>?" and groups == [[1], [0]]
+    with pytest.raises(PredictError, match=r"\[2\]"):
+        prompt_turn("and [2]?", 2)
+
+
+class WordTokenizer:
+    words = {10: "a", 11: "cat", 12: "on", 13: "mat", 14: "."}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_answer_text_numbers_objects_after_the_inputs():
+    ids = TokenIds.after(100)
+    tokens = np.array([10, 11, ids.at, ids.boxes, 12, 10, 13, ids.at, ids.boxes, 14, ids.eos, 10])
+    assert answer_text(tokens, WordTokenizer(), ids, first_ref=1) == "a cat [1] on a mat [2]."
+
+
+def test_draw_boxes_and_masks():
+    image = np.zeros((30, 40, 3), np.uint8)
+    masks = np.zeros((1, 30, 40), bool)
+    masks[0, 20:, 30:] = True
+    out = np.asarray(draw(image, np.array([[2, 14, 20, 28]]), ["[0]"], masks))
+    assert out.shape == (30, 40, 3)
+    assert out[28, 35].any() and not out[5, 35].any()  # translucent mask inside, untouched outside
+    assert out[14, 10].any()  # the box's top edge
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "MISSING"], "image not found"),
+    (["--image", "BROKEN"], "cannot decode image"),
+    (["--box", "1,2,3"], "expected four"),
+    (["--box", "0,0,31,10"], "outside the 30x20 image"),
+    (["--prompt", "what is [1]?", "--box", "0,0,5,5"], r"refers to \[1\]"),
+    (["--config", "MISSING.py"], "config file not found"),
+])
+def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    args = ["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--image", str(image_file),
+            "--prompt", "where is [0]?", "--box", "1,1,10,10"]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        value = {"MISSING": str(tmp_path / "missing.png"), "BROKEN": str(broken),
+                 "MISSING.py": str(tmp_path / "missing.py")}.get(value, value)
+        if flag in args and flag != "--box":
+            args[args.index(flag) + 1] = value
+        elif flag == "--box":
+            args[args.index("--box") + 1] = value
+        else:
+            args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "jaxground predict:" in err and "Traceback" not in err
+    assert re.search(message, err), err
