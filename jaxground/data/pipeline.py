@@ -371,7 +371,9 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
         process_index, process_count = jax.process_index(), jax.process_count()
     encoder, _ = make_encoder(cfg)
     sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
-    mixture = Mixture(sources, {n: e.weight for n, e in cfg.datasets.items()}, cfg.seed)
+    # Evaluation reads every record once: the mixture weights are the dataset sizes.
+    weights = {n: (e.weight if training else len(sources[n])) for n, e in cfg.datasets.items()}
+    mixture = Mixture(sources, weights, cfg.seed)
     maker = SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
     sampler = grain.IndexSampler(
         len(mixture), shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=training),
