@@ -11,6 +11,7 @@ from flax import nnx
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
+from jaxground import parallel
 from jaxground.convert.llama import build
 from jaxground.models.llama import Llama, LlamaConfig
 
@@ -76,7 +77,7 @@ def test_left_padded_batch_matches_hf(pair, scan):
         assert model.layers.q.kernel.shape[0] == hf.config.num_hidden_layers
     ids, mask = padded_batch(hf.config.vocab_size)
     ref = hf_logits(hf, ids, mask)
-    got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
+    got = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(got - ref)[mask].max() <= TOL
 
 
@@ -139,6 +140,20 @@ def test_scan_and_remat_match_unscanned_forward_and_grad(unscanned, remat):
     g0_q = jnp.stack([g0["layers"][i]["q"]["kernel"][...] for i in range(TINY.num_layers)])
     assert np.abs(np.asarray(g0_q) - np.asarray(g1["layers"]["q"]["kernel"][...])).max() <= 1e-5
     assert float(jnp.abs(g0_q).max()) > 0
+
+
+def test_sharded_forward_on_a_mesh_equals_unsharded(unscanned):
+    model, ids, mask, _ = unscanned
+    ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])  # batch 4 splits over fsdp=4
+    mesh = parallel.make_mesh((1, 4, 2))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, parallel.state_shardings(state, mesh))
+    assert tuple(state["layers"][0]["q"]["kernel"][...].sharding.spec) == ("fsdp", "tensor")
+    with jax.set_mesh(mesh):
+        forward = jax.jit(lambda st, i, a: nnx.merge(graphdef, st)(i, a))
+        assert "sharding_constraint" in forward.lower(state, ids, mask).as_text()
+        got = forward(state, jax.device_put(ids, parallel.batch_sharding(mesh, 2)), mask)
+    assert np.abs(np.asarray(got) - np.asarray(model(ids, mask)))[np.asarray(mask)].max() <= 1e-5
 
 
 def test_bad_input_is_refused_before_compute():
