@@ -32,17 +32,20 @@ def run(args) -> int:
     import jax
 
     from jaxground import checkpoint, parallel
-    from jaxground.config import ConfigError, load_config
+    from jaxground.config import load_config
     from jaxground.train import loop
-    from jaxground.train.task import TaskConfigError, make_task
+    from jaxground.train.task import make_task
 
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    try:
+    try:  # everything the config names is built (and checked) here, before any training
         config = load_config(args.config, args.overrides)
         task = make_task(config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxground train: bad config: {e}")
+        return 2
+    try:
         result = loop.fit(task, config, workdir, init_from=args.init_from)
-    except (ConfigError, TaskConfigError, parallel.MeshError, checkpoint.CheckpointMismatch,
-            FileNotFoundError) as e:
+    except (parallel.MeshError, checkpoint.CheckpointMismatch, FileNotFoundError) as e:
         print(f"jaxground train: {e}")
         return 2
     except loop.Diverged as e:

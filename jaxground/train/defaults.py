@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 STAGE_TRAINABLE = {
     1: ((".*",), ("^vision/",)),
     2: ((".*",), ("^vision/",)),
-    3: (("^mask_head/",), ()),
+    3: (("^mask_head/(seg_prompt_mlp|mask_decoder)/",), ()),
 }
 
 
@@ -82,3 +82,28 @@ def clip_vit_l14_336(**overrides) -> ConfigDict:
 def sam_vit_h() -> ConfigDict:
     return ConfigDict(dict(img_size=1024, patch_size=16, width=1280, depth=32, num_heads=16,
                            global_attn_indexes=(7, 15, 23, 31), prompt_dim=256))
+
+
+def dataset(kind: str, path: str, split: str = "train", weight: float = 1.0, image_root: str = "") -> dict:
+    """One entry of `data.datasets` (kinds: `jaxground.data.sources.READERS`, `shapes`, `records`)."""
+    return {"kind": kind, "path": path, "split": split, "image_root": image_root, "weight": weight}
+
+
+# the grounding / VQA / caption mixture of stages 1 and 2, by name; paths are relative to DATA_ROOT (override
+# `data.datasets.<name>.path` per dataset, or edit DATA_ROOT in a copy of the config)
+DATA_ROOT = "data"
+COCO_IMAGES = f"{DATA_ROOT}/coco/train2014"
+
+
+def grounding_mixture(*, with_llava: bool) -> dict:
+    mix = {
+        "refcoco": dataset("refcoco", f"{DATA_ROOT}/refcoco", "train", 1.0, COCO_IMAGES),
+        "refcoco+": dataset("refcoco", f"{DATA_ROOT}/refcoco+", "train", 1.0, COCO_IMAGES),
+        "refcocog": dataset("refcoco", f"{DATA_ROOT}/refcocog", "train", 1.0, COCO_IMAGES),
+        "flickr30k": dataset("flickr", f"{DATA_ROOT}/flickr30k", "train", 1.0, f"{DATA_ROOT}/flickr30k/images"),
+        "vg": dataset("vg", f"{DATA_ROOT}/vg/region_descriptions.json", "train", 0.5, f"{DATA_ROOT}/vg/images"),
+        "v7w": dataset("v7w", f"{DATA_ROOT}/v7w", "train", 0.5, f"{DATA_ROOT}/v7w/images"),
+    }
+    if with_llava:
+        mix["llava"] = dataset("llava", f"{DATA_ROOT}/llava/llava_instruct_150k.json", "train", 1.0, COCO_IMAGES)
+    return mix

@@ -74,6 +74,13 @@ def _log(*args) -> None:
         print(*args, flush=True)
 
 
+def _next_rows(task: Task, step: int) -> dict:
+    try:
+        return next(task.train_batches)
+    except StopIteration:
+        raise RuntimeError(f"the training data ran out at step {step}; make it repeat") from None
+
+
 def evaluate(task: Task, eval_step, model_state, mesh) -> dict:
     sums: dict[str, float] = {}
     for rows in task.eval_batches():
@@ -131,13 +138,13 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
         figures: dict = {}
         status = "done"
         with _Preemption() as preemption:
+            rows = _next_rows(task, step) if step < tc.steps else None
             while step < tc.steps:
-                try:
-                    rows = next(task.train_batches)
-                except StopIteration:
-                    raise RuntimeError(f"the training data ran out at step {step}; make it repeat") from None
                 state, out = train_step(state, parallel.global_batch(rows, mesh))
+                data_state = task.train_batches.get_state()
                 step += 1
+                if step < tc.steps:  # read the next batch while the step computes
+                    rows = _next_rows(task, step)
                 metrics = {k: float(v) for k, v in jax.device_get(out).items()}
                 if not all(math.isfinite(v) for v in metrics.values()):
                     ckpt.wait()
@@ -155,7 +162,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
                     _log(f"eval step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
                     writer.write(step, figures, split="eval")
                 preempted = preemption.agreed()
-                ckpt.save(step, state, data_state=task.train_batches.get_state(), config=config_json(config),
+                ckpt.save(step, state, data_state=data_state, config=config_json(config),
                           force=preempted or step == tc.steps)
                 if preempted:
                     status = "preempted"

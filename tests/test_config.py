@@ -1,0 +1,74 @@
+"""Run configs: every shipped config loads and builds its model config; bad configs fail before training with
+an error naming the problem."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxground import cli
+from jaxground.config import ConfigError, load_config
+from jaxground.models.sam.config import SamConfig
+from jaxground.tokens import TokenIds
+from jaxground.train.task import model_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_builds(path):
+    c = load_config(path)
+    tokens = TokenIds() if c.model.llm.vocab_size > 0 else TokenIds.after(500)
+    m = model_config(c, tokens)
+    assert c.train.stage in (1, 2, 3) and c.train.batch_size % c.train.micro_steps == 0
+    if c.train.stage == 3:
+        assert c.train.trainable and all("mask_head" in p for p in c.train.trainable)
+        SamConfig(**c.model.sam.to_dict())
+    else:
+        assert "^vision/" in c.train.frozen or not c.model.freeze_vision
+    if "7b" in path.stem:
+        assert (m.llm.hidden_size, m.llm.num_layers, m.vision.image_size) == (4096, 32, 336)
+
+
+def test_paper_settings():
+    s1, s2, s3 = (load_config(f"configs/nextchat_7b_stage{i}.py") for i in (1, 2, 3))
+    assert (s1.train.batch_size, s1.optim.lr, s1.optim.warmup_ratio) == (128, 2e-5, 0.03)
+    assert (s2.train.batch_size, s2.optim.lr) == (64, 2e-6)
+    assert load_config("configs/nextchat_13b_stage1.py").model.llm.hidden_size == 5120
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        load_config("configs/tiny_shapes.py", ["train.stepz=3"])
+
+
+def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
+    args = ["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path),
+            f"data.tokenizer={shapes_dir}/tokenizer"]
+    assert cli.main(args + ["data.datasets.shapes.kind=nosuch"]) == 2
+    assert "unknown dataset kind 'nosuch'" in capsys.readouterr().out
+    assert cli.main(args + [f"data.datasets.shapes.path={tmp_path}/none"]) == 2
+    assert "not found" in capsys.readouterr().out
+    assert cli.main(args + ["train.stepz=3"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mesh_not_dividing_is_refused(tmp_path, capsys, shapes_dir):
+    base = ["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path),
+            f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={shapes_dir}"]
+    assert cli.main(base + ["mesh.fsdp=3"]) == 2
+    assert "needs 3 devices, have 8" in capsys.readouterr().out
+    assert cli.main(base + ["mesh.fsdp=-1", "mesh.tensor=3"]) == 2
+    assert "does not divide 8 devices" in capsys.readouterr().out
+    assert cli.main(base + ["train.batch_size=12"]) == 2
+    assert "batch 12 does not divide" in capsys.readouterr().out
+    assert not any(tmp_path.glob("checkpoints/*"))
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from jaxground.data.shapes import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(out, train=24, val=4, test=8, size=32, max_objects=2)
+    return out
