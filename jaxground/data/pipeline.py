@@ -140,7 +140,7 @@ class Mixture:
         name = self._names[d]
         try:
             return name, self._sources[d][int(j)]
-        except Exception as e:  # a corrupt record must not kill the loader: it becomes a counted skip
+        except Exception as e:  # noqa: BLE001 - a corrupt record must not kill the loader: a counted skip
             return name, f"{name}[{j}]: unreadable record ({type(e).__name__}: {e})"
 
 
@@ -207,7 +207,7 @@ class SampleMaker(grain.RandomMapTransform):
             return self.make(ex, rng, self.image_roots.get(name, ""))
         except BadSample as e:
             return {"skip": str(e), "reason": e.reason}
-        except Exception as e:  # unreadable image files and the like: counted, and named in strict mode
+        except Exception as e:  # noqa: BLE001 - unreadable image files and the like: counted, named in strict mode
             return {"skip": f"{getattr(ex, 'key', name)}: {type(e).__name__}: {e}", "reason": type(e).__name__}
 
     def make(self, ex: Example, rng: np.random.Generator, image_root: str = "") -> dict:

@@ -25,8 +25,8 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

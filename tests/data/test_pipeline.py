@@ -3,7 +3,7 @@ import pytest
 
 from jaxground.data.batch import Batch
 from jaxground.data.conversation import IGNORE, BadSample
-from jaxground.data.pipeline import Mixture, ListSource, build_source, make_pipeline, pipeline_config
+from jaxground.data.pipeline import ListSource, Mixture, build_source, make_pipeline, pipeline_config
 from jaxground.data.records import Example, png_bytes, write_records
 
 
@@ -82,7 +82,7 @@ def test_curriculum_filter_and_mixture_weights(shapes_dir):
 
 def _bad_records(path):
     image = np.full((20, 30, 3), 128, np.uint8)
-    good = dict(image=png_bytes(image), width=30, height=20, names=["x"])
+    good = {"image": png_bytes(image), "width": 30, "height": 20, "names": ["x"]}
 
     def ex(key, boxes=((2, 2, 10, 10),), expr="the red circle", **kw):
         return Example(boxes=np.array(boxes, np.float32), tasks={"rec": [{"expr": expr, "obj": 0}]},

@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
-from jaxground.data.transforms import (CLIP_MEAN, CLIP_STD, boxes_to_square, clip_image, expand2square,
-                                       masks_to_square, polygons_to_mask, square_offsets)
+from jaxground.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    boxes_to_square,
+    clip_image,
+    expand2square,
+    masks_to_square,
+    polygons_to_mask,
+    square_offsets,
+)
 
 
 def _bbox(mask):
@@ -34,7 +42,7 @@ def test_box_and_mask_stay_consistent(h, w):
 def test_expand2square_centres_on_the_mean_colour():
     image = np.full((20, 40, 3), 7, np.uint8)
     sq = expand2square(image)
-    side, left, top = square_offsets(20, 40)
+    _, left, top = square_offsets(20, 40)
     assert sq.shape == (40, 40, 3) and (left, top) == (0, 10)
     assert (sq[10:30] == 7).all()
     np.testing.assert_array_equal(sq[0, 0], (CLIP_MEAN * 255).astype(np.uint8))

@@ -45,7 +45,7 @@ def read_flickr(path: str, split: str) -> list[Example]:
         for sentence in (root / "Sentences" / f"{image_id}.txt").read_text().splitlines():
             groups = []
 
-            def mark(m):
+            def mark(m, by_entity=by_entity, groups=groups):
                 objs = by_entity.get(m.group(1))
                 if not objs:
                     return m.group(2)
