@@ -1,6 +1,51 @@
 #!/usr/bin/env bash
-# The README's run command: sets up .venv and runs the embedded default on this machine.
+# The README's run command: sets up .venv, generates the synthetic shapes data (once), trains the tiny
+# NExT-Chat (stage 1 as a curriculum: single-object scenes, then all scenes), evaluates REC on the held-out
+# test split, draws a few predictions, and prints the figures. Outputs go to runs/tiny_shapes/.
+# Environment: DATA (data dir, default data/shapes), RUN (output dir, default runs/tiny_shapes).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-echo "[local] training pipeline not built yet: nothing to run"
-exit 2
+DATA="${DATA:-data/shapes}"
+RUN="${RUN:-runs/tiny_shapes}"
+CONFIG=configs/tiny_shapes.py
+PATHS=("data.datasets.shapes.path=$DATA" "eval.datasets.shapes.path=$DATA")
+start=$(date +%s)
+
+if [ ! -f "$DATA/test.array_record" ]; then
+  echo "[local] generating the synthetic shapes data in $DATA"
+  jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2
+fi
+
+echo "[local] stage 1a: single-object scenes"
+jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=400 \
+  train.eval_every=0
+echo "[local] stage 1b: all scenes, from stage 1a"
+jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}"
+echo "[local] stage 3 (masks): skipped, the SAM mask head is not wired into NextChat yet"
+
+if jaxground eval --help >/dev/null 2>&1; then
+  echo "[local] evaluating REC on the test split"
+  jaxground eval --config "$CONFIG" --checkpoint "$RUN/stage1" --out "$RUN/eval" "${PATHS[@]}" || true
+fi
+if jaxground predict --help >/dev/null 2>&1; then
+  echo "[local] drawing predictions for 3 test images into $RUN/predictions"
+  mkdir -p "$RUN/predictions"
+  python - "$DATA" "$RUN/predictions" > "$RUN/predictions/prompts.tsv" <<'PY'
+import sys
+from pathlib import Path
+from jaxground.data.records import RecordSource
+src, out = RecordSource([Path(sys.argv[1]) / "test.array_record"]), Path(sys.argv[2])
+for i in range(3):
+    ex = src[i]
+    (out / f"input{i}.png").write_bytes(ex.image)
+    print(f"{i}\tWhere is {ex.tasks['rec'][0]['expr']}?")
+PY
+  while IFS=$'\t' read -r i prompt; do
+    jaxground predict --config "$CONFIG" --checkpoint "$RUN/stage1" --image "$RUN/predictions/input$i.png" \
+      --prompt "$prompt" --out "$RUN/predictions/pred$i.png" "${PATHS[@]}" || true
+  done < "$RUN/predictions/prompts.tsv"
+fi
+
+echo "[local] figures (teacher-forced REC on the held-out test split):"
+cat "$RUN/stage1/eval.json"
+echo "[local] done in $(( $(date +%s) - start )) s; outputs in $RUN"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs `jaxground train` on every worker of a Cloud TPU VM slice (one process per host; JAX finds the
+# other hosts itself). Installs the checkout on each worker first unless --no-install.
+#
+#   bash launch/tpu_vm.sh --tpu NAME --zone ZONE [--project P] [--repo URL] [--ref BRANCH] [--dir DIR] \
+#       [--data-path GCS_OR_LOCAL] [--no-install] -- --config configs/nextchat_7b_stage1.py --workdir gs://... k=v
+#
+# The paper-scale configs read datasets under `data/` of the checkout (jaxground/train/defaults.py DATA_ROOT);
+# --data-path DIR links `data` to DIR on every worker (a local disk copy or a mounted bucket, the same path on
+# all workers).
+set -euo pipefail
+TPU="" ZONE="" PROJECT="" REPO="" REF="main" DIR="jaxground" DATA_PATH="" INSTALL=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tpu) TPU="$2"; shift 2 ;;
+    --zone) ZONE="$2"; shift 2 ;;
+    --project) PROJECT="$2"; shift 2 ;;
+    --repo) REPO="$2"; shift 2 ;;
+    --ref) REF="$2"; shift 2 ;;
+    --dir) DIR="$2"; shift 2 ;;
+    --data-path) DATA_PATH="$2"; shift 2 ;;
+    --no-install) INSTALL=0; shift ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (train arguments go after --)"; exit 2 ;;
+  esac
+done
+[ -n "$TPU" ] && [ -n "$ZONE" ] || { echo "need --tpu NAME and --zone ZONE"; exit 2; }
+[ $# -gt 0 ] || { echo "need train arguments after --, e.g. -- --config configs/nextchat_7b_stage1.py"; exit 2; }
+GCLOUD=(gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all)
+[ -n "$PROJECT" ] && GCLOUD+=(--project "$PROJECT")
+
+if [ "$INSTALL" = 1 ]; then
+  [ -n "$REPO" ] || { echo "--repo URL is needed to install (or pass --no-install)"; exit 2; }
+  "${GCLOUD[@]}" --command "set -e; [ -d $DIR ] || git clone $REPO $DIR; cd $DIR && git fetch -q && \
+    git checkout -q $REF && git pull -q || true; python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
+    .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'"
+fi
+if [ -n "$DATA_PATH" ]; then
+  "${GCLOUD[@]}" --command "cd $DIR && ln -sfn $DATA_PATH data"
+fi
+ARGS=$(printf ' %q' "$@")
+"${GCLOUD[@]}" --command "cd $DIR && .venv/bin/jaxground train$ARGS"
