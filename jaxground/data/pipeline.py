@@ -15,6 +15,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
 | `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
 | `max_objects` | curriculum: keep only images with at most this many objects (0 = all) |
+| `task` | evaluation: every item of this one task is a sample (e.g. each REC expression); "" = by `task_weights` |
 | `batch_size`, `seed`, `workers`, `worker_buffer_size`, `strict` | workers 0 = in-process; strict raises on bad input |
 
 Bad input (unreadable image, a box outside its image or with x1 <= x0, a sample past `max_len`, too many boxes,
@@ -24,6 +25,7 @@ logged when an epoch of evaluation ends), or raises `BadSample` naming the file 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -63,6 +65,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "with_sam": False,
         "sam_size": 1024,
         "max_objects": 0,
+        "task": "",
         "batch_size": 32,
         "seed": 0,
         "workers": 0,
@@ -99,6 +102,29 @@ class Subset:
 
     def __getitem__(self, i: int):
         return self._source[int(self._indices[i])]
+
+
+class PerItem:
+    """Every item of one task as its own sample (evaluation: each expression of a RefCOCO ref counts once)."""
+
+    def __init__(self, source, task: str):
+        self._source, self._key = source, "rec" if task == "reg" else task
+        pairs = []
+        for i in range(len(source)):
+            try:
+                n = len(source[i].tasks.get(self._key, []))
+            except Exception:  # noqa: BLE001 - an unreadable record stays one sample, skipped when read
+                n = 1
+            pairs += [(i, k) for k in range(n)]
+        self._pairs = np.array(pairs, np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, i: int):
+        r, k = self._pairs[i]
+        ex = self._source[int(r)]
+        return dataclasses.replace(ex, tasks={self._key: [ex.tasks[self._key][int(k)]]})
 
 
 class Mixture:
@@ -197,7 +223,7 @@ class SampleMaker(grain.RandomMapTransform):
 
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
-        self.task_weights = dict(cfg.task_weights)
+        self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
     def random_map(self, element, rng: np.random.Generator):
         name, ex = element
@@ -371,6 +397,8 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
         process_index, process_count = jax.process_index(), jax.process_count()
     encoder, _ = make_encoder(cfg)
     sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
+    if cfg.task:
+        sources = {n: PerItem(s, cfg.task) for n, s in sources.items()}
     # Evaluation reads every record once: the mixture weights are the dataset sizes.
     weights = {n: (e.weight if training else len(sources[n])) for n, e in cfg.datasets.items()}
     mixture = Mixture(sources, weights, cfg.seed)

@@ -63,6 +63,17 @@ def test_eval_pads_the_last_batch_and_ends(shapes_dir):
     assert not last["box_mask"][2:].any() and not last["target_mask"][2:].any()
 
 
+def test_eval_task_makes_every_item_a_sample(shapes_dir, encoder):
+    cfg = _cfg(shapes_dir, task="rec")
+    cfg.datasets.shapes.split = "val"
+    src = build_source(cfg.datasets.shapes)
+    n_items = sum(len(src[i].tasks["rec"]) for i in range(len(src)))
+    batches = list(_pipe(cfg, training=False))
+    assert sum(int(b["valid"].sum()) for b in batches) == n_items
+    for b in batches:  # REC as the authors evaluate it: one trigger per sample, teacher-forced answer
+        assert (b["target_mask"].sum(1) == b["valid"]).all()
+
+
 def test_hosts_get_disjoint_shards(shapes_dir):
     cfg = _cfg(shapes_dir)
     cfg.datasets.shapes.split = "val"
