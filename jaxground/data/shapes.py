@@ -14,6 +14,7 @@ image can be regenerated alone.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -226,7 +227,8 @@ def corpus(examples: list[Example]) -> list[str]:
             for it in items:
                 texts += [str(v) for v in it.values() if isinstance(v, str)]
         texts += ex.names
-    return texts
+    # Markers and placeholders (<loc>, <expr>, ...) never reach the tokenizer as text.
+    return [re.sub(r"<\w+>", " ", t) for t in texts]
 
 
 def write_dataset(out: str | Path, *, train: int = 20000, val: int = 1000, test: int = 1000, size: int = 64,
