@@ -101,21 +101,22 @@ def test_wrapper_prefixes_give_identical_params(tiny_state):
             np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
 
 
-def test_bad_prompt_batch_is_refused(pair):
-    model = pair[1]
-    feats = jnp.zeros((2, 8, 8, 256))
+def test_bad_prompt_batch_is_refused(tiny_state):
+    model = convert.build(tiny_state, decoder_heads=2)
+    feats = jnp.zeros((2, 8, 8, 64))
     with pytest.raises(ValueError, match="prompt batch must match the image batch"):
         model.decode(feats, boxes=jnp.zeros((1, 3, 4)))
     with pytest.raises(ValueError, match="points and labels"):
         model.decode(feats, points=jnp.zeros((2, 3, 1, 2)))
 
 
-def test_boxes_outside_are_clipped_and_finite(pair):
-    model = pair[1]
-    feats = jnp.asarray(pair[3])
+def test_boxes_outside_are_clipped_and_finite(tiny_state):
+    model = convert.build(tiny_state, decoder_heads=2)
+    feats = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 64)), jnp.float32)
     far = jnp.array([[[-500.0, -20.0, 1e6, 300.0]], [[0.0, 0.0, 128.0, 128.0]]])
-    m_far, i_far = model.decode(feats, boxes=far, multimask_output=False)
-    m_in, i_in = model.decode(feats, boxes=jnp.array([[[0.0, 0.0, 128.0, 128.0]]] * 2), multimask_output=False)
+    decode = nnx.jit(lambda m, f, b: m.decode(f, boxes=b, multimask_output=False))
+    m_far, i_far = decode(model, feats, far)
+    m_in, i_in = decode(model, feats, jnp.array([[[0.0, 0.0, 128.0, 128.0]]] * 2))
     assert np.isfinite(np.asarray(m_far)).all() and np.isfinite(np.asarray(i_far)).all()
     np.testing.assert_allclose(np.asarray(m_far), np.asarray(m_in), atol=1e-5)
 
