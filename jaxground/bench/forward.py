@@ -45,9 +45,13 @@ def run(args) -> int:
     intermediate = args.intermediate or -(-8 * args.hidden // 3 // 64) * 64
     torch.manual_seed(args.seed)
     hf_cfg = HFLlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=max(args.seq, 128),
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=max(args.seq, 128),
         attn_implementation="eager",
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
@@ -68,10 +72,14 @@ def run(args) -> int:
         diff = np.abs(np.asarray(compiled(model, x)) - hf(input_ids=ids_t).logits.numpy()).max()
 
     params = sum(p.numel() for p in hf.parameters())
-    print(f"LLaMA forward: batch {args.batch} x seq {args.seq}, {args.layers} layers, hidden {args.hidden}, "
-          f"heads {args.heads}/{args.kv_heads or args.heads} kv, mlp {intermediate}, vocab {args.vocab} "
-          f"({params / 1e6:.1f}M params), float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
-    print(f"jax  jit   : compile {compile_s:.2f} s, {jax_s * 1e3:.1f} ms/forward, {tokens / jax_s:,.0f} tokens/s")
+    print(
+        f"LLaMA forward: batch {args.batch} x seq {args.seq}, {args.layers} layers, hidden {args.hidden}, "
+        f"heads {args.heads}/{args.kv_heads or args.heads} kv, mlp {intermediate}, vocab {args.vocab} "
+        f"({params / 1e6:.1f}M params), float32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"jax  jit   : compile {compile_s:.2f} s, {jax_s * 1e3:.1f} ms/forward, {tokens / jax_s:,.0f} tokens/s"
+    )
     print(f"torch eager: {torch_s * 1e3:.1f} ms/forward, {tokens / torch_s:,.0f} tokens/s")
     print(f"ratio jax/torch: {torch_s / jax_s:.2f}x   (max |logit diff| {diff:.2e})")
     return 0

@@ -26,7 +26,11 @@ _LAYER = {
 }
 
 # a full CLIPModel's parts that the vision tower does not use
-TEXT_SIDE = [Rule(r"text_model\..*", None), Rule(r"(visual|text)_projection\..*", None), Rule(r"logit_scale", None)]
+TEXT_SIDE = [
+    Rule(r"text_model\..*", None),
+    Rule(r"(visual|text)_projection\..*", None),
+    Rule(r"logit_scale", None),
+]
 
 
 def clip_rules(prefix: str = "", *, target_prefix: str = "", learned_positions: bool = True) -> list[Rule]:
@@ -37,7 +41,10 @@ def clip_rules(prefix: str = "", *, target_prefix: str = "", learned_positions: 
     rules = [
         Rule(rf"{p}embeddings\.patch_embedding\.weight", f"{t}patch_embedding.kernel", conv2d),
         Rule(rf"{p}embeddings\.class_embedding", f"{t}class_embedding"),
-        Rule(rf"{p}embeddings\.position_embedding\.weight", f"{t}position_embedding" if learned_positions else None),
+        Rule(
+            rf"{p}embeddings\.position_embedding\.weight",
+            f"{t}position_embedding" if learned_positions else None,
+        ),
         Rule(rf"{p}embeddings\.position_ids", None),
         Rule(rf"{p}pre_layrnorm\.weight", f"{t}pre_layrnorm.scale"),
         Rule(rf"{p}pre_layrnorm\.bias", f"{t}pre_layrnorm.bias"),
@@ -54,8 +61,10 @@ def clip_rules(prefix: str = "", *, target_prefix: str = "", learned_positions: 
 
 
 def detect(keys_and_shapes: dict[str, tuple]) -> bool:
-    return any(k in keys_and_shapes for k in ("vision_model.embeddings.patch_embedding.weight",
-                                              "embeddings.patch_embedding.weight"))
+    return any(
+        k in keys_and_shapes
+        for k in ("vision_model.embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight")
+    )
 
 
 def build(source, config=None, *, rngs_seed: int = 0, **overrides) -> ClipVision:

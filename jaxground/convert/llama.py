@@ -54,7 +54,10 @@ def llama_rules(
 
 
 def detect(keys_and_shapes: dict[str, tuple]) -> bool:
-    return "model.embed_tokens.weight" in keys_and_shapes and "model.layers.0.self_attn.q_proj.weight" in keys_and_shapes
+    return (
+        "model.embed_tokens.weight" in keys_and_shapes
+        and "model.layers.0.self_attn.q_proj.weight" in keys_and_shapes
+    )
 
 
 def hf_config(source, config):
@@ -74,4 +77,6 @@ def build(source, config=None, *, rngs_seed: int = 0, **overrides) -> Llama:
     config = hf_config(source, config)
     cfg = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config, **overrides)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(rngs_seed)))
-    return load_into(model, stream(source), llama_rules(scan=cfg.scan_layers, tied=cfg.tie_embeddings), context="LLaMA")
+    return load_into(
+        model, stream(source), llama_rules(scan=cfg.scan_layers, tied=cfg.tie_embeddings), context="LLaMA"
+    )

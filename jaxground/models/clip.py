@@ -34,15 +34,23 @@ class ClipVisionConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
         if self.position_embedding not in ("learned", "sincos"):
-            raise ValueError(f"position_embedding must be 'learned' or 'sincos', got {self.position_embedding!r}")
+            raise ValueError(
+                f"position_embedding must be 'learned' or 'sincos', got {self.position_embedding!r}"
+            )
         if self.position_embedding == "sincos" and self.hidden_size % 4:
             raise ValueError(f"sincos positions need hidden_size divisible by 4, got {self.hidden_size}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-            raise ValueError(f"select_layer {self.select_layer} is outside hidden states 0..{self.num_layers}")
+            raise ValueError(
+                f"select_layer {self.select_layer} is outside hidden states 0..{self.num_layers}"
+            )
 
     @property
     def grid(self) -> int:
@@ -58,7 +66,7 @@ class ClipVisionConfig:
         return self.select_layer % (self.num_layers + 1)
 
     @classmethod
-    def from_hf(cls, hf_config, **overrides) -> "ClipVisionConfig":
+    def from_hf(cls, hf_config, **overrides) -> ClipVisionConfig:
         """From an HF `CLIPVisionConfig` or a full `CLIPConfig` (object or dict; its `vision_config` is used)."""
         c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
         c = c.get("vision_config") or c
@@ -66,15 +74,15 @@ class ClipVisionConfig:
             raise ValueError(f"only quick_gelu CLIP towers are supported, got {c['hidden_act']!r}")
         if c.get("num_channels", 3) != 3:
             raise ValueError(f"only 3-channel images are supported, got num_channels={c['num_channels']}")
-        fields = dict(
-            image_size=c["image_size"],
-            patch_size=c["patch_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=c["num_attention_heads"],
-            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-        )
+        fields = {
+            "image_size": c["image_size"],
+            "patch_size": c["patch_size"],
+            "hidden_size": c["hidden_size"],
+            "intermediate_size": c["intermediate_size"],
+            "num_layers": c["num_hidden_layers"],
+            "num_heads": c["num_attention_heads"],
+            "layer_norm_eps": c.get("layer_norm_eps", 1e-5),
+        }
         return cls(**(fields | overrides))
 
 
@@ -94,7 +102,7 @@ class ClipBlock(nnx.Module):
 
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = {"rngs": rngs, "dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
         self.heads = cfg.num_heads
         self.layer_norm1 = layer_norm(d, eps=cfg.layer_norm_eps, **kw)
         self.q = linear(d, d, ("embed", "heads"), **kw)
@@ -110,7 +118,10 @@ class ClipBlock(nnx.Module):
         b, p, d = x.shape
         h = self.layer_norm1(x)
         q, k, v = (proj(h).reshape(b, p, self.heads, d // self.heads) for proj in (self.q, self.k, self.v))
-        scores = jnp.einsum("BPNH,BQNH->BNPQ", q, k, preferred_element_type=jnp.float32) * (d // self.heads) ** -0.5
+        scores = (
+            jnp.einsum("BPNH,BQNH->BNPQ", q, k, preferred_element_type=jnp.float32)
+            * (d // self.heads) ** -0.5
+        )
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         x = x + self.o(jnp.einsum("BNPQ,BQNH->BPNH", probs, v).reshape(b, p, d))
         h = self.fc1(self.layer_norm2(x))
@@ -123,9 +134,16 @@ class ClipVision(nnx.Module):
         d = cfg.hidden_size
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.patch_embedding = nnx.Conv(
-            3, d, (cfg.patch_size,) * 2, strides=cfg.patch_size, padding="VALID", use_bias=False, dtype=dtype,
+            3,
+            d,
+            (cfg.patch_size,) * 2,
+            strides=cfg.patch_size,
+            padding="VALID",
+            use_bias=False,
+            dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")), rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+            rngs=rngs,
         )
         self.class_embedding = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (d,), param_dtype), out_sharding=("embed",)
@@ -135,7 +153,9 @@ class ClipVision(nnx.Module):
                 0.02 * jax.random.normal(rngs.params(), (cfg.num_patches + 1, d), param_dtype),
                 out_sharding=(None, "embed"),
             )
-        self.pre_layrnorm = layer_norm(d, eps=cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.pre_layrnorm = layer_norm(
+            d, eps=cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
         self.layers = nnx.List([ClipBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
     def positions(self) -> jax.Array:

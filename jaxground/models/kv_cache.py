@@ -20,7 +20,7 @@ class KVCache:
     index: jax.Array  # int32[]: next slot to write
 
     @classmethod
-    def zeros(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    def zeros(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         shape = (layers, batch, max_len, kv_heads, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -38,7 +38,7 @@ class KVCache:
         seen = jnp.sum(self.mask, axis=1, dtype=jnp.int32)[:, None]
         return jnp.maximum(seen + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
 
-    def with_mask(self, new_mask: jax.Array) -> "KVCache":
+    def with_mask(self, new_mask: jax.Array) -> KVCache:
         """Marks the T slots from `index` with `new_mask` bool[B,T] and advances `index` by T."""
         mask = jax.lax.dynamic_update_slice(self.mask, new_mask, (0, self.index))
         return self.replace(mask=mask, index=self.index + new_mask.shape[1])

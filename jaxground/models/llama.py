@@ -47,18 +47,24 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be 'none', {', '.join(map(repr, REMAT_POLICIES))}; got {self.remat!r}")
+            raise ValueError(
+                f"remat must be 'none', {', '.join(map(repr, REMAT_POLICIES))}; got {self.remat!r}"
+            )
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
     @classmethod
-    def from_hf(cls, hf_config, **overrides) -> "LlamaConfig":
+    def from_hf(cls, hf_config, **overrides) -> LlamaConfig:
         """From an HF `LlamaConfig` (object or dict); `overrides` set jaxground-only fields (dtype, scan, ...)."""
         c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
         if c.get("attention_bias") or c.get("mlp_bias"):
@@ -67,19 +73,19 @@ class LlamaConfig:
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"only default RoPE is supported, got {rope}")
         heads = c["num_attention_heads"]
-        fields = dict(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim"),
-            rms_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-            max_position=c.get("max_position_embeddings", 4096),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        )
+        fields = {
+            "vocab_size": c["vocab_size"],
+            "hidden_size": c["hidden_size"],
+            "intermediate_size": c["intermediate_size"],
+            "num_layers": c["num_hidden_layers"],
+            "num_heads": heads,
+            "num_kv_heads": c.get("num_key_value_heads") or heads,
+            "head_dim": c.get("head_dim"),
+            "rms_eps": c.get("rms_norm_eps", 1e-6),
+            "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            "max_position": c.get("max_position_embeddings", 4096),
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        }
         return cls(**(fields | overrides))
 
 
@@ -131,7 +137,12 @@ class LlamaBlock(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, h, f = cfg.hidden_size, cfg.dim_per_head, cfg.intermediate_size
-        kw = dict(rngs=rngs, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = {
+            "rngs": rngs,
+            "use_bias": False,
+            "dtype": jnp.dtype(cfg.dtype),
+            "param_dtype": jnp.dtype(cfg.param_dtype),
+        }
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
         self.input_norm = RMSNorm(d, cfg.rms_eps, param_dtype=jnp.dtype(cfg.param_dtype))
         self.q = linear(d, cfg.num_heads * h, ("embed", "heads"), **kw)
@@ -188,7 +199,12 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, param_dtype=param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = linear(
-                cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, use_bias=False, dtype=dtype,
+                cfg.hidden_size,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                rngs=rngs,
+                use_bias=False,
+                dtype=dtype,
                 param_dtype=param_dtype,
             )
 
@@ -199,7 +215,9 @@ class Llama(nnx.Module):
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
         if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
-            ids = np.asarray(input_ids)  # concrete (maybe a constant closed over by a jit): checked on the host
+            ids = np.asarray(
+                input_ids
+            )  # concrete (maybe a constant closed over by a jit): checked on the host
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo}, max {hi}")
@@ -213,7 +231,9 @@ class Llama(nnx.Module):
         if max_len > self.cfg.max_position:
             raise ValueError(f"cache length {max_len} exceeds max_position {self.cfg.max_position}")
         c = self.cfg
-        return KVCache.zeros(c.num_layers, batch, max_len, c.num_kv_heads, c.dim_per_head, dtype or jnp.dtype(c.dtype))
+        return KVCache.zeros(
+            c.num_layers, batch, max_len, c.num_kv_heads, c.dim_per_head, dtype or jnp.dtype(c.dtype)
+        )
 
     def forward_embeds(self, embeds, attention_mask=None, positions=None, cache: KVCache | None = None):
         """embeds [B,T,D] -> (hidden [B,T,D] after the final norm, logits float32[B,T,V], updated cache).
@@ -290,8 +310,10 @@ class Llama(nnx.Module):
                 raise ValueError(f"{name} must have shape {(b, t)} like the tokens, got {tuple(arr.shape)}")
         if cache is not None:
             if cache.k.shape[1] != b or cache.k.shape[0] != c.num_layers:
-                raise ValueError(f"cache is for {cache.k.shape[0]} layers x batch {cache.k.shape[1]}, "
-                                 f"model has {c.num_layers} layers and the input batch is {b}")
+                raise ValueError(
+                    f"cache is for {cache.k.shape[0]} layers x batch {cache.k.shape[1]}, "
+                    f"model has {c.num_layers} layers and the input batch is {b}"
+                )
             if t > cache.max_len:
                 raise ValueError(f"{t} tokens do not fit a cache of {cache.max_len} slots")
             if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:

@@ -15,12 +15,13 @@ KINDS = ("linear", "mlp2x_gelu")
 
 
 class Projector(nnx.Module):
-    def __init__(self, kind: str, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype="float32",
-                 param_dtype="float32"):
+    def __init__(
+        self, kind: str, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"
+    ):
         if kind not in KINDS:
             raise ValueError(f"projector kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
-        kw = dict(rngs=rngs, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+        kw = {"rngs": rngs, "dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(param_dtype)}
         self.fc1 = linear(in_dim, out_dim, (None, "embed"), **kw)
         if kind == "mlp2x_gelu":
             self.fc2 = linear(out_dim, out_dim, ("mlp", "embed"), **kw)

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
 
 from jaxground.convert import ConversionError, from_torch
 from jaxground.convert.clip import clip_rules
@@ -15,10 +14,25 @@ from jaxground.convert.llama import llama_rules
 from jaxground.models.clip import ClipVision
 from jaxground.models.llama import Llama
 
-LLAMA = dict(vocab_size=45, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=32, attn_implementation="eager")
-VISION = dict(image_size=28, patch_size=14, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-              num_attention_heads=2, attn_implementation="eager")
+LLAMA = {
+    "vocab_size": 45,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+    "attn_implementation": "eager",
+}
+VISION = {
+    "image_size": 28,
+    "patch_size": 14,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "attn_implementation": "eager",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +56,9 @@ def test_llama_from_saved_directory(llama, tmp_path):
 
 def test_llama_from_state_dict_into_scanned_model(llama):
     model = from_torch(llama.state_dict(), kind="llama", config=llama.config.to_dict(), scan_layers=True)
-    np.testing.assert_array_equal(np.asarray(model.layers.k.kernel[1]),
-                                  llama.model.layers[1].self_attn.k_proj.weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        np.asarray(model.layers.k.kernel[1]), llama.model.layers[1].self_attn.k_proj.weight.detach().numpy().T
+    )
     ids = np.array([[3, 2, 1]], np.int32)
     assert np.abs(np.asarray(model(jnp.asarray(ids))) - _llama_logits(llama, ids)).max() <= 1e-5
 
@@ -55,7 +70,10 @@ def test_broken_llama_state_dict_lists_every_problem(llama):
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(1)
     with pytest.raises(ConversionError) as e:
         from_torch(state, kind="llama", config=llama.config)
-    assert e.value.missing == ["layers.0.k.kernel", "layers.1.up.kernel"]  # a mis-shaped key leaves its target unset
+    assert e.value.missing == [
+        "layers.0.k.kernel",
+        "layers.1.up.kernel",
+    ]  # a mis-shaped key leaves its target unset
     assert e.value.unexpected == ["model.layers.0.self_attn.extra.weight"]
     assert len(e.value.misshaped) == 1 and "k_proj" in e.value.misshaped[0] and "(16, 8)" in str(e.value)
     # scanned target: a missing layer is reported as missing rows of the stacked parameter
@@ -65,11 +83,17 @@ def test_broken_llama_state_dict_lists_every_problem(llama):
 
 def test_rule_tables_take_prefixes(llama):
     rules = llama_rules("model.", target_prefix="llm.")
-    assert any(r.match("model.layers.3.self_attn.o_proj.weight") == (True, "llm.layers.3.o.kernel") for r in rules)
-    assert any(r.match("model.layers.3.mlp.down_proj.weight") == (True, "llm.layers.3.down.kernel") for r in rules)
+    assert any(
+        r.match("model.layers.3.self_attn.o_proj.weight") == (True, "llm.layers.3.o.kernel") for r in rules
+    )
+    assert any(
+        r.match("model.layers.3.mlp.down_proj.weight") == (True, "llm.layers.3.down.kernel") for r in rules
+    )
     assert any(r.match("lm_head.weight") == (True, "llm.lm_head.kernel") for r in rules)
-    assert any(r.match("model.layers.0.input_layernorm.weight") == (True, "llm.layers.input_norm.scale[0]")
-               for r in llama_rules("model.", target_prefix="llm.", scan=True))
+    assert any(
+        r.match("model.layers.0.input_layernorm.weight") == (True, "llm.layers.input_norm.scale[0]")
+        for r in llama_rules("model.", target_prefix="llm.", scan=True)
+    )
     vision = clip_rules("model.vision_tower.vision_tower.", target_prefix="vision.")
     key = "model.vision_tower.vision_tower.vision_model.encoder.layers.4.self_attn.out_proj.bias"
     assert any(r.match(key) == (True, "vision.layers.4.o.bias") for r in vision)
@@ -79,8 +103,16 @@ def test_rule_tables_take_prefixes(llama):
 def test_clip_from_saved_directory(tmp_path, full):
     torch.manual_seed(0)
     if full:
-        text = dict(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        text = {
+            "vocab_size": 30,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        }
         hf = CLIPModel(CLIPConfig(vision_config=VISION, text_config=text, projection_dim=8)).eval()
         tower = hf.vision_model
     else:

@@ -15,12 +15,23 @@ TOL = 1e-4
 
 def hf_clip(image_size: int, seed: int = 0, layers: int = 3) -> CLIPVisionModel:
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=48,
-                           num_hidden_layers=layers, num_attention_heads=4, attn_implementation="eager")
+    cfg = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        attn_implementation="eager",
+    )
     model = CLIPVisionModel(cfg).eval()
     with torch.no_grad():  # LayerNorms away from identity, so that a wrong mapping shows
         for key, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in key and key.endswith("weight") else 0.2 * torch.randn_like(p))
+            p.copy_(
+                1 + 0.2 * torch.randn_like(p)
+                if "norm" in key and key.endswith("weight")
+                else 0.2 * torch.randn_like(p)
+            )
     return model
 
 
@@ -41,8 +52,15 @@ def test_selected_layer_matches_hf(image_size):
 
 
 def test_sincos_positions_run_without_a_position_parameter():
-    cfg = ClipVisionConfig(image_size=56, patch_size=14, hidden_size=16, intermediate_size=32, num_layers=2,
-                           num_heads=2, position_embedding="sincos")
+    cfg = ClipVisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        position_embedding="sincos",
+    )
     model = ClipVision(cfg, rngs=nnx.Rngs(0))
     assert not hasattr(model, "position_embedding")
     assert not any("position" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -53,7 +71,9 @@ def test_sincos_positions_run_without_a_position_parameter():
 
 
 def test_bad_input_is_refused():
-    cfg = ClipVisionConfig(image_size=28, patch_size=14, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2)
+    cfg = ClipVisionConfig(
+        image_size=28, patch_size=14, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2
+    )
     model = nnx.eval_shape(lambda: ClipVision(cfg, rngs=nnx.Rngs(0)))  # errors come before any compute
     with pytest.raises(ValueError, match=r"pixels must be \[B,28,28,3\].*\(1, 42, 42, 3\)"):
         model(jnp.zeros((1, 42, 42, 3)))

@@ -18,12 +18,29 @@ from jaxground.models.llama import Llama, LlamaConfig
 TOL = 1e-4
 HF_CONFIGS = {
     # grouped kv heads, odd vocabulary, rope theta != 10000
-    "gqa": dict(vocab_size=101, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-                max_position_embeddings=64, rms_norm_eps=1e-6),
+    "gqa": {
+        "vocab_size": 101,
+        "hidden_size": 32,
+        "intermediate_size": 56,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+    },
     # plain multi-head, tied embeddings, explicit head_dim != hidden / heads
-    "mha_tied": dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=3,
-                     num_key_value_heads=3, head_dim=10, max_position_embeddings=64, tie_word_embeddings=True),
+    "mha_tied": {
+        "vocab_size": 64,
+        "hidden_size": 24,
+        "intermediate_size": 40,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+        "head_dim": 10,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -49,8 +66,11 @@ def padded_batch(vocab: int, seed: int = 1, b: int = 3, t: int = 9):
 def hf_logits(model, ids, mask):
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                    position_ids=torch.tensor(positions, dtype=torch.long))
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        )
     return out.logits.numpy()
 
 
@@ -71,7 +91,7 @@ def test_logits_match_hf(pair):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_left_padded_batch_matches_hf(pair, scan):
-    name, hf, model = pair
+    _name, hf, model = pair
     if scan:
         model = build(hf.state_dict(), hf.config, scan_layers=True)
         assert model.layers.q.kernel.shape[0] == hf.config.num_hidden_layers
@@ -95,11 +115,14 @@ def test_kv_cache_decoding_equals_full_forward(pair):
         return m.forward_embeds(embeds, emask, cache=cache)
 
     cache = model.init_cache(batch=2, max_len=16)
-    _, logits, cache = run(model, model.embed(jnp.asarray(ids[:, :prompt])), jnp.asarray(mask[:, :prompt]), cache)
+    _, logits, cache = run(
+        model, model.embed(jnp.asarray(ids[:, :prompt])), jnp.asarray(mask[:, :prompt]), cache
+    )
     got = [logits]
     for i in range(prompt, prompt + steps):
-        hidden, logits, cache = run(model, model.embed(jnp.asarray(ids[:, i : i + 1])), jnp.asarray(mask[:, i : i + 1]),
-                                    cache)
+        hidden, logits, cache = run(
+            model, model.embed(jnp.asarray(ids[:, i : i + 1])), jnp.asarray(mask[:, i : i + 1]), cache
+        )
         got.append(logits)
     got = np.concatenate([np.asarray(g) for g in got], axis=1)
     assert int(cache.index) == prompt + steps
@@ -107,8 +130,15 @@ def test_kv_cache_decoding_equals_full_forward(pair):
     assert np.abs(np.asarray(hidden[:, 0]) - np.asarray(full_hidden[:, -1])).max() <= TOL
 
 
-TINY = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=1,
-                   max_position=32)
+TINY = LlamaConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=1,
+    max_position=32,
+)
 
 
 def _value_and_grad(model: Llama, ids, mask):
@@ -144,7 +174,10 @@ def test_scan_and_remat_match_unscanned_forward_and_grad(unscanned, remat):
 
 def test_sharded_forward_on_a_mesh_equals_unsharded(unscanned):
     model, ids, mask, _ = unscanned
-    ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])  # batch 4 splits over fsdp=4
+    ids, mask = (
+        jnp.concatenate([ids, ids[:1]]),
+        jnp.concatenate([mask, mask[:1]]),
+    )  # batch 4 splits over fsdp=4
     mesh = parallel.make_mesh((1, 4, 2))
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, parallel.state_shardings(state, mesh))

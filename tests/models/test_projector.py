@@ -12,8 +12,11 @@ from jaxground.models.projector import Projector
 @pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
 def test_matches_torch(kind):
     torch.manual_seed(0)
-    ref = torch.nn.Linear(12, 20) if kind == "linear" else torch.nn.Sequential(
-        torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 20))
+    ref = (
+        torch.nn.Linear(12, 20)
+        if kind == "linear"
+        else torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 20))
+    )
     torch_linears = [m for m in ref.modules() if isinstance(m, torch.nn.Linear)]
     proj = Projector(kind, 12, 20, rngs=nnx.Rngs(0))
     for fc, t in zip([proj.fc1, getattr(proj, "fc2", None)], torch_linears):
