@@ -56,7 +56,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "location_format": "emb",
         "system_prompt": SHORT_SYSTEM,
         "task_weights": dict(DEFAULT_TASK_WEIGHTS),
-        "max_len": 160,
+        "max_len": 128,
         "max_boxes": 8,
         "image_size": 64,
         "num_image_tokens": 64,
