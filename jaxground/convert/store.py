@@ -131,7 +131,7 @@ class StoreWriter:
         self.written_bytes = 0
         self.written = 0
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
