@@ -10,15 +10,15 @@ Flow of `NextChat.__call__(batch)`:
 3. LLaMA on these embeddings -> last hidden states (after the final norm) and logits;
 4. triggers: the hidden states at each `<at>` whose label is `<at>` (assistant triggers), in order, gathered
    into [B,Q,D] with a mask, decoded by F into boxes [B,Q,4] (Q = target_boxes.shape[1]);
-5. cycle terms F(G(boxes)) and G(F(t)) so that `nextchat_loss` needs no model call.
+5. cycle terms F(G(boxes)) and G(F(t)) so that `nextchat_loss` needs no model call;
+6. with a SAM config and `batch.sam_images`: the frozen SAM image encoder, then the mask head on each trigger
+   (4 prompt tokens from the trigger state + F(t) as a box prompt -> one mask and one IoU prediction).
 All placement is gather/where over static shapes: jittable, no data-dependent Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +28,12 @@ from jaxground.data.batch import Batch
 from jaxground.models.clip import ClipVision, ClipVisionConfig
 from jaxground.models.llama import Llama, LlamaConfig
 from jaxground.models.locator import BoxDecoder, BoxEncoder
+from jaxground.models.mask_head import MaskHead
 from jaxground.models.projector import Projector
+from jaxground.models.sam.config import SamConfig
+from jaxground.models.sam.sam import Sam
 from jaxground.ops.losses import IGNORE, cycle_loss, detection_loss, token_cross_entropy
+from jaxground.ops.mask_losses import seg_loss
 from jaxground.tokens import TokenIds
 
 
@@ -41,7 +45,7 @@ class NextChatConfig:
     freeze_vision: bool = True
     box_prior: bool = False
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
-    sam: Any | None = None  # SAM config for the mask head (stage 3); see the hook in NextChat.__init__
+    sam: SamConfig | None = None  # SAM image encoder + mask head (stage 3); None = boxes only
 
     def __post_init__(self):
         ids = dataclasses.asdict(self.tokens)
@@ -59,6 +63,8 @@ class NextChatOutput:
     trigger_mask: jax.Array  # bool[B,Q]
     decode_of_encode: jax.Array  # float32[B,Q,4] = F(G(batch.boxes))
     encode_of_decode: jax.Array  # [B,Q,D] = G(pred_boxes)
+    mask_logits: jax.Array | None = None  # float32[B,Q,4g,4g] low-res SAM logits over the padded square
+    iou_pred: jax.Array | None = None  # float32[B,Q]
 
 
 def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
@@ -89,7 +95,9 @@ def gather_slots(hidden: jax.Array, is_slot: jax.Array, q: int) -> tuple[jax.Arr
 class NextChat(nnx.Module):
     """The NExT-Chat model; `__call__(batch: Batch) -> NextChatOutput`.
 
-    Parameter tree: `vision` (ClipVision), `projector`, `llm` (Llama), `loc_encoder` (G), `loc_decoder` (F).
+    Parameter tree: `vision` (ClipVision), `projector`, `llm` (Llama), `loc_encoder` (G), `loc_decoder` (F),
+    and with `cfg.sam`: `sam` (the SAM image encoder only, always frozen) and `mask_head` (`seg_prompt_mlp`,
+    SAM's `prompt_encoder` and `mask_decoder`).
     """
 
     def __init__(self, cfg: NextChatConfig, *, rngs: nnx.Rngs):
@@ -102,9 +110,9 @@ class NextChat(nnx.Module):
         self.llm = Llama(cfg.llm, rngs=rngs)
         self.loc_encoder = BoxEncoder(d, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.loc_decoder = BoxDecoder(d, rngs=rngs, box_prior=cfg.box_prior, dtype=dtype, param_dtype=param_dtype)
-        # Mask-head hook: stage 3 builds `jaxground.models.mask_head` from cfg.sam here.
         if cfg.sam is not None:
-            raise NotImplementedError("NextChatConfig.sam is set but the SAM mask head is not wired into NextChat yet")
+            self.sam = Sam(cfg.sam, rngs=rngs, with_decoder=False)
+            self.mask_head = MaskHead(d, cfg.sam, rngs=rngs)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """float32[B,H,W,3] (CLIP-normalised) -> [B,P,D] projected patch features."""
@@ -133,6 +141,9 @@ class NextChat(nnx.Module):
         is_trigger = (batch.input_ids == tok.at) & (batch.labels == tok.at)
         states, trigger_mask = gather_slots(hidden, is_trigger, batch.target_boxes.shape[1])
         pred = self.loc_decoder(states)
+        mask_logits = iou_pred = None
+        if self.cfg.sam is not None and batch.sam_images is not None:
+            mask_logits, iou_pred = self.segment(batch.sam_images, states, pred)
         return NextChatOutput(
             logits=logits,
             hidden=hidden,
@@ -141,7 +152,16 @@ class NextChat(nnx.Module):
             trigger_mask=trigger_mask,
             decode_of_encode=self.loc_decoder(box_embeds),
             encode_of_decode=self.loc_encoder(pred),
+            mask_logits=mask_logits,
+            iou_pred=iou_pred,
         )
+
+    def segment(self, sam_images: jax.Array, trigger_states: jax.Array, pred_boxes: jax.Array):
+        """float32[B,S,S,3] SAM-normalised, [B,Q,D], [B,Q,4] -> (mask logits [B,Q,4g,4g], IoU predictions [B,Q])."""
+        if self.cfg.sam is None:
+            raise ValueError("this NextChat has no mask head (NextChatConfig.sam is None)")
+        image_embeddings = jax.lax.stop_gradient(self.sam.image_encoder(sam_images))  # frozen, as released
+        return self.mask_head(trigger_states, pred_boxes, image_embeddings)
 
     def _check_batch(self, batch: Batch) -> None:
         b, t = batch.input_ids.shape
@@ -182,9 +202,11 @@ class NextChat(nnx.Module):
 
 
 def nextchat_loss(
-    out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0
+    out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0,
+    w_seg: float = 1.0, seg_preset: str = "released",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = CE + L_det + w_cycle * L_cyc (stages 1-2) -> (total, parts).
+    """L = CE + L_det + w_cycle * L_cyc (+ w_seg * L_seg when the output has masks and the batch has
+    ground truth) -> (total, parts).
 
     Rows with `batch.valid` False count nowhere. Boxes are scored only where a trigger was found *and* a
     target exists. Parts: ce, n_tokens, l1, giou, det, cyc_box, cyc_emb, cyc. (w_l1, w_giou) usually come
@@ -197,4 +219,18 @@ def nextchat_loss(
     cyc = cycle_loss(batch.boxes, batch.box_mask & valid, out.decode_of_encode,
                      out.trigger_states, out.trigger_mask & valid, out.encode_of_decode)
     total = ce + det["det"] + w_cycle * cyc["cyc"]
-    return total, {"ce": ce, "n_tokens": n_tokens.astype(jnp.float32), **det, **cyc}
+    parts = {"ce": ce, "n_tokens": n_tokens.astype(jnp.float32), **det, **cyc}
+    if out.mask_logits is not None and batch.masks is not None:
+        logits = resize_mask_logits(out.mask_logits, batch.masks.shape[-2:])
+        seg, seg_parts = seg_loss(logits, batch.masks, out.iou_pred,
+                                  batch.mask_valid & out.trigger_mask & valid, seg_preset)
+        total = total + w_seg * seg
+        parts |= {"seg": seg, **seg_parts}
+    return total, parts
+
+
+def resize_mask_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """[B,Q,h,w] logits over the padded square -> [B,Q,*size] (bilinear, no antialiasing, as torch does)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return jax.image.resize(logits, (*logits.shape[:2], *size), "bilinear", antialias=False)
