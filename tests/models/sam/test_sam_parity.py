@@ -56,8 +56,9 @@ def _prompts(rng):
     return pts, lab, boxes, masks
 
 
-@pytest.mark.parametrize("multimask", [False, True])
-@pytest.mark.parametrize("kind", ["points", "boxes", "points+boxes", "boxes+masks"])
+@pytest.mark.parametrize(
+    "kind, multimask", [("points", False), ("boxes", True), ("points+boxes", False), ("boxes+masks", True)]
+)
 def test_mask_decoder(pair, kind, multimask):
     tsam, model, feat_t, feat_j = pair
     pts, lab, boxes, masks = _prompts(np.random.default_rng(1))
