@@ -10,6 +10,7 @@ is checked against the model from shapes alone before a tensor is read; tensors 
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from jaxground.convert import detect_kind
 from jaxground.convert import nextchat as nc
 from jaxground.convert.store import Part, StoreWriter, model_factory, plan, stored_variables
 from jaxground.convert.store import run as stream_into
+from jaxground.convert.table import Rule
 
 
 def add_arguments(parser) -> None:
@@ -82,6 +84,10 @@ def prepare(sources: list, *, dtype: str = "float32", select_layer: int = -2, se
             cfg = sam_conv.config_from_shapes(shapes[str(src)])
             prefix, is_hf = sam_conv.find_prefix(shapes[str(src)])
             rules = sam_conv.sam_rules(prefix, hf=is_hf, iou_head_depth=cfg.iou_head_depth)
+            if is_hf and f"{prefix}prompt_encoder.shared_embedding.positional_embedding" not in shapes[str(src)]:
+                # transformers 5 saves the tied Gaussian matrix once, at the top level
+                rules.insert(0, Rule(re.escape(prefix) + r"shared_image_embedding\.positional_embedding",
+                                     "prompt_encoder.gaussian"))
         return kind, cfg, [Part(src, tuple(rules), label=kind)], {}
     raise ValueError(f"cannot combine sources of kinds {kinds}: give one checkpoint, a NExT-Chat checkpoint "
                      "(+ CLIP), or LLaMA + CLIP [+ SAM]")
