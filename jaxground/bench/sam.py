@@ -47,24 +47,43 @@ def run(args) -> int:
     from segment_anything.modeling import ImageEncoderViT
 
     torch_enc = ImageEncoderViT(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.prompt_dim, qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=cfg.window_size,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.prompt_dim,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=cfg.window_size,
         global_attn_indexes=cfg.global_attn_indexes,
     ).eval()
     state = {f"image_encoder.{k}": v.detach().numpy() for k, v in torch_enc.state_dict().items()}
     model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0), with_decoder=False))
-    load_into(model, ((k, lambda v=v: v) for k, v in state.items()),
-                      image_encoder_rules("image_encoder.", "image_encoder."))
-    x = np.random.default_rng(0).standard_normal((args.batch, cfg.img_size, cfg.img_size, 3)).astype(np.float32)
+    load_into(
+        model,
+        ((k, lambda v=v: v) for k, v in state.items()),
+        image_encoder_rules("image_encoder.", "image_encoder."),
+    )
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((args.batch, cfg.img_size, cfg.img_size, 3))
+        .astype(np.float32)
+    )
     xj, xt = jnp.asarray(x), torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     encode = nnx.jit(lambda m, im: m.image_encoder(im))
     t_jax = _time(lambda: encode(model, xj).block_until_ready(), args.iters)
     with torch.no_grad():
-        diff = float(np.abs(np.asarray(encode(model, xj)) - torch_enc(xt).numpy().transpose(0, 2, 3, 1)).max())
+        diff = float(
+            np.abs(np.asarray(encode(model, xj)) - torch_enc(xt).numpy().transpose(0, 2, 3, 1)).max()
+        )
         t_torch = _time(lambda: torch_enc(xt), args.iters)
-    print(f"SAM image encoder {args.preset} img_size {cfg.img_size} batch {args.batch} "
-          f"(threads: torch {torch.get_num_threads()}, JAX devices {jax.device_count()} {jax.default_backend()})")
+    print(
+        f"SAM image encoder {args.preset} img_size {cfg.img_size} batch {args.batch} "
+        f"(threads: torch {torch.get_num_threads()}, JAX devices {jax.device_count()} {jax.default_backend()})"
+    )
     print(f"  jax   {args.batch / t_jax:8.3f} images/s  ({t_jax * 1e3:.1f} ms/batch)")
     print(f"  torch {args.batch / t_torch:8.3f} images/s  ({t_torch * 1e3:.1f} ms/batch)")
     print(f"  ratio jax/torch {t_torch / t_jax:.2f}x   max |diff| {diff:.2e}")

@@ -19,6 +19,7 @@ from jaxground.models.sam.common import Buffer
 from jaxground.models.sam.config import SamConfig
 from jaxground.models.sam.sam import Sam
 
+
 def conv_transpose2d(x: np.ndarray) -> np.ndarray:
     """torch ConvTranspose2d weight [in, out, kh, kw] -> `UpConv2x` kernel [kh, kw, in, out]."""
     return x.transpose(2, 3, 0, 1)
@@ -42,7 +43,9 @@ def _norm(src: str, dst: str) -> list[Rule]:
 
 
 def _conv(src: str, dst: str, bias: bool = True) -> list[Rule]:
-    return [Rule(src + r"\.weight", dst + ".kernel", conv2d)] + ([Rule(src + r"\.bias", dst + ".bias")] if bias else [])
+    return [Rule(src + r"\.weight", dst + ".kernel", conv2d)] + (
+        [Rule(src + r"\.bias", dst + ".bias")] if bias else []
+    )
 
 
 def image_encoder_rules(src: str, dst: str) -> list[Rule]:
@@ -71,9 +74,13 @@ def prompt_encoder_rules(src: str, dst: str) -> list[Rule]:
     """`src` ends in `prompt_encoder.`; the Gaussian matrix is a `Buffer` (load with kind=(Param, Buffer))."""
     s, d = re.escape(src), dst
     return [
-        Rule(s + _alt("pe_layer.positional_encoding_gaussian_matrix", "shared_embedding.positional_embedding"),
-             d + "gaussian"),
-        Rule(s + _alt("point_embeddings.", "point_embed.") + r"(\d)\.weight", d + r"point_embed[\1]", flatten),
+        Rule(
+            s + _alt("pe_layer.positional_encoding_gaussian_matrix", "shared_embedding.positional_embedding"),
+            d + "gaussian",
+        ),
+        Rule(
+            s + _alt("point_embeddings.", "point_embed.") + r"(\d)\.weight", d + r"point_embed[\1]", flatten
+        ),
         Rule(s + r"not_a_point_embed\.weight", d + "not_a_point_embed", flatten),
         Rule(s + r"no_mask_embed\.weight", d + "no_mask_embed", flatten),
         *_conv(s + _alt("mask_downscaling.0", "mask_embed.conv1"), d + "mask_conv1"),
@@ -93,18 +100,33 @@ def mask_decoder_rules(src: str, dst: str, iou_head_depth: int = 3, hf: bool = F
     rules = [
         Rule(s + r"iou_token\.weight", d + "iou_token"),
         Rule(s + r"mask_tokens\.weight", d + "mask_tokens"),
-        *[r for name in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
-          for p in ("q_proj", "k_proj", "v_proj", "out_proj") for r in _linear(l + f"{name}\\.{p}", dl + f"{name}.{p}")],
+        *[
+            r
+            for name in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            for r in _linear(l + f"{name}\\.{p}", dl + f"{name}.{p}")
+        ],
         *[r for i in (1, 2, 3, 4) for r in _norm(l + _alt(f"norm{i}", f"layer_norm{i}"), dl + f"norm{i}")],
         *_linear(l + r"mlp\.lin1", dl + "lin1"),
         *_linear(l + r"mlp\.lin2", dl + "lin2"),
-        *[r for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-          for r in _linear(t + f"final_attn_token_to_image\\.{p}", dt + f"final_attn.{p}")],
+        *[
+            r
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+            for r in _linear(t + f"final_attn_token_to_image\\.{p}", dt + f"final_attn.{p}")
+        ],
         *_norm(t + _alt("norm_final_attn", "layer_norm_final_attn"), dt + "norm_final"),
-        Rule(s + _alt("output_upscaling.0", "upscale_conv1") + r"\.weight", d + "upscale_conv1.kernel", conv_transpose2d),
+        Rule(
+            s + _alt("output_upscaling.0", "upscale_conv1") + r"\.weight",
+            d + "upscale_conv1.kernel",
+            conv_transpose2d,
+        ),
         Rule(s + _alt("output_upscaling.0", "upscale_conv1") + r"\.bias", d + "upscale_conv1.bias"),
         *_norm(s + _alt("output_upscaling.1", "upscale_layer_norm"), d + "upscale_norm"),
-        Rule(s + _alt("output_upscaling.3", "upscale_conv2") + r"\.weight", d + "upscale_conv2.kernel", conv_transpose2d),
+        Rule(
+            s + _alt("output_upscaling.3", "upscale_conv2") + r"\.weight",
+            d + "upscale_conv2.kernel",
+            conv_transpose2d,
+        ),
         Rule(s + _alt("output_upscaling.3", "upscale_conv2") + r"\.bias", d + "upscale_conv2.bias"),
     ]
     mlp = _mlp_hf if hf else _mlp_official
@@ -118,8 +140,12 @@ def _mlp_official(src: str, dst: str, depth: int) -> list[Rule]:
 
 
 def _mlp_hf(src: str, dst: str, depth: int) -> list[Rule]:
-    rules = _linear(src + r"proj_in", dst + "layers.0") + _linear(src + r"proj_out", dst + f"layers.{depth - 1}")
-    return rules + [r for j in range(1, depth - 1) for r in _linear(src + f"layers\\.{j - 1}", dst + f"layers.{j}")]
+    rules = _linear(src + r"proj_in", dst + "layers.0") + _linear(
+        src + r"proj_out", dst + f"layers.{depth - 1}"
+    )
+    return rules + [
+        r for j in range(1, depth - 1) for r in _linear(src + f"layers\\.{j - 1}", dst + f"layers.{j}")
+    ]
 
 
 def sam_rules(prefix: str, dst: str = "", *, hf: bool, iou_head_depth: int = 3) -> list[Rule]:
@@ -129,7 +155,9 @@ def sam_rules(prefix: str, dst: str = "", *, hf: bool, iou_head_depth: int = 3) 
         *image_encoder_rules(prefix + encoder, dst + "image_encoder."),
         *prompt_encoder_rules(prefix + "prompt_encoder.", dst + "prompt_encoder."),
         *mask_decoder_rules(prefix + "mask_decoder.", dst + "mask_decoder.", iou_head_depth, hf=hf),
-        Rule(re.escape(prefix) + r"shared_image_embedding\.positional_embedding", None),  # HF's tied duplicate
+        Rule(
+            re.escape(prefix) + r"shared_image_embedding\.positional_embedding", None
+        ),  # HF's tied duplicate
     ]
 
 
@@ -160,7 +188,7 @@ def config_from_shapes(shapes, **overrides) -> SamConfig:
     p = re.escape(prefix)
     enc = p + ("vision_encoder." if hf else "image_encoder.")
     dec = p + "mask_decoder."
-    get = lambda pattern: next(tuple(v) for k, v in shapes.items() if re.fullmatch(pattern, k))  # noqa: E731
+    get = lambda pattern: next(tuple(v) for k, v in shapes.items() if re.fullmatch(pattern, k))
     width, _, patch, _ = get(enc + r"patch_embed\.proj(?:ection)?\.weight")
     grid = get(enc + r"pos_embed")[1]
     depth = _count(shapes, enc + r"(?:blocks|layers)\.(\d+)\.attn\.qkv\.weight")
@@ -169,24 +197,27 @@ def config_from_shapes(shapes, **overrides) -> SamConfig:
     windows = sorted({(r + 1) // 2 for r in rel if (r + 1) // 2 != grid})
     prompt_dim = get(enc + r"neck\.(?:0|conv1)\.weight")[0]
     mlp_keys = _count(shapes, dec + r"iou_prediction_head\.((?:layers\.\d+|proj_in|proj_out))\.weight")
-    cfg = dict(
-        img_size=grid * patch, patch_size=patch, width=width, depth=depth, num_heads=width // head_dim,
-        mlp_ratio=get(enc + r"(?:blocks|layers)\.0\.mlp\.lin1\.weight")[0] / width,
-        window_size=windows[0] if windows else grid,
-        global_attn_indexes=tuple(i for i, r in enumerate(rel) if (r + 1) // 2 == grid),
-        prompt_dim=prompt_dim,
-        mask_in_chans=get(p + r"prompt_encoder\.(?:mask_downscaling\.3|mask_embed\.conv2)\.weight")[0],
-        decoder_depth=_count(shapes, dec + r"transformer\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
-        decoder_mlp_dim=get(dec + r"transformer\.layers\.0\.mlp\.lin1\.weight")[0],
-        num_multimask_outputs=get(dec + r"mask_tokens\.weight")[0] - 1,
-        iou_head_depth=mlp_keys,
-        iou_head_hidden_dim=get(dec + r"iou_prediction_head\.(?:layers\.0|proj_in)\.weight")[0],
-    )
+    cfg = {
+        "img_size": grid * patch,
+        "patch_size": patch,
+        "width": width,
+        "depth": depth,
+        "num_heads": width // head_dim,
+        "mlp_ratio": get(enc + r"(?:blocks|layers)\.0\.mlp\.lin1\.weight")[0] / width,
+        "window_size": windows[0] if windows else grid,
+        "global_attn_indexes": tuple(i for i, r in enumerate(rel) if (r + 1) // 2 == grid),
+        "prompt_dim": prompt_dim,
+        "mask_in_chans": get(p + r"prompt_encoder\.(?:mask_downscaling\.3|mask_embed\.conv2)\.weight")[0],
+        "decoder_depth": _count(shapes, dec + r"transformer\.layers\.(\d+)\.self_attn\.q_proj\.weight"),
+        "decoder_mlp_dim": get(dec + r"transformer\.layers\.0\.mlp\.lin1\.weight")[0],
+        "num_multimask_outputs": get(dec + r"mask_tokens\.weight")[0] - 1,
+        "iou_head_depth": mlp_keys,
+        "iou_head_hidden_dim": get(dec + r"iou_prediction_head\.(?:layers\.0|proj_in)\.weight")[0],
+    }
     return SamConfig(**{**cfg, **overrides})
 
 
-def build(source, config: SamConfig | None = None, *, shardings=None,
-          **overrides) -> Sam:
+def build(source, config: SamConfig | None = None, *, shardings=None, **overrides) -> Sam:
     """A `Sam` filled from `source` (path or state dict, official or HF names, any wrapper prefix)."""
     from jaxground.convert.reader import keys_and_shapes, stream
 
@@ -196,13 +227,28 @@ def build(source, config: SamConfig | None = None, *, shardings=None,
     # abstract init: every variable is replaced by the checkpoint (a missing one is reported by load_into)
     model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
     rules = sam_rules(prefix, hf=hf, iou_head_depth=cfg.iou_head_depth)
-    return load_into(model, stream(source), rules, kind=(nnx.Param, Buffer), shardings=shardings,
-                     context=f"SAM ({'HF' if hf else 'official'} names, prefix {prefix!r})")
+    return load_into(
+        model,
+        stream(source),
+        rules,
+        kind=(nnx.Param, Buffer),
+        shardings=shardings,
+        context=f"SAM ({'HF' if hf else 'official'} names, prefix {prefix!r})",
+    )
 
 
-__all__ = ["build", "config_from_shapes", "detect", "find_prefix", "image_encoder_rules", "mask_decoder_rules",
-           "mask_head_rules",
-           "prompt_encoder_rules", "sam_rules", "conv_transpose2d"]
+__all__ = [
+    "build",
+    "config_from_shapes",
+    "conv_transpose2d",
+    "detect",
+    "find_prefix",
+    "image_encoder_rules",
+    "mask_decoder_rules",
+    "mask_head_rules",
+    "prompt_encoder_rules",
+    "sam_rules",
+]
 
 
 def mask_head_rules(prefix: str = "", dst: str = "mask_head.", *, hf: bool = False, iou_head_depth: int = 3):

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -48,7 +47,9 @@ def geometry(orig_hw: tuple[int, int], target: int = 1024, pad: str = "center") 
     return SamGeometry((h, w), (nh, nw), offset, target)
 
 
-def preprocess_image(image: np.ndarray, target: int = 1024, pad: str = "center") -> tuple[np.ndarray, SamGeometry]:
+def preprocess_image(
+    image: np.ndarray, target: int = 1024, pad: str = "center"
+) -> tuple[np.ndarray, SamGeometry]:
     """[H, W, 3] -> ([target, target, 3] float32 normalised, zero (= mean colour) padding, geometry)."""
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be [H, W, 3], got {image.shape}")
@@ -57,7 +58,7 @@ def preprocess_image(image: np.ndarray, target: int = 1024, pad: str = "center")
     resized = np.asarray(Image.fromarray(np.asarray(image).astype(np.uint8)).resize((nw, nh), Image.BILINEAR))
     out = np.zeros((target, target, 3), np.float32)
     top, left = geo.offset
-    out[top:top + nh, left:left + nw] = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+    out[top : top + nh, left : left + nw] = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
     return out, geo
 
 
@@ -66,7 +67,8 @@ def boxes_to_sam(boxes: np.ndarray, geo: SamGeometry) -> np.ndarray:
     sx, sy = geo.scale_xy
     top, left = geo.offset
     return np.asarray(boxes, np.float32) * np.array([sx, sy, sx, sy], np.float32) + np.array(
-        [left, top, left, top], np.float32)
+        [left, top, left, top], np.float32
+    )
 
 
 def normalized_boxes_to_sam(boxes01: np.ndarray, target: int = 1024) -> np.ndarray:
@@ -80,7 +82,7 @@ def mask_to_sam(mask: np.ndarray, geo: SamGeometry) -> np.ndarray:
     resized = np.asarray(Image.fromarray(np.asarray(mask).astype(np.uint8)).resize((nw, nh), Image.NEAREST))
     out = np.zeros((geo.target, geo.target), np.uint8)
     top, left = geo.offset
-    out[top:top + nh, left:left + nw] = resized
+    out[top : top + nh, left : left + nw] = resized
     return out
 
 
@@ -91,5 +93,5 @@ def postprocess_masks(low_res: jax.Array, geo: SamGeometry) -> jax.Array:
     up = jax.image.resize(low_res, (*lead, t, t), "linear", antialias=False)
     top, left = geo.offset
     nh, nw = geo.resized_hw
-    crop = up[..., top:top + nh, left:left + nw]
+    crop = up[..., top : top + nh, left : left + nw]
     return jax.image.resize(crop, (*lead, *geo.orig_hw), "linear", antialias=False)

@@ -45,12 +45,20 @@ class MaskHead(nnx.Module):
         cfg = self.sam_cfg
         b, q = trigger_states.shape[:2]
         if pred_boxes.shape != (b, q, 4):
-            raise ValueError(f"pred_boxes has shape {pred_boxes.shape}; expected {(b, q, 4)} to match trigger_states")
+            raise ValueError(
+                f"pred_boxes has shape {pred_boxes.shape}; expected {(b, q, 4)} to match trigger_states"
+            )
         if image_embeddings.shape != (b, cfg.grid, cfg.grid, cfg.prompt_dim):
-            raise ValueError(f"image_embeddings has shape {image_embeddings.shape}; "
-                             f"expected {(b, cfg.grid, cfg.grid, cfg.prompt_dim)}")
+            raise ValueError(
+                f"image_embeddings has shape {image_embeddings.shape}; "
+                f"expected {(b, cfg.grid, cfg.grid, cfg.prompt_dim)}"
+            )
         prompts = self.seg_prompt_mlp(trigger_states).reshape(b, q, NUM_PROMPT_TOKENS, cfg.prompt_dim)
         corners, dense = self.prompt_encoder(b, q, boxes=pred_boxes * cfg.img_size)
-        sparse = jnp.concatenate([prompts.astype(corners.dtype), corners], axis=2)  # NExT-Chat order: prompts, box
-        masks, iou = self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        sparse = jnp.concatenate(
+            [prompts.astype(corners.dtype), corners], axis=2
+        )  # NExT-Chat order: prompts, box
+        masks, iou = self.mask_decoder(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False
+        )
         return masks[:, :, 0], iou[:, :, 0]

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 PRESETS = {
-    "released": dict(focal=20.0, dice=1.0, iou_mse=1.0, bce=0.0, lisa_dice=0.0),
-    "lisa": dict(focal=0.0, dice=0.0, iou_mse=0.0, bce=2.0, lisa_dice=0.5),
+    "released": {"focal": 20.0, "dice": 1.0, "iou_mse": 1.0, "bce": 0.0, "lisa_dice": 0.0},
+    "lisa": {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0, "bce": 2.0, "lisa_dice": 0.5},
 }
 
 
@@ -74,17 +74,26 @@ def masked_mean(per_mask: jax.Array, mask_valid: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask_valid, per_mask, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def seg_loss(logits: jax.Array, targets: jax.Array, iou_pred: jax.Array, mask_valid: jax.Array,
-             preset: str | dict = "released") -> tuple[jax.Array, dict[str, jax.Array]]:
+def seg_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    iou_pred: jax.Array,
+    mask_valid: jax.Array,
+    preset: str | dict = "released",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the mask losses -> (total, {name: unweighted mean}). `preset`: name or weight dict."""
     if logits.shape != targets.shape or logits.ndim != 4:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must both be [B, Q, Y, X]")
     if iou_pred.shape != logits.shape[:2] or mask_valid.shape != logits.shape[:2]:
-        raise ValueError(f"iou_pred {iou_pred.shape} and mask_valid {mask_valid.shape} must be {logits.shape[:2]}")
+        raise ValueError(
+            f"iou_pred {iou_pred.shape} and mask_valid {mask_valid.shape} must be {logits.shape[:2]}"
+        )
     weights = PRESETS[preset] if isinstance(preset, str) else preset
     terms = {
-        "focal": lambda: focal(logits, targets), "dice": lambda: dice(logits, targets),
-        "iou_mse": lambda: iou_mse(logits, targets, iou_pred), "bce": lambda: mean_bce(logits, targets),
+        "focal": lambda: focal(logits, targets),
+        "dice": lambda: dice(logits, targets),
+        "iou_mse": lambda: iou_mse(logits, targets, iou_pred),
+        "bce": lambda: mean_bce(logits, targets),
         "lisa_dice": lambda: lisa_dice(logits, targets),
     }
     parts = {name: masked_mean(terms[name](), mask_valid) for name, w in weights.items() if w}

@@ -23,7 +23,7 @@ def test_box_drawn_as_mask_stays_its_box(pad, hw):
         x0, x1 = np.sort(rng.choice(hw[1], 2, replace=False))
         y0, y1 = np.sort(rng.choice(hw[0], 2, replace=False))
         mask = np.zeros(hw, np.uint8)
-        mask[y0:y1 + 1, x0:x1 + 1] = 1
+        mask[y0 : y1 + 1, x0 : x1 + 1] = 1
         box = np.array([x0, y0, x1 + 1, y1 + 1], np.float32)
         np.testing.assert_allclose(_bbox(T.mask_to_sam(mask, geo)), T.boxes_to_sam(box, geo), atol=1.0)
 
@@ -47,7 +47,9 @@ def test_postprocess_matches_torch(pad):
     low = np.random.default_rng(0).normal(size=(2, 32, 32)).astype(np.float32)
     t = F.interpolate(torch.from_numpy(low)[None], (128, 128), mode="bilinear", align_corners=False)
     (top, left), (nh, nw) = geo.offset, geo.resized_hw
-    t = F.interpolate(t[..., top:top + nh, left:left + nw], (100, 60), mode="bilinear", align_corners=False)[0]
+    t = F.interpolate(
+        t[..., top : top + nh, left : left + nw], (100, 60), mode="bilinear", align_corners=False
+    )[0]
     out = np.asarray(T.postprocess_masks(jnp.asarray(low), geo))
     assert out.shape == (2, 100, 60)
     np.testing.assert_allclose(out, t.numpy(), atol=1e-5)

@@ -37,10 +37,10 @@ def test_against_numpy_with_padding(preset):
     t[0, 1] = 0  # an empty ground truth
     iou_pred = rng.random((2, 3)).astype(np.float32)
     valid = np.array([[True, True, False], [True, False, False]])
-    total, parts = L.seg_loss(jnp.asarray(x), jnp.asarray(t), jnp.asarray(iou_pred), jnp.asarray(valid), preset)
+    total, _ = L.seg_loss(jnp.asarray(x), jnp.asarray(t), jnp.asarray(iou_pred), jnp.asarray(valid), preset)
     rows = [(b, q) for b in range(2) for q in range(3) if valid[b, q]]
     terms = np.array([_np_terms(x[b, q].astype(np.float64), t[b, q]) for b, q in rows])
-    bce, foc, dice, lisa, iou = terms.mean(0)
+    bce, foc, dice, lisa, _ = terms.mean(0)
     mse = np.mean([(iou_pred[b, q] - terms[i, 4]) ** 2 for i, (b, q) in enumerate(rows)])
     want = 20 * foc + dice + mse if preset == "released" else 2 * bce + 0.5 * lisa
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
@@ -57,10 +57,12 @@ def test_no_nan_extremes_and_gradients():
     iou = jnp.zeros((2, 1))
     for preset in ("released", "lisa"):
         for valid in (jnp.ones((2, 1), bool), jnp.zeros((2, 1), bool)):
-            val, grad = jax.value_and_grad(lambda x: L.seg_loss(x, t, iou, valid, preset)[0])(x)
+            val, grad = jax.value_and_grad(lambda x, v=valid, p=preset: L.seg_loss(x, t, iou, v, p)[0])(x)
             assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
 
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="must both be"):
-        L.seg_loss(jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 4, 5)), jnp.zeros((1, 1)), jnp.ones((1, 1), bool))
+        L.seg_loss(
+            jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 4, 5)), jnp.zeros((1, 1)), jnp.ones((1, 1), bool)
+        )

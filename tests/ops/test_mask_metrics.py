@@ -31,5 +31,9 @@ def test_against_numpy():
     union = (pred | gt).sum((2, 3))[valid]
     np.testing.assert_allclose(float(sums["intersection"]), inter.sum())
     np.testing.assert_allclose(float(sums["union"]), union.sum())
-    np.testing.assert_allclose(float(sums["iou"]), np.where(union > 0, inter / np.maximum(union, 1), 1).sum(), rtol=1e-6)
-    np.testing.assert_allclose(M.mask_iou(jnp.asarray(pred), jnp.asarray(gt))[valid], inter / union, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(sums["iou"]), np.where(union > 0, inter / np.maximum(union, 1), 1).sum(), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        M.mask_iou(jnp.asarray(pred), jnp.asarray(gt))[valid], inter / union, rtol=1e-6
+    )

@@ -5,6 +5,8 @@ Axis legend: B batch, Y/X rows/columns of a feature map, C channels, D width.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,11 +26,24 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def conv(cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1, padding: int = 0,
-         use_bias: bool = True, axes=(None, None)) -> nnx.Conv:
+def conv(
+    cin: int,
+    cout: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+    axes=(None, None),
+) -> nnx.Conv:
     """NHWC Conv2d; kernel [k, k, cin, cout] with logical axes (None, None, *axes)."""
     return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
         use_bias=use_bias,
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, *axes)),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
@@ -47,8 +62,10 @@ class MLP(nnx.Module):
     def __init__(self, din: int, hidden: int, dout: int, depth: int, *, rngs: nnx.Rngs):
         dims = [din] + [hidden] * (depth - 1) + [dout]
         self.layers = nnx.List(
-            [linear(a, b, ("embed", "mlp") if i < depth - 1 else ("mlp", None), rngs=rngs)
-             for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))]
+            [
+                linear(a, b, ("embed", "mlp") if i < depth - 1 else ("mlp", None), rngs=rngs)
+                for i, (a, b) in enumerate(itertools.pairwise(dims))
+            ]
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -32,7 +32,9 @@ class SamConfig:
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.prompt_dim % 8 or (self.prompt_dim // self.attention_downsample_rate) % self.decoder_heads:
-            raise ValueError(f"prompt_dim {self.prompt_dim} must be a multiple of 8 and of decoder heads x downsample")
+            raise ValueError(
+                f"prompt_dim {self.prompt_dim} must be a multiple of 8 and of decoder heads x downsample"
+            )
         if any(not 0 <= i < self.depth for i in self.global_attn_indexes):
             raise ValueError(f"global_attn_indexes {self.global_attn_indexes} outside 0..{self.depth - 1}")
 
@@ -50,28 +52,47 @@ class SamConfig:
     def num_mask_tokens(self) -> int:
         return self.num_multimask_outputs + 1
 
-    def replace(self, **kw) -> "SamConfig":
+    def replace(self, **kw) -> SamConfig:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def vit_b(cls, **kw) -> "SamConfig":
+    def vit_b(cls, **kw) -> SamConfig:
         return cls(**kw)
 
     @classmethod
-    def vit_l(cls, **kw) -> "SamConfig":
-        return cls(**{**dict(width=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)), **kw})
-
-    @classmethod
-    def vit_h(cls, **kw) -> "SamConfig":
-        return cls(**{**dict(width=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)), **kw})
-
-    @classmethod
-    def tiny(cls, **kw) -> "SamConfig":
-        base = dict(
-            img_size=128, patch_size=16, width=64, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
-            prompt_dim=64, mask_in_chans=8, decoder_heads=2, decoder_mlp_dim=128, iou_head_hidden_dim=64,
+    def vit_l(cls, **kw) -> SamConfig:
+        return cls(
+            **{"width": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23), **kw}
         )
+
+    @classmethod
+    def vit_h(cls, **kw) -> SamConfig:
+        return cls(
+            **{"width": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31), **kw}
+        )
+
+    @classmethod
+    def tiny(cls, **kw) -> SamConfig:
+        base = {
+            "img_size": 128,
+            "patch_size": 16,
+            "width": 64,
+            "depth": 2,
+            "num_heads": 2,
+            "window_size": 4,
+            "global_attn_indexes": (1,),
+            "prompt_dim": 64,
+            "mask_in_chans": 8,
+            "decoder_heads": 2,
+            "decoder_mlp_dim": 128,
+            "iou_head_hidden_dim": 64,
+        }
         return cls(**{**base, **kw})
 
 
-PRESETS = {"vit_b": SamConfig.vit_b, "vit_l": SamConfig.vit_l, "vit_h": SamConfig.vit_h, "tiny": SamConfig.tiny}
+PRESETS = {
+    "vit_b": SamConfig.vit_b,
+    "vit_l": SamConfig.vit_l,
+    "vit_h": SamConfig.vit_h,
+    "tiny": SamConfig.tiny,
+}

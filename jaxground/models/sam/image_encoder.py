@@ -90,7 +90,9 @@ class Block(nnx.Module):
         b, y, w, _ = x.shape
         h = self.norm1(x)
         if self.window_size:
-            h = window_unpartition(self.attn(window_partition(h, self.window_size)), self.window_size, b, y, w)
+            h = window_unpartition(
+                self.attn(window_partition(h, self.window_size)), self.window_size, b, y, w
+            )
         else:
             h = self.attn(h)
         x = x + h
@@ -106,7 +108,10 @@ class ImageEncoder(nnx.Module):
         self.patch_embed = conv(3, d, p, stride=p, axes=(None, "embed"), rngs=rngs)
         self.pos_embed = zeros_param((1, cfg.grid, cfg.grid, d), (None, None, None, "embed"))
         self.blocks = nnx.List(
-            [Block(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, rngs=rngs) for i in range(cfg.depth)]
+            [
+                Block(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, rngs=rngs)
+                for i in range(cfg.depth)
+            ]
         )
         self.neck_conv1 = conv(d, c, 1, use_bias=False, axes=("embed", None), rngs=rngs)
         self.neck_norm1 = norm2d(c, rngs=rngs)
@@ -116,7 +121,9 @@ class ImageEncoder(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         s = self.cfg.img_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"images must be [B, {s}, {s}, 3] (NHWC, normalised, padded); got {images.shape}")
+            raise ValueError(
+                f"images must be [B, {s}, {s}, 3] (NHWC, normalised, padded); got {images.shape}"
+            )
         x = self.patch_embed(images) + self.pos_embed[...]
         for block in self.blocks:
             x = block(x)

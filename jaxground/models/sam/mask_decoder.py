@@ -23,8 +23,11 @@ class UpConv2x(nnx.Module):
 
     def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=2, out_axis=3)
-        self.kernel = nnx.Param(init(rngs.params(), (2, 2, cin, cout)), out_sharding=(None, None, "embed", None),
-                                eager_sharding=False)
+        self.kernel = nnx.Param(
+            init(rngs.params(), (2, 2, cin, cout)),
+            out_sharding=(None, None, "embed", None),
+            eager_sharding=False,
+        )
         self.bias = zeros_param((cout,), (None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,8 +49,14 @@ class MaskDecoder(nnx.Module):
         self.hypernet = nnx.List([MLP(c, c, c // 8, 3, rngs=rngs) for _ in range(m)])
         self.iou_head = MLP(c, cfg.iou_head_hidden_dim, m, cfg.iou_head_depth, rngs=rngs)
 
-    def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array, dense: jax.Array,
-                 multimask_output: bool):
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse: jax.Array,
+        dense: jax.Array,
+        multimask_output: bool,
+    ):
         """image_embeddings [B, g, g, C], image_pe [g, g, C], sparse [B, Q, n, C], dense [B, Q, g, g, C]
         -> (mask logits [B, Q, M', 4g, 4g], iou predictions [B, Q, M']); M' = 3 if multimask_output else 1."""
         b, g, _, c = image_embeddings.shape

@@ -25,8 +25,15 @@ class Sam(nnx.Module):
             self.prompt_encoder = PromptEncoder(cfg, rngs=rngs)
             self.mask_decoder = MaskDecoder(cfg, rngs=rngs)
 
-    def decode(self, image_embeddings: jax.Array, points=None, labels=None, boxes=None, masks=None,
-               multimask_output: bool = True):
+    def decode(
+        self,
+        image_embeddings: jax.Array,
+        points=None,
+        labels=None,
+        boxes=None,
+        masks=None,
+        multimask_output: bool = True,
+    ):
         """image_embeddings [B, g, g, C]; prompts [B, Q, ...] (see `PromptEncoder`) ->
         (low-res mask logits [B, Q, M', 4g, 4g], iou predictions [B, Q, M'])."""
         b = image_embeddings.shape[0]
@@ -35,9 +42,18 @@ class Sam(nnx.Module):
             raise ValueError("decode needs at least one prompt (points, boxes or masks)")
         q = given[0].shape[1] if given[0].ndim >= 2 else -1
         sparse, dense = self.prompt_encoder(b, q, points, labels, boxes, masks)
-        return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+        return self.mask_decoder(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        )
 
-    def __call__(self, images: jax.Array, points=None, labels=None, boxes=None, masks=None,
-                 multimask_output: bool = True):
+    def __call__(
+        self,
+        images: jax.Array,
+        points=None,
+        labels=None,
+        boxes=None,
+        masks=None,
+        multimask_output: bool = True,
+    ):
         """images [B, S, S, 3] normalised and padded (see `jaxground.data.sam_transforms`)."""
         return self.decode(self.image_encoder(images), points, labels, boxes, masks, multimask_output)

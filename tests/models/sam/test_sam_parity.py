@@ -14,7 +14,9 @@ from flax import nnx
 from jaxground.convert import sam as convert
 from jaxground.models.sam import SamConfig
 
-_spec = importlib.util.spec_from_file_location("_sam_reference", Path(__file__).parents[2] / "_sam_reference.py")
+_spec = importlib.util.spec_from_file_location(
+    "_sam_reference", Path(__file__).parents[2] / "_sam_reference.py"
+)
 ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref)
 
@@ -32,7 +34,9 @@ def pair():
     img = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
     with torch.no_grad():
         feat_t = tsam.image_encoder(torch.from_numpy(img)).numpy()
-    feat_j = np.asarray(nnx.jit(lambda m, x: m.image_encoder(x))(model, jnp.asarray(img.transpose(0, 2, 3, 1))))
+    feat_j = np.asarray(
+        nnx.jit(lambda m, x: m.image_encoder(x))(model, jnp.asarray(img.transpose(0, 2, 3, 1)))
+    )
     return tsam, model, feat_t, feat_j
 
 
@@ -64,8 +68,14 @@ def test_mask_decoder(pair, kind, multimask):
     pts, lab, boxes, masks = _prompts(np.random.default_rng(1))
     use_p, use_b, use_m = "points" in kind, "boxes" in kind, "masks" in kind
     decode = nnx.jit(lambda m, f, p, l, b, k: m.decode(f, p, l, b, k, multimask_output=multimask))
-    mj, ij = decode(model, jnp.asarray(feat_j), *(jnp.asarray(a) if u else None for a, u in
-                                                  ((pts, use_p), (lab, use_p), (boxes, use_b), (masks, use_m))))
+    mj, ij = decode(
+        model,
+        jnp.asarray(feat_j),
+        *(
+            jnp.asarray(a) if u else None
+            for a, u in ((pts, use_p), (lab, use_p), (boxes, use_b), (masks, use_m))
+        ),
+    )
     out_m, out_i = [], []
     with torch.no_grad():
         for b in range(2):
@@ -74,8 +84,9 @@ def test_mask_decoder(pair, kind, multimask):
                 boxes=torch.from_numpy(boxes[b]) if use_b else None,
                 masks=torch.from_numpy(masks[b][:, None]) if use_m else None,
             )
-            m, i = tsam.mask_decoder(torch.from_numpy(feat_t[b:b + 1]), tsam.prompt_encoder.get_dense_pe(), sp, de,
-                                     multimask)
+            m, i = tsam.mask_decoder(
+                torch.from_numpy(feat_t[b : b + 1]), tsam.prompt_encoder.get_dense_pe(), sp, de, multimask
+            )
             out_m.append(m.numpy())
             out_i.append(i.numpy())
     mt, it = np.stack(out_m), np.stack(out_i)
@@ -96,10 +107,13 @@ def tiny_state():
 def test_wrapper_prefixes_give_identical_params(tiny_state):
     base = nnx.to_flat_state(nnx.state(convert.build(tiny_state, decoder_heads=2)))
     for prefix in ("sam.model.", "model.visual_model."):
-        other = nnx.to_flat_state(nnx.state(convert.build({prefix + k: v for k, v in tiny_state.items()},
-                                                          decoder_heads=2)))
+        other = nnx.to_flat_state(
+            nnx.state(convert.build({prefix + k: v for k, v in tiny_state.items()}, decoder_heads=2))
+        )
         for (path, a), (_, b) in zip(base, other):
-            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+            np.testing.assert_array_equal(
+                np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path)
+            )
 
 
 def test_bad_prompt_batch_is_refused(tiny_state):
@@ -117,7 +131,7 @@ def test_boxes_outside_are_clipped_and_finite(tiny_state):
     far = jnp.array([[[-500.0, -20.0, 1e6, 300.0]], [[0.0, 0.0, 128.0, 128.0]]])
     decode = nnx.jit(lambda m, f, b: m.decode(f, boxes=b, multimask_output=False))
     m_far, i_far = decode(model, feats, far)
-    m_in, i_in = decode(model, feats, jnp.array([[[0.0, 0.0, 128.0, 128.0]]] * 2))
+    m_in, _ = decode(model, feats, jnp.array([[[0.0, 0.0, 128.0, 128.0]]] * 2))
     assert np.isfinite(np.asarray(m_far)).all() and np.isfinite(np.asarray(i_far)).all()
     np.testing.assert_allclose(np.asarray(m_far), np.asarray(m_in), atol=1e-5)
 
