@@ -53,4 +53,6 @@ def config(size: str, stage: int) -> ConfigDict:
     c.optim = defaults.optim(lr, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
     c.train = defaults.train(stage, steps=steps, batch_size=batch, log_every=10, eval_every=2000,
                              save_every=1000, keep=3)
+    if stage == 3:  # SAM's weights must come with --init-from (a converted checkpoint); only this MLP is new
+        c.train.fresh = ("mask_head/seg_prompt_mlp",)
     return c

@@ -23,6 +23,7 @@ def get_config() -> ConfigDict:
         projector="mlp2x_gelu",
         freeze_vision=False,
         box_prior=False,
+        sam=None,  # stage 3 adds a tiny SAM (tiny_shapes_stage3.py)
     ))
     c.data = pipeline_config(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "train", "image_root": "",

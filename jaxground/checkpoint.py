@@ -152,12 +152,24 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     return path, steps[-1]
 
 
-def load_model(path: str | Path, abstract_model, shardings):
-    """The model state of a checkpoint (`--init-from`), checked against and placed like `abstract_model`."""
+def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str, ...] = ()):
+    """The model state of a checkpoint (`--init-from`), checked against and placed like `abstract_model`.
+    Variables under a `fresh` prefix ("mask_head", "sam": parts a stage adds) may be absent from the
+    checkpoint; only what it holds is returned (merge it over a freshly initialised state)."""
+    from flax import nnx
+
     directory, step = resolve(path)
     with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
-        check_model_shapes(_saved_model(manager, step), abstract_model, str(directory / str(step)))
-        out = manager.restore(
-            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_with_shardings(abstract_model, shardings)))
-        )
+        saved = _saved_model(manager, step)
+        have = _shapes(saved)
+
+        def keep(var_path, _):
+            name = "/".join(map(str, var_path))
+            return name in have or not (fresh and name.startswith(fresh))
+
+        wanted, _ = nnx.split_state(abstract_model, keep, ...)
+        check_model_shapes(saved, wanted, str(directory / str(step)))
+        wanted_shardings, _ = nnx.split_state(shardings, keep, ...)
+        out = manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_with_shardings(wanted, wanted_shardings), strict=not fresh)))
     return out.model

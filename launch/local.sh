@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's run command: sets up .venv, generates the synthetic shapes data (once), trains the tiny
-# NExT-Chat (stage 1 as a curriculum: single-object scenes, then all scenes), evaluates REC on the held-out
-# test split, draws a few predictions, and prints the figures. Outputs go to runs/tiny_shapes/.
+# NExT-Chat (stage 1 as a curriculum: single-object scenes, then all scenes; then stage 3, the mask head),
+# evaluates REC and mask cIoU on the held-out test split, draws a few predictions, and prints the figures. Outputs go to runs/tiny_shapes/.
 # Environment: DATA (data dir, default data/shapes), RUN (output dir, default runs/tiny_shapes).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
@@ -21,11 +21,13 @@ jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.m
   train.eval_every=0
 echo "[local] stage 1b: all scenes, from stage 1a"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}"
-echo "[local] stage 3 (masks): skipped, the SAM mask head is not wired into NextChat yet"
+echo "[local] stage 3: mask head on a tiny SAM, from stage 1"
+jaxground train --config configs/tiny_shapes_stage3.py --workdir "$RUN/stage3" --init-from "$RUN/stage1" "${PATHS[@]}"
 
 if jaxground eval --help >/dev/null 2>&1; then
   echo "[local] evaluating REC on the test split"
-  jaxground eval --config "$CONFIG" --checkpoint "$RUN/stage1" --out "$RUN/eval" "${PATHS[@]}" || true
+  jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval" \
+    "${PATHS[@]}" || true
 fi
 if jaxground predict --help >/dev/null 2>&1; then
   echo "[local] drawing predictions for 3 test images into $RUN/predictions"
@@ -41,11 +43,11 @@ for i in range(3):
     print(f"{i}\tWhere is {ex.tasks['rec'][0]['expr']}?")
 PY
   while IFS=$'\t' read -r i prompt; do
-    jaxground predict --config "$CONFIG" --checkpoint "$RUN/stage1" --image "$RUN/predictions/input$i.png" \
+    jaxground predict --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --image "$RUN/predictions/input$i.png" \
       --prompt "$prompt" --out "$RUN/predictions/pred$i.png" "${PATHS[@]}" || true
   done < "$RUN/predictions/prompts.tsv"
 fi
 
-echo "[local] figures (teacher-forced REC on the held-out test split):"
-cat "$RUN/stage1/eval.json"
+echo "[local] figures on the held-out test split (teacher-forced REC after stage 1; + mask cIoU after stage 3):"
+cat "$RUN/stage1/eval.json" "$RUN/stage3/eval.json"
 echo "[local] done in $(( $(date +%s) - start )) s; outputs in $RUN"

@@ -48,6 +48,8 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
             "seed": seed,
             "trainable": trainable,
             "frozen": frozen,
+            # path prefixes that `--init-from` may lack (initialised fresh instead), e.g. the stage-3 mask head
+            "fresh": (),
         }
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxground import checkpoint, parallel
 from jaxground.train import state as st, step as stp
@@ -118,9 +119,11 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
         else:
             _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)
             if init_from:
-                model = checkpoint.load_model(init_from, abstract.model, shardings.model)
-                state = dataclasses.replace(state, model=model)
-                _log(f"initialised the model from {init_from}")
+                loaded = checkpoint.load_model(init_from, abstract.model, shardings.model, fresh=tuple(tc.fresh))
+                state = dataclasses.replace(state, model=nnx.merge_state(state.model, loaded))
+                n_fresh = len(nnx.to_flat_state(state.model)) - len(nnx.to_flat_state(loaded))
+                _log(f"initialised the model from {init_from}" + (f" ({n_fresh} new arrays under {list(tc.fresh)})"
+                                                                  if n_fresh else ""))
         n_train = len(st.trainable_paths(abstract.model, trainable))
         _log(f"mesh {dict(mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es); "
              f"{n_train} trainable arrays")

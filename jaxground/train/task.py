@@ -18,8 +18,10 @@ from jaxground.data.batch import Batch
 from jaxground.eval.metrics import rec_sums, rec_summary
 from jaxground.models.clip import ClipVisionConfig
 from jaxground.models.llama import LlamaConfig
-from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss
+from jaxground.models.sam.config import SamConfig
+from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss, resize_mask_logits
 from jaxground.ops.losses import DET_PRESETS
+from jaxground.ops.mask_metrics import res_scores, res_sums
 from jaxground.train.loop import Task
 
 
@@ -47,6 +49,7 @@ def model_config(config, tokens) -> NextChatConfig:
         freeze_vision=config.model.freeze_vision,
         box_prior=config.model.box_prior,
         tokens=tokens,
+        sam=SamConfig(**_fields(SamConfig, config.model.sam, "model.sam")) if config.model.get("sam") else None,
     )
 
 
@@ -66,17 +69,34 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
 
 
 def rec_eval(model: NextChat, batch: dict) -> dict:
+    """REC sums; with masks in the model and the batch, also RES sums (cIoU) of the masks at the triggers."""
     b = Batch(**batch)
     out = model(b)
     valid = b.target_mask & b.valid[:, None]  # a target whose trigger is missing scores IoU 0
-    return rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
+    sums = rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
+    if out.mask_logits is not None and b.masks is not None:
+        pred = resize_mask_logits(out.mask_logits, b.masks.shape[-2:]) > 0
+        res = res_sums(pred, b.masks > 0.5, b.mask_valid & valid)
+        sums |= {f"mask_{k}": v for k, v in res.items()}
+    return sums
+
+
+def summarize(sums: dict) -> dict:
+    figures = rec_summary(sums)
+    if "mask_union" in sums:
+        res = res_scores({k.removeprefix("mask_"): v for k, v in sums.items() if k.startswith("mask_")})
+        figures |= {"ciou": res["ciou"], "mask_giou": res["giou"]}
+    return figures
 
 
 def make_task(config) -> Task:
     from jaxground.data.pipeline import make_encoder, make_pipeline
 
-    if config.train.stage not in (1, 2):
-        raise TaskConfigError(f"train.stage {config.train.stage}: stage 3 needs the SAM mask head in NextChat")
+    stage = config.train.stage
+    if stage not in (1, 2, 3):
+        raise TaskConfigError(f"train.stage must be 1, 2 or 3, got {stage}")
+    if stage == 3 and not (config.model.get("sam") and config.data.with_masks and config.data.with_sam):
+        raise TaskConfigError("stage 3 needs model.sam, data.with_masks=True and data.with_sam=True")
     if config.loss.det not in DET_PRESETS:
         raise TaskConfigError(f"loss.det {config.loss.det!r} is not one of {sorted(DET_PRESETS)}")
     w_l1, w_giou = DET_PRESETS[config.loss.det]
@@ -88,8 +108,10 @@ def make_task(config) -> Task:
 
     def loss_fn(model: NextChat, batch: dict):
         b = Batch(**batch)
-        total, parts = nextchat_loss(model(b), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle)
-        return total, {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
+        total, parts = nextchat_loss(model(b), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle,
+                                     seg_preset=config.loss.seg)
+        shown = {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
+        return total, shown | ({"seg": parts["seg"]} if "seg" in parts else {})
 
     return Task(
         model_factory=lambda: NextChat(cfg, rngs=nnx.Rngs(seed)),
@@ -97,7 +119,7 @@ def make_task(config) -> Task:
         train_batches=make_pipeline(train_data, training=True),
         eval_fn=rec_eval,
         eval_batches=lambda: make_pipeline(data_config(config, training=False), training=False),
-        summarize=rec_summary,
+        summarize=summarize,
     )
 
 

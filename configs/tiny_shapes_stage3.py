@@ -1,0 +1,29 @@
+"""The embedded default, stage 3: from the stage-1 model (`--init-from runs/tiny_shapes/stage1`), a tiny SAM
+(random and frozen image encoder: nothing is pretrained here) gets a mask head; only `seg_prompt_mlp` and the
+SAM mask decoder train, on the masks of the synthetic shapes. Evaluation adds mask cIoU to REC."""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from jaxground.train import defaults
+
+_spec = importlib.util.spec_from_file_location("_tiny", Path(__file__).with_name("tiny_shapes.py"))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+
+
+def get_config() -> ConfigDict:
+    c = _tiny.get_config()
+    c.model.sam = dict(img_size=64, patch_size=8, width=64, depth=2, num_heads=2, window_size=4,
+                       global_attn_indexes=(1,), prompt_dim=32, mask_in_chans=4, decoder_depth=2, decoder_heads=2,
+                       decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    c.data.with_masks = True
+    c.data.mask_size = 32
+    c.data.with_sam = True
+    c.data.sam_size = 64
+    c.optim = defaults.optim(1e-3, warmup_ratio=0.03)
+    c.train = defaults.train(3, steps=300, batch_size=32, log_every=25, eval_every=0, save_every=300, keep=1)
+    c.train.fresh = ("mask_head", "sam")  # stage 1 has no SAM: both start from a fresh initialisation
+    return c
