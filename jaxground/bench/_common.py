@@ -1,0 +1,67 @@
+"""Shared pieces of the training benchmarks: timing, model FLOPs of a NExT-Chat step, the machine's matmul peak."""
+
+from __future__ import annotations
+
+import time
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Seconds per call of fn(), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def param_count(tree) -> int:
+    import jax
+
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def step_flops(cfg, model_state, batch: int, seq: int, *, llm_trained: bool, vision_trained: bool = False,
+               triggers: int = 8) -> float:
+    """Model FLOPs of one NExT-Chat train step: matmuls, counted analytically (the recompute of remat is not
+    counted; attention is counted over all T^2 pairs, as computed). A trained part costs 3x its forward
+    (forward + two backward matmuls), a frozen one 1x. `model_state`: the model's nnx.State (abstract is fine).
+
+    - LLM forward: 2 * (params - input embedding table) * tokens + 4 * T^2 * D per layer and sequence;
+    - CLIP: 2 * params * patches + 4 * P^2 * Dv per layer run (`select_layer` -2 skips the last layer);
+    - projector: 2 * params * patches; box encoder/decoder: 2 * params per box (negligible);
+    - SAM image encoder (frozen, stage 3): 2 * params * g^2 + attention over 14x14 windows and the global
+      blocks; mask head (trained): 3 * 2 * params * g^2 per trigger (its two-way transformer reads every
+      image token).
+    """
+    llm, vis = cfg.llm, cfg.vision
+    groups = {name: param_count(model_state[name]) for name in model_state}
+    head_dim = llm.head_dim or llm.hidden_size // llm.num_heads
+    llm_mm = groups["llm"] - llm.vocab_size * llm.hidden_size  # the input embedding is a gather
+    llm_fwd = 2 * llm_mm * seq + llm.num_layers * 4 * seq * seq * llm.num_heads * head_dim
+    p, run = vis.num_patches, vis.layers_run
+    vis_fwd = 2 * groups["vision"] * run / vis.num_layers * p + run * 4 * p * p * vis.hidden_size
+    flops = (3 if llm_trained else 1) * (llm_fwd + 2 * groups["projector"] * p)
+    flops += (3 if vision_trained else 1) * vis_fwd
+    flops += 3 * 2 * (groups["loc_encoder"] + groups["loc_decoder"]) * 2 * triggers
+    if cfg.sam is not None:
+        s = cfg.sam
+        g2, w = s.grid * s.grid, s.window_size
+        windows = (-(-s.grid // w)) ** 2
+        n_global = len(s.global_attn_indexes)
+        attn = n_global * 4 * g2 * g2 * s.width + (s.depth - n_global) * windows * 4 * (w * w) ** 2 * s.width
+        flops += 2 * groups["sam"] * g2 + attn
+        flops += 3 * triggers * 2 * groups["mask_head"] * g2
+    return float(batch * flops)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate in FLOP/s: a jitted [n,n] @ [n,n] in JAX (the MFU denominator)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
+    seconds = timed(lambda: jax.block_until_ready(mm(a, b)), repeats, warmup=2)
+    return 2 * n**3 / seconds
