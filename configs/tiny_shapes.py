@@ -40,6 +40,6 @@ def get_config() -> ConfigDict:
     ))
     c.loss = defaults.loss(det="released")
     c.optim = defaults.optim(1e-3, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
-    c.train = defaults.train(1, steps=1500, batch_size=32, log_every=50, eval_every=500, save_every=500, keep=2)
+    c.train = defaults.train(1, steps=900, batch_size=32, log_every=50, eval_every=300, save_every=300, keep=2)
     c.train.frozen = ()  # nothing pretrained: the tiny vision tower trains as well
     return c

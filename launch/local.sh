@@ -17,7 +17,7 @@ if [ ! -f "$DATA/test.array_record" ]; then
 fi
 
 echo "[local] stage 1a: single-object scenes"
-jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=400 \
+jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=300 \
   train.eval_every=0
 echo "[local] stage 1b: all scenes, from stage 1a"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}"

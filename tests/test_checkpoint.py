@@ -1,0 +1,59 @@
+"""checkpoint.py: `--init-from` with parts the checkpoint lacks, mismatch errors, iterator states as JSON."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))
+import toy  # noqa: E402
+import toy_run  # noqa: E402
+
+from jaxground import checkpoint, parallel  # noqa: E402
+from jaxground.models.layers import linear  # noqa: E402
+from jaxground.train import state as st  # noqa: E402
+
+
+class WithHead(toy.Toy):
+    def __init__(self, rngs):
+        super().__init__(rngs)
+        self.mask_head = linear(toy.D, 8, ("embed", "mlp"), rngs=rngs)
+
+
+def plan(factory, mesh):
+    c = toy_run.config()
+    return st.plan(factory, st.make_optimizer(c.optim, 6), st.PathFilter([".*"]), mesh)
+
+
+def test_init_from_with_fresh_parts(tmp_path):
+    toy_run.fit(tmp_path, steps=1)
+    mesh = parallel.make_mesh((1, -1, 1))
+    with jax.set_mesh(mesh):
+        _, abstract, sh = plan(lambda: WithHead(nnx.Rngs(0)), mesh)
+        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head/kernel"):
+            checkpoint.load_model(tmp_path, abstract.model, sh.model)
+        loaded = checkpoint.load_model(tmp_path, abstract.model, sh.model, fresh=("mask_head",))
+        _, small, small_sh = plan(lambda: toy.Toy(nnx.Rngs(0)), mesh)
+        saved = checkpoint.load_model(tmp_path, small.model, small_sh.model)
+    assert "mask_head" not in loaded and set(loaded) == set(saved)
+    np.testing.assert_array_equal(loaded["up"]["kernel"][...], saved["up"]["kernel"][...])
+
+
+def test_fresh_does_not_hide_other_missing_parts(tmp_path):
+    toy_run.fit(tmp_path, steps=1)
+    mesh = parallel.make_mesh((1, -1, 1))
+    with jax.set_mesh(mesh):
+        _, abstract, sh = plan(lambda: WithHead(nnx.Rngs(0)), mesh)
+        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head"):
+            checkpoint.load_model(tmp_path, abstract.model, sh.model, fresh=("sam",))
+
+
+def test_resolve_and_data_state_roundtrip(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.resolve(tmp_path)
+    state = b'{"loader": "x", "done": false}'
+    assert checkpoint.decode_data_state(checkpoint.encode_data_state(state)) == state
+    assert checkpoint.decode_data_state(checkpoint.encode_data_state({"index": 3})) == {"index": 3}

@@ -1,0 +1,31 @@
+"""parallel.py helpers: specs fitted to dimensions, batch checks, global batches."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxground import parallel
+
+
+def test_fit_spec_drops_axes_that_do_not_divide():
+    mesh = parallel.make_mesh((1, 4, 2))
+    assert parallel.fit_spec(P("fsdp", "tensor"), (8, 6), mesh) == P("fsdp", "tensor")
+    assert parallel.fit_spec(P("fsdp", "tensor"), (6, 5), mesh) == P(None, None)
+    assert parallel.fit_spec(P(("data", "fsdp")), (4, 3), mesh) == P(("data", "fsdp"), None)
+
+
+def test_check_batch_counts_micro_steps_and_processes():
+    mesh = parallel.make_mesh((2, 2, 2))
+    parallel.check_batch(8, mesh, micro_steps=2)
+    with pytest.raises(parallel.MeshError, match="2 micro-step"):
+        parallel.check_batch(4, mesh, micro_steps=2)
+
+
+def test_global_batch_splits_rows_over_data_axes():
+    mesh = parallel.make_mesh((2, 2, 2))
+    rows = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "none": None}
+    out = parallel.global_batch(rows, mesh)
+    assert set(out) == {"x"}
+    assert out["x"].sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(jax.device_get(out["x"]), rows["x"])
