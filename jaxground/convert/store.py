@@ -25,6 +25,7 @@ from flax import nnx
 CONFIG_FILE = "jaxground_config.json"
 LAYOUT_FILE = "torch_layout.json"
 MODEL_DIR = "model"
+CHUNK_BYTES = 64 << 20
 
 
 # ---- configs ---------------------------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class StoreWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, path: str, array: np.ndarray) -> None:
+        if self._pending and self._pending_bytes + array.nbytes > self.flush_bytes:
+            self.flush()  # a large tensor goes out alone, never on top of a full buffer
         self._pending[path] = array
         self._pending_bytes += array.nbytes
         if self._pending_bytes >= self.flush_bytes:
@@ -152,8 +155,12 @@ class StoreWriter:
             return
         from orbax.checkpoint.experimental import v1 as ocp
 
-        # numpy leaves only: partial saves of jax arrays do not merge their sharding files in this Orbax
-        ocp.partial.save(self.tmp / MODEL_DIR, _nest({k: np.asarray(v) for k, v in self._pending.items()}))
+        context = ocp.Context()
+        # chunked storage bounds the writer's own copies to one chunk at a time, not one whole array
+        context.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+        with context:
+            # numpy leaves only: partial saves of jax arrays do not merge their sharding files in this Orbax
+            ocp.partial.save(self.tmp / MODEL_DIR, _nest({k: np.asarray(v) for k, v in self._pending.items()}))
         self.written += len(self._pending)
         self.written_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
@@ -324,13 +331,48 @@ def plan(variables: dict[str, nnx.Variable], parts: list[Part], *, fresh=(), con
     return assignments
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_safetensors(path: Path):
+    """`(key, load_fn)` over a safetensors file read with plain reads, not a memory map: a mapped file's touched
+    pages stay in the process's resident set until it is closed, i.e. a whole shard; read pages do not."""
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            def load(info=info):
+                name = _SAFETENSORS_DTYPES[info["dtype"]]
+                buf = np.empty(info["shape"], getattr(ml_dtypes, name) if name == "bfloat16" else np.dtype(name))
+                f.seek(8 + n + info["data_offsets"][0])
+                if buf.nbytes and f.readinto(buf.reshape(-1).view(np.uint8)) != buf.nbytes:
+                    raise ValueError(f"{path}: tensor {key} is truncated")
+                return buf
+
+            yield key, load
+
+
+def _stream(source):
+    from collections.abc import Mapping
+
+    from jaxground.convert.reader import stream, weight_files
+
+    if isinstance(source, Mapping):
+        yield from stream(source)
+        return
+    for file in weight_files(Path(source)):
+        yield from (_read_safetensors(file) if file.suffix == ".safetensors" else stream(file))
+
+
 def run(variables: dict[str, nnx.Variable], parts: list[Part], assignments: list[Assignment], sink,
         progress=None) -> None:
     """Reads each planned tensor once, transforms and casts it to its variable's dtype, and hands
     `(path, array)` to `sink`; stacked rows are assembled first. `progress(done, total, bytes)` is called
     after each tensor."""
-    from jaxground.convert.reader import stream
-
     by_key = {(a.part, a.key): a for a in assignments}
     stacked: dict[str, np.ndarray] = {}
     rows_left = {a.path: 0 for a in assignments if a.index is not None}
@@ -339,7 +381,7 @@ def run(variables: dict[str, nnx.Variable], parts: list[Part], assignments: list
             rows_left[a.path] += 1
     done, nbytes = 0, 0
     for i, part in enumerate(parts):
-        for key, load in stream(part.source):
+        for key, load in _stream(part.source):
             a = by_key.get((i, key))
             if a is None:
                 continue

@@ -16,6 +16,7 @@ from jaxground.convert import ConversionError
 from jaxground.convert.command import convert
 from jaxground.convert.reader import UnsafeCheckpointError
 from jaxground.convert.store import StoreWriter, load_converted
+from jaxground.parallel import make_mesh
 
 LLAMA = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
@@ -106,6 +107,10 @@ def test_llama_directory_with_progress(llama_dir, tmp_path, capsys):
     with torch.no_grad():
         want = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert cfg.num_kv_heads == 2 and np.abs(np.asarray(model(ids)) - want).max() <= 1e-5
+    sharded, _ = load_converted(tmp_path / "out", mesh=make_mesh((1, -1, 1)))  # read straight into shardings
+    kernel = sharded.layers[0].q.kernel.get_value()
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor") and len(kernel.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(model.layers[0].q.kernel.get_value()))
     with pytest.raises(FileExistsError, match="exists"):
         convert([llama_dir], tmp_path / "out", quiet=True)
 
