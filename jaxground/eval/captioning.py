@@ -20,8 +20,10 @@ def simple_tokenize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
-    """predictions {id: caption}, references {id: [captions]} (same ids) -> {"cider", "bleu4", ...}."""
+def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
+                    java: bool = True) -> dict:
+    """predictions {id: caption}, references {id: [captions]} (same ids) -> {"cider", "bleu4", ...}.
+    `java=False` skips java even when it is installed (simple tokenizer, no METEOR)."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -34,7 +36,7 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
         raise ValueError("no captions to score")
     ids = sorted(predictions)
     notes = []
-    java = shutil.which("java") is not None
+    java = java and shutil.which("java") is not None
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -44,7 +46,7 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
     else:
         res = {i: [simple_tokenize(predictions[i])] for i in ids}
         gts = {i: [simple_tokenize(c) for c in references[i]] for i in ids}
-        notes.append("java not found: simple tokenizer, no METEOR")
+        notes.append("without java: simple tokenizer, no METEOR")
 
     out = {"cider": float(Cider().compute_score(gts, res)[0])}
     bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]

@@ -1,9 +1,12 @@
-"""`jaxground eval --config CFG --checkpoint DIR [--out DIR] [key=value ...]`
+"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,pope,reg,v7w] [--out DIR]
+[--max-new-tokens N] [key=value ...]`
 
-REC evaluation as the authors run it: every sample of `config.eval.datasets` is answered "<at> <boxes>" with
-one teacher-forced forward pass; Acc@0.5 and mean IoU of F(t) against the ground truth. The last batch is
-padded (`valid=False` rows), so no sample is dropped or counted twice. Writes OUT/eval.json (metrics) and
-OUT/predictions.jsonl (one line per sample). Exit status 2 for a bad config or checkpoint.
+Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`
+output on every split of `config.eval.datasets` for each task (`jaxground.eval.evaluate.TASKS`; default
+`config.eval.tasks`, else REC teacher-forced). The last batch of each split is padded (`valid=False` rows), so no
+sample is dropped or counted twice. Writes OUT/eval.json ({task: {split: metrics}}) and OUT/predictions.jsonl
+(one line per sample, with "task" and "split"); OUT defaults to CHECKPOINT/eval. Exit status 2 for a bad config,
+task list or checkpoint, reported before any model compute.
 """
 
 from __future__ import annotations
@@ -14,35 +17,36 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="the run's configs/*.py")
-    parser.add_argument("--checkpoint", required=True, help="a run's workdir, checkpoint dir or step dir")
-    parser.add_argument("--out", default=None, help="output directory (default: the checkpoint path)")
+    parser.add_argument("--config", required=True, help="the run's configs/*.py (data, tokenizer, eval splits)")
+    parser.add_argument("--checkpoint", required=True, help="a run's workdir / checkpoint / step dir, or a "
+                        "`jaxground convert` output")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: config.eval.tasks or rec)")
+    parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default: "
+                        "config.eval.max_new_tokens or 32)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
 def run(args) -> int:
-    from flax import nnx
-
     from jaxground.config import ConfigError, load_config
-    from jaxground.data.pipeline import make_pipeline
-    from jaxground.eval.runners import rec_teacher_forced_step, run_rec
+    from jaxground.eval.evaluate import evaluate, parse_tasks
     from jaxground.infer.command import load_model
-    from jaxground.train.task import data_config
 
     try:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         config = load_config(args.config, args.overrides)
-        model, _ = load_model(config, args.checkpoint)
-        batches = make_pipeline(data_config(config, training=False), training=False)
+        tasks = parse_tasks(args.tasks or config.eval.get("tasks", ("rec",)))
+        model, encoder = load_model(config, args.checkpoint)
+        results, rows = evaluate(model, encoder, config, tasks, max_new_tokens=args.max_new_tokens)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"jaxground eval: {e}", file=sys.stderr)
         return 2
-    step = nnx.jit(rec_teacher_forced_step)
-    summary, rows = run_rec(lambda b: step(model, b), batches)
-    out = Path(args.out or args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"rec": summary}, indent=2))
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
     with open(out / "predictions.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(json.dumps({"rec": summary}))
+    print(json.dumps(results))
     return 0

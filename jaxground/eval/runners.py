@@ -1,5 +1,6 @@
 """Task runners: iterate padded evaluation batches (dicts of `Batch` fields with a `valid` row mask), call a
-jitted per-batch function, add up metric sums on the host and collect per-sample predictions.
+per-batch function (`jaxground.eval.steps`, jitted, or batched generation), add up metric sums on the host and
+collect per-sample prediction rows.
 
 A padded row (`valid=False`) contributes to no sum and no prediction line, so every sample of a split is
 counted exactly once whatever the batch size.
@@ -11,19 +12,12 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from jaxground.eval.metrics import Sums, rec_sums, rec_summary
+from jaxground.eval.metrics import Sums, pointing_summary, rec_sums, rec_summary, res_summary
 from jaxground.eval.pope import PARSERS, pope_metrics
 
 
-def rec_teacher_forced_step(model, batch: dict) -> dict:
-    """One forward pass with the answer "<at> <boxes>" given (as the authors evaluate REC): per-batch sums
-    and the predicted / target boxes of the first trigger of each row."""
-    from jaxground.data.batch import Batch
-
-    b = Batch(**batch)
-    out = model(b)
-    sums = rec_sums(out.pred_boxes[:, 0], b.target_boxes[:, 0], b.valid & b.target_mask[:, 0])
-    return {"sums": sums, "pred": out.pred_boxes[:, 0], "target": b.target_boxes[:, 0]}
+def _rounded(x) -> list:
+    return np.asarray(x, np.float64).round(4).tolist()
 
 
 def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
@@ -34,13 +28,75 @@ def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict
         total.add(out["sums"])
         pred, target = np.asarray(out["pred"]), np.asarray(out["target"])
         for i in np.flatnonzero(np.asarray(batch["valid"])):
-            rows.append({"index": len(rows), "pred": pred[i].round(4).tolist(), "target": target[i].round(4).tolist()})
-    return rec_summary(total.total), rows
+            rows.append({"index": len(rows), "pred": _rounded(pred[i]), "target": _rounded(target[i])})
+    return rec_summary(total), rows
+
+
+def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
+    """step(batch) -> {"sums" (res_sums), "iou" [B], "counted" [B], "box" [B,4]} -> (cIoU / gIoU, rows)."""
+    total, rows = Sums(), []
+    for batch in batches:
+        out = step(batch)
+        total.add(out["sums"])
+        iou, counted, box = (np.asarray(out[k]) for k in ("iou", "counted", "box"))
+        for i in np.flatnonzero(np.asarray(batch["valid"])):
+            rows.append({"index": len(rows), "mask_iou": round(float(iou[i]), 4) if counted[i] else None,
+                         "pred": _rounded(box[i])})
+    return res_summary(total), rows
+
+
+def run_pointing(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
+    """step(batch) -> {"sums", "choice" [B], "answer" [B], "pred" [B,4]} -> (accuracy, rows)."""
+    total, rows = Sums(), []
+    for batch in batches:
+        out = step(batch)
+        total.add(out["sums"])
+        choice, answer, pred = (np.asarray(out[k]) for k in ("choice", "answer", "pred"))
+        for i in np.flatnonzero(np.asarray(batch["valid"])):
+            rows.append({"index": len(rows), "choice": int(choice[i]), "answer": int(answer[i]),
+                         "pred": _rounded(pred[i])})
+    return pointing_summary(total), rows
+
+
+def run_generation(generate: Callable[[dict], dict], batches: Iterable[dict],
+                   references: Callable[[dict], list[str]]) -> list[dict]:
+    """generate(batch) -> {"text": [B] str, "box" [B,4] (first trigger's F(t)), "num_triggers" [B]};
+    -> one row per valid sample: answer, reference, box (None without a trigger), target box."""
+    rows = []
+    for batch in batches:
+        out = generate(batch)
+        refs = iter(references(batch))
+        box, n = np.asarray(out["box"]), np.asarray(out["num_triggers"])
+        for i in np.flatnonzero(np.asarray(batch["valid"])):
+            rows.append({"index": len(rows), "answer": out["text"][i], "reference": next(refs),
+                         "pred": _rounded(box[i]) if n[i] else None,
+                         "target": _rounded(batch["target_boxes"][i, 0]) if batch["target_mask"][i, 0] else None})
+    return rows
+
+
+def score_rec_generated(rows: list[dict]) -> dict:
+    """REC by free generation: the first generated trigger's box against the target; no trigger scores IoU 0."""
+    scored = [r for r in rows if r["target"] is not None]
+    pred = np.array([r["pred"] if r["pred"] is not None else [0.0] * 4 for r in scored], np.float32).reshape(-1, 4)
+    target = np.array([r["target"] for r in scored], np.float32).reshape(-1, 4)
+    sums = rec_sums(pred, target, np.ones(len(scored), bool))
+    summary = rec_summary({k: float(v) for k, v in sums.items()})
+    summary["no_trigger"] = sum(r["pred"] is None for r in scored)
+    return summary
+
+
+def pope_label(reference: str) -> str:
+    """"yes"/"no" from a reference answer ("Yes.", "No, there is not.", "yes")."""
+    return "yes" if reference.strip().lower().startswith("yes") else "no"
 
 
 def run_pope(answers: Iterable[str], labels: Iterable[str], parser: str = "nextchat") -> tuple[dict, list[dict]]:
-    """Generated answers and "yes"/"no" labels -> (POPE metrics, prediction rows)."""
+    """Generated answers and "yes"/"no" labels -> (POPE metrics, prediction rows). The authors' parser reads
+    the decoded conversation, so the answer is parsed as "ASSISTANT: {answer}" (it lower-cases after that)."""
     parse = PARSERS[parser]
-    rows = [{"answer": a, "pred": "yes" if parse(a) else "no", "label": str(y).lower()} for a, y in zip(answers, labels)]
+    rows = []
+    for a, y in zip(answers, labels):
+        yes = parse(f"ASSISTANT: {a}" if parser == "nextchat" else a)
+        rows.append({"answer": a, "pred": "yes" if yes else "no", "label": str(y).lower()})
     metrics = pope_metrics([r["pred"] == "yes" for r in rows], [r["label"] == "yes" for r in rows])
     return metrics, rows

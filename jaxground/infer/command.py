@@ -2,7 +2,9 @@
 [--out PNG] [--json] [key=value ...]`
 
 Answers a prompt about one image. Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
-the answer's objects are printed as `[k]` with their pixel boxes and drawn into `--out`. Exit status 2 for
+the answer's objects are printed as `[k]` with their pixel boxes and drawn into `--out`; a model with a mask
+head (`model.sam`) also draws each object's mask (translucent) and `--json` gives its area and COCO RLE.
+`--checkpoint` is a training checkpoint or a `jaxground convert` output. Exit status 2 for
 bad input (image, boxes, prompt, checkpoint), reported before any model compute.
 """
 
@@ -43,16 +45,33 @@ def load_image(path: str):
 
 
 def load_model(config, checkpoint: str):
-    """(NextChat with the checkpoint's weights, ConversationEncoder) from a run config."""
+    """(NextChat with the checkpoint's weights, ConversationEncoder) from a run config and either a training
+    checkpoint (the model comes from `config.model`) or a `jaxground convert` output (the model comes from its
+    saved config; its token ids must be the tokenizer's)."""
+    import dataclasses
+
     import jax
     from flax import nnx
 
     from jaxground import checkpoint as ckpt
+    from jaxground.convert.store import CONFIG_FILE, load_converted
     from jaxground.data.pipeline import make_encoder
     from jaxground.models.nextchat import NextChat
     from jaxground.train.task import data_config, model_config
 
     encoder, tokens = make_encoder(data_config(config, training=True))
+    if (Path(checkpoint) / CONFIG_FILE).is_file():
+        model, cfg = load_converted(checkpoint)
+        if not isinstance(model, NextChat):
+            raise ValueError(f"{checkpoint} holds a converted {type(model).__name__}, not a NextChat")
+        if cfg.tokens != tokens:
+            raise ValueError(f"the converted model's token ids {dataclasses.asdict(cfg.tokens)} differ from the "
+                             f"tokenizer's {dataclasses.asdict(tokens)}")
+        if (cfg.vision.image_size, cfg.vision.num_patches) != (config.data.image_size, config.data.num_image_tokens):
+            raise ValueError(f"the converted model's image size {cfg.vision.image_size} and {cfg.vision.num_patches} "
+                             f"patches differ from data.image_size {config.data.image_size} and "
+                             f"data.num_image_tokens {config.data.num_image_tokens}")
+        return model, encoder
     cfg = model_config(config, tokens)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -73,7 +92,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.generate import GenerationConfig
-    from jaxground.infer.predict import PredictError, REF, parse_box, predict
+    from jaxground.infer.predict import PredictError, REF, mask_function, parse_box, predict
 
     image = load_image(args.image)
     h, w = image.shape[:2]
@@ -98,8 +117,9 @@ def _run(args) -> int:
     ids = encoder.ids
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
                            num_beams=args.num_beams, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes)
+    mask_fn = mask_function(model, image) if model.cfg.sam is not None else None
     try:
-        pred = predict(model, encoder, image, args.prompt, boxes, cfg)
+        pred = predict(model, encoder, image, args.prompt, boxes, cfg, mask_fn=mask_fn)
     except ValueError as e:  # prompt longer than the context, unencodable prompt
         raise PredictError(str(e)) from None
 

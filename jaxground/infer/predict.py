@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxground.data.sam_transforms import postprocess_masks, preprocess_image
 from jaxground.data.templates import LOC
 from jaxground.data.transforms import square_offsets
 from jaxground.infer.generate import Generation, GenerationConfig, check_fits, generate_from_embeds
@@ -31,10 +32,13 @@ class PredictError(ValueError):
 
 
 def boxes_to_pixels(boxes01: np.ndarray, height: int, width: int) -> np.ndarray:
-    """float[...,4] xyxy normalised to the centred padded square -> pixel xyxy, clipped to the HxW image."""
+    """float[...,4] xyxy normalised to the centred padded square -> pixel xyxy, clipped to the HxW image, corners
+    ordered (F has no constraint and may decode x1 < x0)."""
     side, left, top = square_offsets(height, width)
     px = np.asarray(boxes01, np.float64) * side - np.array([left, top, left, top], np.float64)
-    return np.clip(px, 0, np.array([width, height, width, height], np.float64)).astype(np.float32)
+    px = np.clip(px, 0, np.array([width, height, width, height], np.float64))
+    lo, hi = np.minimum(px[..., :2], px[..., 2:]), np.maximum(px[..., :2], px[..., 2:])
+    return np.concatenate([lo, hi], -1).astype(np.float32)
 
 
 def parse_box(text: str, height: int, width: int) -> np.ndarray:
@@ -79,7 +83,43 @@ class Prediction:
         if self.masks is not None:
             for o, m in zip(objects, self.masks):
                 o["mask_area"] = int(m.sum())
+                o["mask_rle"] = rle_encode(m)
         return {"answer": self.text, "objects": objects}
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """bool[H,W] -> COCO uncompressed RLE {"size": [H, W], "counts": [...]}: run lengths over the column-major
+    pixels, starting with a (possibly empty) run of zeros."""
+    flat = np.asarray(mask, bool).reshape(-1, order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """The inverse of `rle_encode`."""
+    h, w = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1
+    return np.repeat(values, rle["counts"]).reshape((h, w), order="F")
+
+
+@functools.partial(nnx.jit, static_argnames=("geo",))
+def _masks(model, sam_images, trigger_states, boxes, geo):
+    logits, _ = model.segment(sam_images, trigger_states, boxes)  # [1,Q,4g,4g] over the padded square
+    return postprocess_masks(logits, geo) > 0  # [1,Q,H,W]
+
+
+def mask_function(model, image: np.ndarray):
+    """The mask head of a NextChat with SAM for one image uint8[H,W,3]:
+    `fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` masks in original image pixels."""
+    if model.cfg.sam is None:
+        raise ValueError("this NextChat has no mask head (model.sam)")
+    sam_image, geo = preprocess_image(image, model.cfg.sam.img_size, pad="center")
+    sam_images = jnp.asarray(sam_image)[None]
+    return lambda states, boxes: _masks(model, sam_images, states, boxes, geo)
 
 
 @functools.partial(nnx.jit, static_argnames=("cfg",))
@@ -116,7 +156,8 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
             *, rng=None, mask_fn=None) -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
 
-    `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (the SAM mask head).
+    `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (`mask_function`: the SAM
+    mask head).
     """
     from jaxground.data.transforms import boxes_to_square, clip_image
 
@@ -136,8 +177,8 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     n = int(out.num_triggers[0])
     tokens = np.asarray(out.tokens[0, : int(out.lengths[0])])
     masks = None
-    if mask_fn is not None and n:
-        masks = np.asarray(mask_fn(out.trigger_states[:, :n], out.boxes[:, :n]))[0]
+    if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
+        masks = np.asarray(mask_fn(out.trigger_states, out.boxes))[0, :n]
     return Prediction(
         text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px)),
         boxes=boxes_to_pixels(np.asarray(out.boxes[0, :n]), h, w),

@@ -1,0 +1,21 @@
+"""Shared body of the evaluation configs (`eval_*.py`): a run config whose `eval` section lists the splits
+(name -> dataset entry) and the tasks of `jaxground eval` (see `jaxground.eval.evaluate`)."""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+
+def load(name: str) -> ConfigDict:
+    """The `get_config()` of a sibling config file (e.g. "nextchat_7b_stage2")."""
+    spec = importlib.util.spec_from_file_location(f"_eval_base_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def eval_section(datasets: dict, tasks: tuple, batch_size: int, *, max_new_tokens: int = 32,
+                 pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
+    return ConfigDict(dict(datasets=datasets, tasks=tasks, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           pope_parser=pope_parser, meteor=meteor))

@@ -1,0 +1,33 @@
+"""REC on RefCOCO / RefCOCO+ / RefCOCOg (val, testA, testB; RefCOCOg val and test, umd) with the 7B model:
+teacher-forced as the authors evaluate it (`rec`), and by free generation (`rec_gen`).
+
+    jaxground eval --config configs/eval_refcoco.py --checkpoint CONVERTED_OR_WORKDIR \
+        paths.refcoco=/data/refcoco paths.coco_images=/data/coco/train2014
+
+Each `paths.*` key points at a local directory in the `refer` layout (refs(*).p + instances.json); change a
+path before use, or narrow the splits with `eval.tasks=...` / by editing `SPLITS`.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+_spec = importlib.util.spec_from_file_location("_eval", Path(__file__).with_name("_eval.py"))
+_eval = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_eval)
+
+SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),
+          "refcocog": ("val", "test")}
+
+
+def get_config() -> ConfigDict:
+    c = _eval.load("nextchat_7b_stage2")
+    c.paths = ConfigDict({"refcoco": "data/refcoco", "refcoco_plus": "data/refcoco+", "refcocog": "data/refcocog",
+                          "coco_images": "data/coco/train2014"})
+    # references: a `paths.*=...` override reaches every split that uses it
+    datasets = {f"{name}_{split}": {"kind": "refcoco", "path": c.paths.get_ref(name), "split": split,
+                                    "image_root": c.paths.get_ref("coco_images"), "weight": 1.0}
+                for name, splits in SPLITS.items() for split in splits}
+    c.eval = _eval.eval_section(datasets, ("rec",), batch_size=64)
+    return c

@@ -1,0 +1,32 @@
+"""RES on RefCOCO / RefCOCO+ / RefCOCOg with the 7B model and its SAM mask head: cIoU and gIoU of the mask at the
+teacher-forced "<at> <boxes>" answer, as the authors evaluate it (`res`), plus the box of the same pass (`rec`).
+
+    jaxground eval --config configs/eval_res.py --checkpoint CONVERTED_OR_WORKDIR \
+        paths.refcoco=/data/refcoco paths.coco_images=/data/coco/train2014
+
+Ground-truth masks come from the refs' COCO polygons and are compared with the predicted mask over the padded
+square at `data.mask_size` (not at original image pixels).
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+_spec = importlib.util.spec_from_file_location("_eval", Path(__file__).with_name("_eval.py"))
+_eval = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_eval)
+
+SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),
+          "refcocog": ("val", "test")}
+
+
+def get_config() -> ConfigDict:
+    c = _eval.load("nextchat_7b_stage3")
+    c.paths = ConfigDict({"refcoco": "data/refcoco", "refcoco_plus": "data/refcoco+", "refcocog": "data/refcocog",
+                          "coco_images": "data/coco/train2014"})
+    datasets = {f"{name}_{split}": {"kind": "refcoco", "path": c.paths.get_ref(name), "split": split,
+                                    "image_root": c.paths.get_ref("coco_images"), "weight": 1.0}
+                for name, splits in SPLITS.items() for split in splits}
+    c.eval = _eval.eval_section(datasets, ("res", "rec"), batch_size=16)
+    return c

@@ -1,0 +1,188 @@
+"""Evaluation of a NextChat over the task/split grid of a run config: one padded Grain pipeline per (task,
+split), the task's runner, metrics per split and one prediction row per sample.
+
+Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
+
+| task | data items | how | metrics |
+|---|---|---|---|
+| `rec` | every REC expression | teacher-forced "Answer: <at> <boxes> ." (as the authors), F(t) of the trigger | acc@0.5, miou |
+| `rec_gen` | every REC expression | prompt without the answer, greedy generation, F(t) of the first trigger | acc@0.5, miou, no_trigger |
+| `res` | every REC expression with a mask | teacher-forced (as the authors), mask head at the trigger | ciou, giou |
+| `pope` | every POPE question | generation, the authors' answer parsing | accuracy, precision, recall, f1, yes_ratio |
+| `reg` | every REC expression, asked back | generation given the box; the expression is the reference | cider, bleu, rouge_l, meteor |
+| `v7w` | every Visual7W pointing question | teacher-forced; F(t) picks the candidate of highest IoU | accuracy |
+
+Config keys read (`config.eval`): `datasets` (split name -> dataset entry), `batch_size`, and optionally `tasks`
+(default ("rec",)), `max_new_tokens` (32), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java for the
+PTB tokenizer and METEOR when java is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxground.eval import runners, steps
+from jaxground.eval.prompts import generated_text, prompt_batch, reference_answers
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    data_task: str  # the pipeline's per-item task
+    kind: str  # "forward" (a jitted step), "generate"
+    needs_masks: bool = False
+
+
+TASKS = {
+    "rec": EvalTask("rec", "forward"),
+    "rec_gen": EvalTask("rec", "generate"),
+    "res": EvalTask("rec", "forward", needs_masks=True),
+    "pope": EvalTask("pope", "generate"),
+    "reg": EvalTask("reg", "generate"),
+    "v7w": EvalTask("v7w", "forward"),
+}
+_STEPS = {"rec": (steps.rec_teacher_forced_step, runners.run_rec), "res": (steps.res_step, runners.run_res),
+          "v7w": (steps.pointing_step, runners.run_pointing)}
+
+
+class EvalConfigError(ValueError):
+    """A task list, split or model that cannot be evaluated (raised before any compute)."""
+
+
+def parse_tasks(tasks) -> tuple[str, ...]:
+    """"rec,pope" or a sequence -> checked task names."""
+    names = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise EvalConfigError(f"unknown eval tasks {unknown or names} (known: {', '.join(TASKS)})")
+    return names
+
+
+def task_data_config(config, task: str, split: str, model_cfg):
+    """The pipeline section for one (task, split): only that split, every item of the task once, SAM inputs and
+    masks only for RES."""
+    from jaxground.train.task import data_config
+
+    cfg = data_config(config, training=False)
+    cfg.datasets = {split: config.eval.datasets[split].to_dict()}
+    cfg.task = TASKS[task].data_task
+    cfg.task_weights = {cfg.task: 1.0}
+    masks = TASKS[task].needs_masks
+    cfg.with_masks = cfg.with_sam = masks
+    if masks:
+        cfg.sam_size = model_cfg.sam.img_size
+    return cfg
+
+
+def plan(config, model_cfg, tasks) -> list[tuple[str, str, object]]:
+    """(task, split, pipeline) for every pair, built before any model compute; bad configs raise here."""
+    from jaxground.data.pipeline import make_pipeline
+
+    names = parse_tasks(tasks)
+    if "res" in names and model_cfg.sam is None:
+        raise EvalConfigError("task res needs a model with a mask head (model.sam)")
+    if not config.eval.datasets:
+        raise EvalConfigError("eval.datasets is empty")
+    out = []
+    for task in names:
+        for split in config.eval.datasets:
+            try:
+                out.append((task, split, make_pipeline(task_data_config(config, task, split, model_cfg),
+                                                       training=False)))
+            except ValueError as e:
+                raise EvalConfigError(f"task {task} on split {split}: {e}") from None
+    return out
+
+
+def generation_config(model_cfg, max_new_tokens: int):
+    from jaxground.infer.generate import GenerationConfig
+
+    ids = model_cfg.tokens
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at,
+                            boxes_id=ids.boxes)
+
+
+def prompt_width(model_cfg, max_len: int, max_new_tokens: int) -> int:
+    """Static left-padded prompt width: data.max_len, cut to what the context leaves after generation."""
+    width = min(max_len, model_cfg.llm.max_position - max_new_tokens)
+    if width < 8:
+        raise EvalConfigError(f"eval.max_new_tokens {max_new_tokens} leaves {width} prompt tokens in the "
+                              f"model's context of {model_cfg.llm.max_position}")
+    return width
+
+
+def batch_generator(model, tokenizer, gen_cfg, width: int) -> Callable[[dict], dict]:
+    """batch -> {"text", "box" (first trigger), "num_triggers"}: greedy generation after each row's prompt."""
+    from jaxground.infer.predict import generate_nextchat
+
+    ids = model.cfg.tokens
+
+    def generate(batch: dict) -> dict:
+        p = prompt_batch(batch, ids.pad, ids.boxes, width)
+        out = generate_nextchat(model, jnp.asarray(batch["images"]), jnp.asarray(p["input_ids"]),
+                                jnp.asarray(p["attention_mask"]), jnp.asarray(p["boxes"]), jnp.asarray(p["box_mask"]),
+                                jax.random.key(0), gen_cfg)
+        tokens = np.asarray(out.tokens)
+        return {"text": [generated_text(t, tokenizer, ids.eos) for t in tokens], "box": np.asarray(out.boxes[:, 0]),
+                "num_triggers": np.asarray(out.num_triggers)}
+
+    return generate
+
+
+def evaluate(model, encoder, config, tasks, *, max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+    """-> ({task: {split: metrics}}, prediction rows with "task" and "split")."""
+    ev = config.eval
+    max_new = max_new_tokens or ev.get("max_new_tokens", 32)
+    parser = ev.get("pope_parser", "nextchat")
+    if parser not in runners.PARSERS:
+        raise EvalConfigError(f"eval.pope_parser {parser!r} is not one of {sorted(runners.PARSERS)}")
+    pipelines = plan(config, model.cfg, tasks)
+    needs_generation = any(TASKS[t].kind == "generate" for t, _, _ in pipelines)
+    if needs_generation:
+        width = prompt_width(model.cfg, config.data.max_len, max_new)
+        generate = batch_generator(model, encoder.tok, generation_config(model.cfg, max_new), width)
+    jitted = {name: nnx.jit(fn) for name, (fn, _) in _STEPS.items()}
+    results: dict = {}
+    rows: list[dict] = []
+    for task, split, batches in pipelines:
+        if TASKS[task].kind == "forward":
+            summary, task_rows = _STEPS[task][1](lambda b, f=jitted[task]: f(model, b), batches)
+        else:
+            task_rows = runners.run_generation(
+                generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
+            summary, task_rows = _score_generation(task, task_rows, parser, ev.get("meteor", True))
+        skipped = sum(batches.skipped.values())
+        if skipped:
+            summary["skipped"] = skipped
+            log.warning("eval %s/%s: %s", task, split, batches.summary())
+        results.setdefault(task, {})[split] = summary
+        rows += [{"task": task, "split": split, **r} for r in task_rows]
+        log.info("eval %s/%s: %s", task, split, summary)
+    return results, rows
+
+
+def _score_generation(task: str, rows: list[dict], parser: str, meteor: bool) -> tuple[dict, list[dict]]:
+    if task == "rec_gen":
+        return runners.score_rec_generated(rows), rows
+    if task == "pope":
+        metrics, parsed = runners.run_pope([r["answer"] for r in rows],
+                                           [runners.pope_label(r["reference"]) for r in rows], parser)
+        return metrics, [r | {"pred": p["pred"], "label": p["label"]} for r, p in zip(rows, parsed)]
+    if task == "reg":
+        from jaxground.eval.captioning import caption_metrics
+
+        if not rows:
+            return {"count": 0}, rows
+        keys = [str(r["index"]) for r in rows]
+        metrics = caption_metrics({k: r["answer"] for k, r in zip(keys, rows)},
+                                  {k: [r["reference"]] for k, r in zip(keys, rows)}, java=meteor)
+        return metrics, [{k: v for k, v in r.items() if k not in ("pred", "target")} for r in rows]
+    raise ValueError(f"task {task!r} is not a generation task")

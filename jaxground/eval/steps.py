@@ -1,0 +1,66 @@
+"""Per-batch evaluation functions of a NextChat (pure, jittable: call them under `nnx.jit`).
+
+Axes: B batch, T tokens, Q boxes, Hm/Wm ground-truth mask size. Each takes the model and a dict of `Batch`
+fields (one evaluation item per row, `valid` False on padding rows) and returns metric sums over valid rows plus
+per-row outputs for the prediction lines. The teacher-forced ones give the answer ("Answer: <at> <boxes> .")
+and read the first trigger, as the authors evaluate REC, RES and Visual7W.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxground.data.batch import Batch
+from jaxground.data.conversation import IGNORE
+from jaxground.eval.metrics import pointing_choice, pointing_sums, rec_sums
+from jaxground.models.nextchat import resize_mask_logits
+from jaxground.ops.mask_metrics import mask_iou, res_sums
+
+
+def rec_teacher_forced_step(model, batch: dict) -> dict:
+    """REC: one forward pass with the answer given -> sums and the predicted / target box [B,4] of the first
+    trigger. A row whose trigger is missing scores IoU 0 (F of a zero state is still a box)."""
+    b = Batch(**batch)
+    out = model(b)
+    pred = jnp.where(out.trigger_mask[:, :1], out.pred_boxes[:, 0], 0.0)
+    sums = rec_sums(pred, b.target_boxes[:, 0], b.valid & b.target_mask[:, 0])
+    return {"sums": sums, "pred": pred, "target": b.target_boxes[:, 0]}
+
+
+def res_step(model, batch: dict) -> dict:
+    """RES: the teacher-forced forward pass with SAM images; the first trigger's mask (logits > 0, resized to
+    the ground truth's [Hm,Wm] over the padded square) against `masks[:, 0]` -> cIoU/gIoU sums, IoU [B]."""
+    b = Batch(**batch)
+    if b.sam_images is None or b.masks is None:
+        raise ValueError("RES needs a batch with sam_images and masks (data.with_sam and data.with_masks)")
+    out = model(b)
+    if out.mask_logits is None:
+        raise ValueError("RES needs a model with a mask head (model.sam)")
+    pred = resize_mask_logits(out.mask_logits[:, :1], b.masks.shape[-2:]) > 0  # [B,1,Hm,Wm]
+    gt = b.masks[:, :1] > 0.5
+    valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
+    return {"sums": res_sums(pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
+            "box": out.pred_boxes[:, 0]}
+
+
+def question_box_mask(batch: Batch, boxes_id: int) -> jnp.ndarray:
+    """bool[B,Q]: the boxes whose `<boxes>` token comes before the answer (the question's boxes, in order)."""
+    labelled = batch.labels != IGNORE
+    start = jnp.where(labelled.any(1), jnp.argmax(labelled, axis=1), labelled.shape[1])
+    before = jnp.arange(batch.input_ids.shape[1])[None] < start[:, None]
+    n = jnp.sum(before & (batch.input_ids == boxes_id), axis=1)
+    return jnp.arange(batch.boxes.shape[1])[None] < n[:, None]
+
+
+def pointing_step(model, batch: dict) -> dict:
+    """Visual7W pointing: the question's boxes are the candidates; the teacher-forced F(t) of the answer's
+    trigger picks the candidate of highest IoU; right when it is the candidate equal to the target box."""
+    b = Batch(**batch)
+    out = model(b)
+    candidates = question_box_mask(b, model.cfg.tokens.boxes)
+    distance = jnp.abs(b.boxes - b.target_boxes[:, :1]).sum(-1)  # [B,Q]
+    answer = jnp.argmin(jnp.where(candidates, distance, jnp.inf), axis=1)
+    pred = out.pred_boxes[:, 0]
+    valid = b.valid & b.target_mask[:, 0] & candidates.any(1)
+    return {"sums": pointing_sums(pred, b.boxes, candidates, answer, valid),
+            "choice": pointing_choice(pred, b.boxes, candidates), "answer": answer, "pred": pred}
