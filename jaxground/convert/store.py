@@ -345,7 +345,7 @@ def _read_safetensors(path: Path):
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for key, info in header.items():
-            def load(info=info):
+            def load(info=info, key=key):
                 name = _SAFETENSORS_DTYPES[info["dtype"]]
                 buf = np.empty(info["shape"], getattr(ml_dtypes, name) if name == "bfloat16" else np.dtype(name))
                 f.seek(8 + n + info["data_offsets"][0])
