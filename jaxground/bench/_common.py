@@ -65,3 +65,11 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     mm = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
     seconds = timed(lambda: jax.block_until_ready(mm(a, b)), repeats, warmup=2)
     return 2 * n**3 / seconds
+
+
+def torch_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """The same float32 matmul in torch eager, FLOP/s: tells how much of a gap is the GEMM library's."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeats, warmup=2)
