@@ -46,6 +46,7 @@ class NextChatConfig:
     box_prior: bool = False
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
     sam: SamConfig | None = None  # SAM image encoder + mask head (stage 3); None = boxes only
+    freeze_sam: bool = True  # the released model keeps SAM's image encoder frozen (stop_gradient)
 
     def __post_init__(self):
         ids = dataclasses.asdict(self.tokens)
@@ -96,7 +97,7 @@ class NextChat(nnx.Module):
     """The NExT-Chat model; `__call__(batch: Batch) -> NextChatOutput`.
 
     Parameter tree: `vision` (ClipVision), `projector`, `llm` (Llama), `loc_encoder` (G), `loc_decoder` (F),
-    and with `cfg.sam`: `sam` (the SAM image encoder only, always frozen) and `mask_head` (`seg_prompt_mlp`,
+    and with `cfg.sam`: `sam` (the SAM image encoder only, frozen unless `freeze_sam=False`) and `mask_head` (`seg_prompt_mlp`,
     SAM's `prompt_encoder` and `mask_decoder`).
     """
 
@@ -160,7 +161,9 @@ class NextChat(nnx.Module):
         """float32[B,S,S,3] SAM-normalised, [B,Q,D], [B,Q,4] -> (mask logits [B,Q,4g,4g], IoU predictions [B,Q])."""
         if self.cfg.sam is None:
             raise ValueError("this NextChat has no mask head (NextChatConfig.sam is None)")
-        image_embeddings = jax.lax.stop_gradient(self.sam.image_encoder(sam_images))  # frozen, as released
+        image_embeddings = self.sam.image_encoder(sam_images)
+        if self.cfg.freeze_sam:
+            image_embeddings = jax.lax.stop_gradient(image_embeddings)  # frozen, as released
         return self.mask_head(trigger_states, pred_boxes, image_embeddings)
 
     def _check_batch(self, batch: Batch) -> None:

@@ -50,6 +50,7 @@ def model_config(config, tokens) -> NextChatConfig:
         box_prior=config.model.box_prior,
         tokens=tokens,
         sam=SamConfig(**_fields(SamConfig, config.model.sam, "model.sam")) if config.model.get("sam") else None,
+        freeze_sam=config.model.get("freeze_sam", True),
     )
 
 

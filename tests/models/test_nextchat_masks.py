@@ -82,3 +82,18 @@ def test_no_masks_without_sam_images():
     model = NextChat(CFG, rngs=nnx.Rngs(0))
     out = model(_batch().replace(sam_images=None))
     assert out.mask_logits is None and out.iou_pred is None
+
+
+def test_unfrozen_sam_encoder_gets_gradient():
+    cfg = dataclasses.replace(CFG, freeze_sam=False)
+    model = NextChat(cfg, rngs=nnx.Rngs(0))
+    batch = _batch()
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state):
+        out = nnx.merge(graphdef, state)(batch)
+        return nextchat_loss(out, batch, w_l1=2.0, w_giou=0.2)[0]
+
+    grads = jax.grad(loss_fn)(state)
+    sam_enc = [v[...] for p, v in nnx.to_flat_state(grads) if p[0] == "sam"]
+    assert any(np.any(np.asarray(x) != 0) for x in sam_enc)
