@@ -1,8 +1,14 @@
-"""Batched greedy decoding: jitted JAX KV-cache `while_loop` vs HF `generate` (torch eager), same weights.
+"""Evaluation throughput, JAX vs the PyTorch reference with the same weights, in the same run.
 
-Both decode exactly `--new-tokens` tokens per prompt (eos disabled) from left-padded prompts of mixed
-lengths, at each `--batches` size, in the same run. Compile time is printed separately; tokens/s counts the
-generated tokens. The greedy tokens of both are compared as a sanity check.
+`generate`: batched greedy decoding, the jitted JAX KV-cache `while_loop` vs HF `generate` (torch eager). Both
+decode exactly `--new-tokens` tokens per prompt (eos disabled) from left-padded prompts of mixed lengths, at
+each `--batches` size. Compile time is printed separately; tokens/s counts the generated tokens. The greedy
+tokens of both are compared as a sanity check.
+
+`rec`: REC evaluation examples/s, the authors' way (teacher-forced "<at> <boxes>", one forward pass, F(t) at the
+first trigger): the jitted NextChat step of `jaxground eval` over padded batches of `--rec-batch` vs a batch-1
+torch loop (HF CLIP + HF LLaMA + torch projector and F, as `bench train` builds them, converted with
+`jaxground.convert.nextchat.build`). The boxes of both are compared (max |diff|).
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vocab", type=int, default=32005)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per framework and batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--what", choices=("generate", "rec", "both"), default="both")
+    parser.add_argument("--rec-size", choices=("tiny", "100m"), default="tiny", help="model of `bench train`")
+    parser.add_argument("--rec-batch", type=int, default=16, help="JAX evaluation batch")
+    parser.add_argument("--rec-samples", type=int, default=64, help="REC examples per framework")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default;"
+                        " on a loaded machine 1 avoids spinning threads)")
 
 
 def _prompts(batch: int, longest: int, vocab: int, seed: int):
@@ -36,6 +48,95 @@ def _prompts(batch: int, longest: int, vocab: int, seed: int):
 
 
 def run(args) -> int:
+    if args.rec_batch < 1 or args.rec_samples < 1:
+        raise SystemExit("--rec-batch and --rec-samples must be >= 1")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    if args.what in ("generate", "both"):
+        run_generate(args)
+    if args.what in ("rec", "both"):
+        run_rec(args)
+    return 0
+
+
+def run_rec(args) -> None:
+    import jax
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from jaxground.bench.train import SIZES, make_batch, released_checkpoint, torch_model
+    from jaxground.convert.nextchat import build
+    from jaxground.eval.steps import rec_teacher_forced_step
+
+    llama_fields, clip_fields, _, seq, _ = SIZES[args.rec_size]
+    torch.manual_seed(args.seed)
+    parts = torch_model(llama_fields, clip_fields, seq)
+    state_dict, hf_config = released_checkpoint(parts, clip_fields["hidden_size"])
+    model = build(state_dict, config=hf_config)
+    cfg, tokens = model.cfg, model.cfg.tokens
+    n, b = args.rec_samples, args.rec_batch
+    data = make_batch(tokens, cfg.llm.vocab_size, n, seq, cfg.vision.image_size, cfg.vision.num_patches, args.seed)
+
+    step = nnx.jit(rec_teacher_forced_step)
+    batches = []
+    for start in range(0, n, b):  # the last batch padded with valid=False rows, as the eval pipeline does
+        idx = np.arange(start, start + b)
+        batch = {k: v[np.minimum(idx, n - 1)] for k, v in data.items()}
+        batch["valid"] = idx < n
+        batches.append({k: jax.numpy.asarray(v) for k, v in batch.items()})
+
+    def jax_pass():
+        return [step(model, batch)["pred"] for batch in batches]
+
+    start = time.perf_counter()
+    jax.block_until_ready(jax_pass())
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        preds = jax.block_until_ready(jax_pass())
+    jax_s = (time.perf_counter() - start) / args.repeats
+    jax_boxes = np.concatenate([np.asarray(p) for p in preds])[:n]
+
+    forward = torch_rec_forward(parts, tokens)
+    with torch.no_grad():
+        sample = {k: torch.from_numpy(v[:1]) for k, v in data.items()}
+        forward(sample)  # warm-up
+        start = time.perf_counter()
+        torch_boxes = np.concatenate([forward({k: torch.from_numpy(v[i:i + 1]) for k, v in data.items()})
+                                      for i in range(n)])
+        torch_s = time.perf_counter() - start
+    params = sum(p.numel() for m in parts.values() for p in m.parameters())
+    print(f"REC evaluation ({args.rec_size}: {params / 1e6:.1f}M params, {seq} tokens, {n} examples, float32): "
+          f"jax jit batch {b} {n / jax_s:8.1f} ex/s ({jax_s:.2f} s; first pass incl. compile {first_s:.1f} s) | "
+          f"torch eager batch 1 ({torch.get_num_threads()} threads) {n / torch_s:8.1f} ex/s ({torch_s:.2f} s) | ratio {torch_s / jax_s:5.2f}x | "
+          f"boxes max |diff| {np.abs(jax_boxes - torch_boxes).max():.1e}")
+
+
+def torch_rec_forward(parts: dict, tokens):
+    """sample (torch tensors, batch 1, `Batch` field names) -> F(t) [1,4] at the first trigger: CLIP layer -2
+    without CLS -> projector over `<im_patch>`, G(box) over `<boxes>`, LLaMA, final-norm state at the first
+    answer `<at>`."""
+    llama, d = parts["llama"], parts["llama"].config.hidden_size
+
+    def forward(s):
+        ids = s["input_ids"].long()
+        images = s["images"].permute(0, 3, 1, 2)
+        feats = parts["clip"](pixel_values=images, output_hidden_states=True).hidden_states[-2][:, 1:]
+        embeds = llama.model.embed_tokens(ids).clone()
+        embeds[ids == tokens.im_patch] = parts["projector"](feats).reshape(-1, d)
+        slots = ids == tokens.boxes
+        embeds[slots] = parts["loc_encoder"](s["boxes"][:, : int(slots.sum())]).reshape(-1, d)
+        hidden = llama.model(inputs_embeds=embeds).last_hidden_state
+        trigger = int(((ids == tokens.at) & (s["labels"] == tokens.at)).nonzero()[0, 1])
+        return parts["loc_decoder"](hidden[:, trigger]).numpy()
+
+    return forward
+
+
+def run_generate(args) -> None:
     import jax
     import numpy as np
     import torch
@@ -88,4 +189,3 @@ def run(args) -> int:
         print(f"batch {batch:3d}: jax jit {tokens / jax_s:9,.0f} tok/s ({jax_s * 1e3:7.1f} ms; first call incl. "
               f"compile {first_s:.2f} s) | torch eager generate {tokens / torch_s:9,.0f} tok/s ({torch_s * 1e3:7.1f} ms)"
               f" | ratio {torch_s / jax_s:5.2f}x | same tokens {same:.0%}")
-    return 0

@@ -49,8 +49,10 @@ TASKS = {
     "reg": EvalTask("reg", "generate"),
     "v7w": EvalTask("v7w", "forward"),
 }
-_STEPS = {"rec": (steps.rec_teacher_forced_step, runners.run_rec), "res": (steps.res_step, runners.run_res),
-          "v7w": (steps.pointing_step, runners.run_pointing)}
+# jitted once per process: a model of the same structure (another checkpoint) reuses the compiled step
+_STEPS = {"rec": (nnx.jit(steps.rec_teacher_forced_step), runners.run_rec),
+          "res": (nnx.jit(steps.res_step), runners.run_res),
+          "v7w": (nnx.jit(steps.pointing_step), runners.run_pointing)}
 
 
 class EvalConfigError(ValueError):
@@ -149,12 +151,12 @@ def evaluate(model, encoder, config, tasks, *, max_new_tokens: int | None = None
     if needs_generation:
         width = prompt_width(model.cfg, config.data.max_len, max_new)
         generate = batch_generator(model, encoder.tok, generation_config(model.cfg, max_new), width)
-    jitted = {name: nnx.jit(fn) for name, (fn, _) in _STEPS.items()}
     results: dict = {}
     rows: list[dict] = []
     for task, split, batches in pipelines:
         if TASKS[task].kind == "forward":
-            summary, task_rows = _STEPS[task][1](lambda b, f=jitted[task]: f(model, b), batches)
+            step, run = _STEPS[task]
+            summary, task_rows = run(lambda b, f=step: f(model, b), batches)
         else:
             task_rows = runners.run_generation(
                 generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))

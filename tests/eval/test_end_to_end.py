@@ -29,8 +29,10 @@ def overrides(data_dir):
 
 
 def build_model(config):
-    """A random NextChat whose greedy answer starts with a trigger: every token embedding gets a large first
-    coordinate, the final norm keeps only that coordinate, and the LM head reads it into `<at>` alone."""
+    """A random NextChat (weights drawn in NumPy: eager initialisers compile once per shape, ~40 s here) whose
+    greedy answer starts with a trigger: every token embedding gets a large first coordinate, the final norm
+    keeps only that coordinate, and the LM head reads it into `<at>` alone."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -39,11 +41,25 @@ def build_model(config):
     from jaxground.train.task import data_config, model_config
 
     _, tokens = make_encoder(data_config(config, training=True))
-    model = NextChat(model_config(config, tokens), rngs=nnx.Rngs(0))
-    llm = model.llm
-    llm.embed_tokens.embedding[...] = llm.embed_tokens.embedding[...].at[:, 0].add(50.0)
-    llm.norm.scale[...] = jnp.zeros_like(llm.norm.scale[...]).at[0].set(1.0)
-    llm.lm_head.kernel[...] = jnp.zeros_like(llm.lm_head.kernel[...]).at[0, tokens.at].set(1.0)
+    cfg = model_config(config, tokens)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):
+        name = jax.tree_util.keystr(path)
+        value = rng.normal(0.0, 0.05, x.shape).astype(x.dtype)
+        if "scale" in name:  # norms start at one, as initialised
+            value = np.ones(x.shape, x.dtype)
+        if name.startswith("['llm']['embed_tokens']"):
+            value[:, 0] += 50.0
+        elif name.startswith("['llm']['norm']"):
+            value = np.eye(1, x.shape[0], dtype=x.dtype)[0]
+        elif name.startswith("['llm']['lm_head']"):
+            value = np.zeros(x.shape, x.dtype)
+            value[0, tokens.at] = 1.0
+        return jnp.asarray(value)
+
+    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
     return model
 
 
@@ -129,7 +145,7 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
     image[4:20, 8:30] = (200, 40, 40)
     path = root / "img.png"
     Image.fromarray(image).save(path)
-    for ckpt in ("run", "converted"):
+    for ckpt in ("run",):  # loading a converted checkpoint is shared with eval (tested there)
         png = root / f"pred_{ckpt}.png"
         code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / ckpt),
                          "--image", str(path), "--prompt", "what is [0]?", "--box", "8,4,30,20",
@@ -146,3 +162,30 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
             assert mask.shape == (24, 40) and mask.sum() == o["mask_area"]
         with Image.open(png) as im:
             assert im.size == (40, 24)
+
+
+def test_eval_visual7w_pointing_on_records(setup, capsys):
+    """Visual7W pointing on records built from the shapes test images: every object is a candidate."""
+    import dataclasses
+
+    import shutil
+
+    from jaxground.data.records import RecordSource, write_records
+
+    root, args = setup
+    src = RecordSource([root / "shapes" / "test.array_record"])
+    examples = [src[i] for i in range(len(src))]
+    items = [{"question": "Which one is the shape?", "candidates": list(range(len(ex.boxes))), "answer": 0}
+             for ex in examples]
+    data = root / "v7w"
+    shutil.copytree(root / "shapes" / "tokenizer", data / "tokenizer")
+    write_records(data / "test.array_record",
+                  [dataclasses.replace(ex, tasks={"v7w": [item]}) for ex, item in zip(examples, items)])
+    out = root / "eval_v7w"
+    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"), "--out",
+                     str(out), "--tasks", "v7w", *args, f"paths.shapes={data}"]) == 0, capsys.readouterr().err
+    f = json.loads((out / "eval.json").read_text())["v7w"]["shapes_test"]
+    assert f["count"] == len(examples) and 0 <= f["accuracy"] <= 1
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [0] * len(examples)
+    assert all(0 <= r["choice"] < len(ex.boxes) for r, ex in zip(rows, examples))

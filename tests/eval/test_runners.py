@@ -36,3 +36,63 @@ def test_run_pope():
     metrics, rows = run_pope(["The answer is yes .", "The answer is no .", "yes"], ["yes", "yes", "no"])
     assert [r["pred"] for r in rows] == ["yes", "no", "yes"]
     assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["yes_ratio"] == pytest.approx(2 / 3)
+
+
+def test_prompt_batch_left_pads_the_question_and_keeps_its_boxes():
+    from jaxground.eval.prompts import answer_starts, prompt_batch
+
+    at, boxes_id, pad = 90, 91, 0
+    ids = np.array([[1, 5, at, boxes_id, 6, 7, at, boxes_id, 8, 2, 0, 0],
+                    [1, 5, 6, 7, at, boxes_id, 8, 2, 0, 0, 0, 0],
+                    [0] * 12])
+    labels = np.full_like(ids, -100)
+    labels[0, 6:10] = ids[0, 6:10]
+    labels[0, 7] = -100  # <boxes> is never a target
+    labels[1, 4:8] = ids[1, 4:8]
+    labels[1, 5] = -100
+    batch = {"input_ids": ids, "labels": labels, "valid": np.array([True, True, False]),
+             "boxes": np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)}
+    assert answer_starts(labels).tolist() == [6, 4, 12]
+    p = prompt_batch(batch, pad, boxes_id, width=8)
+    assert p["input_ids"][0].tolist() == [0, 0, 1, 5, at, boxes_id, 6, 7]
+    assert p["input_ids"][1].tolist() == [0, 0, 0, 0, 1, 5, 6, 7]
+    assert p["attention_mask"][1].tolist() == [False] * 4 + [True] * 4
+    assert p["attention_mask"][2].sum() == 1  # a padding row keeps one token
+    assert p["box_mask"].tolist() == [[True, False], [False, False], [False, False]]
+    with pytest.raises(ValueError, match="prompt width 5"):
+        prompt_batch(batch, pad, boxes_id, width=5)
+
+
+def test_generated_rec_and_pope_scoring():
+    from jaxground.eval.runners import pope_label, score_rec_generated
+
+    rows = [{"pred": [0.1, 0.1, 0.5, 0.5], "target": [0.1, 0.1, 0.5, 0.5]},
+            {"pred": None, "target": [0.1, 0.1, 0.5, 0.5]},  # no trigger generated: a miss
+            {"pred": [0.0, 0.0, 0.2, 0.2], "target": [0.1, 0.1, 0.5, 0.5]}]
+    out = score_rec_generated(rows)
+    assert out["count"] == 3 and out["acc@0.5"] == pytest.approx(1 / 3) and out["no_trigger"] == 1
+    assert [pope_label(r) for r in ("Yes.", "No, there is not.", "yes", "")] == ["yes", "no", "yes", "no"]
+    # the authors' parser lower-cases after "ASSISTANT: ": a capitalised "Yes." is a yes
+    metrics, _ = run_pope(["Yes.", "No."], ["yes", "no"])
+    assert metrics["accuracy"] == 1.0
+
+
+def test_res_and_pointing_runners_skip_padding():
+    from jaxground.eval.runners import run_pointing, run_res
+
+    def res_step(batch):
+        v = batch["valid"].astype(float)
+        return {"sums": {"intersection": (2 * v).sum(), "union": (4 * v).sum(), "iou": (0.5 * v).sum(),
+                         "count": v.sum()}, "iou": 0.5 * v, "counted": batch["valid"], "box": np.zeros((3, 4))}
+
+    valid = [np.array([True, True, True]), np.array([True, False, False])]
+    summary, rows = run_res(res_step, ({"valid": v} for v in valid))
+    assert summary == {"ciou": 0.5, "giou": 0.5, "count": 4} and len(rows) == 4
+
+    def pointing_step(batch):
+        v = batch["valid"].astype(float)
+        return {"sums": {"correct": v[:1].sum(), "count": v.sum()}, "choice": np.zeros(3, int),
+                "answer": np.zeros(3, int), "pred": np.zeros((3, 4))}
+
+    summary, rows = run_pointing(pointing_step, ({"valid": v} for v in valid))
+    assert summary == {"accuracy": 0.5, "count": 4} and len(rows) == 4

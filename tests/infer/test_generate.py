@@ -107,34 +107,35 @@ def reference_pixel2emb(llm, enc, dec, ids, mask, n):
     fed <at>, the next token is <boxes> with embedding G(F(t)). -> tokens [B,n], boxes per row."""
     b, t = ids.shape
     forward = nnx.jit(lambda m, e, k: m.forward_embeds(e, k)[:2])
-    embeds = jnp.concatenate([llm.embed_tokens(jnp.asarray(ids)), jnp.zeros((b, n, 32))], axis=1)
+    table = np.asarray(llm.embed_tokens.embedding[...])
+    embeds = np.concatenate([table[ids], np.zeros((b, n, table.shape[1]), np.float32)], axis=1)  # host copy
     valid = np.concatenate([mask, np.zeros((b, n), bool)], axis=1)
     tokens, boxes, fed = np.zeros((b, n), np.int64), [[] for _ in range(b)], ids[:, -1].copy()
     for i in range(n):
-        hidden, logits = forward(llm, embeds, jnp.asarray(valid))
+        hidden, logits = forward(llm, jnp.asarray(embeds), jnp.asarray(valid))
         h, lg = hidden[:, t + i - 1], np.asarray(logits[:, t + i - 1])
-        box = dec(h)
+        box = np.asarray(dec(h))
+        rows = np.asarray(enc(jnp.asarray(box)))  # G(F(t)) of every row; used where <at> was fed
         for r in range(b):
             if fed[r] == AT:
-                boxes[r].append(np.asarray(box[r]))
+                boxes[r].append(box[r])
                 tokens[r, i] = BOXES
-                row = enc(box[r])
+                embeds[r, t + i] = rows[r]
             else:
                 tokens[r, i] = int(np.argmax(lg[r]))
-                row = llm.embed_tokens(jnp.asarray(tokens[r, i]))
-            embeds = embeds.at[r, t + i].set(row)
+                embeds[r, t + i] = table[tokens[r, i]]
         valid[:, t + i] = True
         fed = tokens[:, i]
     return tokens, boxes
 
 
 def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
-    hf, _ = pair
-    llm = build(hf.state_dict(), hf.config)
+    llm = nnx.clone(pair[1])  # the shared model stays untouched
     kernel = llm.lm_head.kernel
     kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))  # <at> wins wherever 35 would
-    rngs = nnx.Rngs(0)
-    enc, dec = BoxEncoder(32, rngs=rngs, init_std=0.3), BoxDecoder(32, rngs=rngs, init_std=0.3)
+    # one compiled initialisation instead of one eager compile per initialiser and shape
+    enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
+                                BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
     ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
     n = 12
     cfg = gen.GenerationConfig(max_new_tokens=n, eos_id=-1, at_id=AT, boxes_id=BOXES, max_triggers=4)

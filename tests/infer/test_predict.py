@@ -93,3 +93,19 @@ def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     err = capsys.readouterr().err
     assert "jaxground predict:" in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_rle_round_trip_column_major():
+    from jaxground.infer.predict import rle_decode, rle_encode
+
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((5, 7)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)):
+        rle = rle_encode(mask)
+        assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
+        np.testing.assert_array_equal(rle_decode(rle), mask)
+    # COCO order: columns first, a leading run of zeros (empty when the first pixel is set)
+    assert rle_encode(np.array([[1, 0], [1, 1]], bool))["counts"] == [0, 2, 1, 1]
+
+
+def test_boxes_to_pixels_orders_corners():
+    np.testing.assert_allclose(boxes_to_pixels(np.array([[0.8, 0.9, 0.2, 0.1]]), 10, 10), [[2, 1, 8, 9]], atol=1e-5)
