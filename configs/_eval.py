@@ -17,5 +17,5 @@ def load(name: str) -> ConfigDict:
 
 def eval_section(datasets: dict, tasks: tuple, batch_size: int, *, max_new_tokens: int = 32,
                  pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
-    return ConfigDict(dict(datasets=datasets, tasks=tasks, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           pope_parser=pope_parser, meteor=meteor))
+    return ConfigDict({"datasets": datasets, "tasks": tasks, "batch_size": batch_size,
+                       "max_new_tokens": max_new_tokens, "pope_parser": pope_parser, "meteor": meteor})

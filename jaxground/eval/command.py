@@ -46,7 +46,6 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     with open(out / "predictions.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     print(json.dumps(results))
     return 0

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from jaxground.eval.metrics import Sums, pointing_summary, rec_sums, rec_summary, res_summary
+from jaxground.eval.metrics import Sums, pointing_summary, rec_summary, rec_sums, res_summary
 from jaxground.eval.pope import PARSERS, pope_metrics
 
 

@@ -92,7 +92,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.generate import GenerationConfig
-    from jaxground.infer.predict import PredictError, REF, mask_function, parse_box, predict
+    from jaxground.infer.predict import REF, PredictError, mask_function, parse_box, predict
 
     image = load_image(args.image)
     h, w = image.shape[:2]

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("pycocoevalcap")
 
-from jaxground.eval import captioning  # noqa: E402
+from jaxground.eval import captioning
 
 REFS = {"a": ["a man riding a horse"], "b": ["two dogs play in the snow"]}
 

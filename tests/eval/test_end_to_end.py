@@ -167,7 +167,6 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
 def test_eval_visual7w_pointing_on_records(setup, capsys):
     """Visual7W pointing on records built from the shapes test images: every object is a candidate."""
     import dataclasses
-
     import shutil
 
     from jaxground.data.records import RecordSource, write_records
