@@ -58,8 +58,13 @@ def _pickle(path: Path) -> TensorStream:
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError for old zip formats)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # pre-1.6 (non-zip) pickles cannot be memory-mapped; still weights only
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError for a pickle that needs code
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UnsafeCheckpointError(
                 f"{path}: refused to load, the pickle needs code beyond plain tensors "

@@ -42,3 +42,12 @@ def test_every_problem_listed_once():
     assert e.value.missing == ["fc.0.bias", "fc.1.kernel"]
     assert e.value.unexpected == ["extra.weight"]
     assert len(e.value.misshaped) == 1 and "fc.1.weight" in e.value.misshaped[0]
+
+
+def test_legacy_non_zip_pickle_loads_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    from jaxground.convert.reader import stream
+
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert [(k, load().tolist()) for k, load in stream(path)] == [("w", [0.0, 1.0, 2.0])]
