@@ -158,6 +158,10 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
     checkpoint; only what it holds is returned (merge it over a freshly initialised state)."""
     from flax import nnx
 
+    from jaxground.convert.store import CONFIG_FILE
+
+    if (Path(path) / CONFIG_FILE).is_file():  # a `jaxground convert` output
+        return _load_converted_state(Path(path), abstract_model, shardings, fresh)
     directory, step = resolve(path)
     with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
         saved = _saved_model(manager, step)
@@ -173,3 +177,24 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
         out = manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(_with_shardings(wanted, wanted_shardings), strict=not fresh)))
     return out.model
+
+
+def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[str, ...]):
+    """`load_model` for a `jaxground convert` output: read it, check it like a training checkpoint, place it."""
+    from flax import nnx
+
+    from jaxground.convert.store import load_converted
+
+    model, _ = load_converted(path)
+    saved = nnx.state(model)
+    have = _shapes(saved)
+
+    def keep(var_path, _):
+        name = "/".join(map(str, var_path))
+        return name in have or not (fresh and name.startswith(fresh))
+
+    wanted, _ = nnx.split_state(abstract_model, keep, ...)
+    check_model_shapes(saved, wanted, str(path))
+    wanted_shardings, _ = nnx.split_state(shardings, keep, ...)
+    kept, _ = nnx.split_state(saved, keep, ...)
+    return jax.tree.map(lambda x, w, s: jax.device_put(x.astype(w.dtype), s), kept, wanted, wanted_shardings)

@@ -90,7 +90,7 @@ def setup(tmp_path_factory):
         for path, var in stored_variables(model).items():
             writer.add(path, np.asarray(jax.device_get(var.get_value())))
         writer.commit("nextchat", model.cfg, [])
-    return root, args
+    return root, args, model
 
 
 def expected_counts(data_dir):
@@ -102,7 +102,7 @@ def expected_counts(data_dir):
 
 
 def test_eval_every_shapes_task(setup, capsys):
-    root, args = setup
+    root, args, _ = setup
     counts = expected_counts(root / "shapes")
     out = root / "eval_run"
     code = cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
@@ -131,7 +131,7 @@ def test_eval_every_shapes_task(setup, capsys):
 
 
 def test_eval_bad_task_and_no_mask_head(setup, capsys):
-    root, args = setup
+    root, args, _ = setup
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--tasks", "rec,nope", *args]) == 2
     assert "unknown eval tasks ['nope']" in capsys.readouterr().err
@@ -140,7 +140,7 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
 def test_predict_draws_boxes_and_masks(setup, capsys):
     from jaxground.infer.predict import rle_decode
 
-    root, args = setup
+    root, args, _ = setup
     image = np.zeros((24, 40, 3), np.uint8)
     image[4:20, 8:30] = (200, 40, 40)
     path = root / "img.png"
@@ -171,7 +171,7 @@ def test_eval_visual7w_pointing_on_records(setup, capsys):
 
     from jaxground.data.records import RecordSource, write_records
 
-    root, args = setup
+    root, args, _ = setup
     src = RecordSource([root / "shapes" / "test.array_record"])
     examples = [src[i] for i in range(len(src))]
     items = [{"question": "Which one is the shape?", "candidates": list(range(len(ex.boxes))), "answer": 0}
@@ -188,3 +188,25 @@ def test_eval_visual7w_pointing_on_records(setup, capsys):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == [0] * len(examples)
     assert all(0 <= r["choice"] < len(ex.boxes) for r, ex in zip(rows, examples))
+
+
+def test_init_from_accepts_training_and_converted_checkpoints(setup):
+    """`train --init-from` (checkpoint.load_model) reads a `jaxground convert` output like a training checkpoint:
+    the same arrays, placed in the requested shardings, with `fresh` parts allowed to be absent."""
+    import jax
+    from flax import nnx
+
+    from jaxground import checkpoint
+
+    root, _, model = setup
+    abstract = nnx.state(nnx.eval_shape(lambda: model))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+    from_run = dict(nnx.to_flat_state(checkpoint.load_model(root / "run", abstract, shardings)))
+    from_conv = dict(nnx.to_flat_state(checkpoint.load_model(root / "converted", abstract, shardings)))
+    assert from_run.keys() == from_conv.keys() and len(from_run) > 10
+    for k in from_run:
+        np.testing.assert_array_equal(np.asarray(from_run[k].get_value()), np.asarray(from_conv[k].get_value()))
+    partial = dict(nnx.to_flat_state(checkpoint.load_model(root / "converted", abstract, shardings,
+                                                           fresh=("mask_head",))))
+    assert partial.keys() == from_conv.keys()  # present parts still load when they may be fresh
