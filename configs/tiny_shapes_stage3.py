@@ -1,6 +1,8 @@
 """The embedded default, stage 3: from the stage-1 model (`--init-from runs/tiny_shapes/stage1`), a tiny SAM
-(random and frozen image encoder: nothing is pretrained here) gets a mask head; only `seg_prompt_mlp` and the
-SAM mask decoder train, on the masks of the synthetic shapes. Evaluation adds mask cIoU to REC."""
+gets a mask head, trained on the masks of the synthetic shapes. The paper freezes SAM's pretrained image
+encoder; nothing is pretrained here, so the tiny SAM's image encoder trains too (`model.freeze_sam=False`)
+beside `seg_prompt_mlp` and the mask decoder; the LLM, CLIP and box heads stay frozen. Evaluation adds mask
+cIoU to REC."""
 
 import importlib.util
 from pathlib import Path
@@ -25,5 +27,7 @@ def get_config() -> ConfigDict:
     c.data.sam_size = 64
     c.optim = defaults.optim(1e-3, warmup_ratio=0.03)
     c.train = defaults.train(3, steps=300, batch_size=32, log_every=25, eval_every=0, save_every=300, keep=1)
+    c.model.freeze_sam = False
+    c.train.trainable = ("^mask_head/(seg_prompt_mlp|mask_decoder)/", "^sam/")
     c.train.fresh = ("mask_head", "sam")  # stage 1 has no SAM: both start from a fresh initialisation
     return c
