@@ -21,9 +21,6 @@ def _time(fn, iters: int) -> float:
 
 
 def run(args) -> int:
-    import importlib.util
-    import sys
-    import types
 
     import jax
     import jax.numpy as jnp
@@ -32,34 +29,13 @@ def run(args) -> int:
     from flax import nnx
 
     from jaxground.convert.sam import image_encoder_rules
+    from jaxground.convert.sam_reference import official_sam
     from jaxground.convert.table import load_into
     from jaxground.models.sam import PRESETS, Sam
 
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = PRESETS[args.preset](**({"img_size": args.img_size} if args.img_size else {}))
-    # segment_anything/__init__ imports torchvision; a bare package module skips it (see DESIGN.md)
-    if "segment_anything" not in sys.modules:
-        pkg = types.ModuleType("segment_anything")
-        pkg.__path__ = list(importlib.util.find_spec("segment_anything").submodule_search_locations)
-        sys.modules["segment_anything"] = pkg
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT
-
-    torch_enc = ImageEncoderViT(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        out_chans=cfg.prompt_dim,
-        qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=cfg.window_size,
-        global_attn_indexes=cfg.global_attn_indexes,
-    ).eval()
+    torch_enc = official_sam(cfg).image_encoder.eval()
     state = {f"image_encoder.{k}": v.detach().numpy() for k, v in torch_enc.state_dict().items()}
     model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0), with_decoder=False))
     load_into(
