@@ -48,52 +48,66 @@ def _batch():
     )
 
 
+def _model(cfg):
+    """Random weights drawn on the host: eager initialisers compile once per shape (slow on 2 cores)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if "scale" in str(path[-1]):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape).astype(leaf.dtype))
+
+    return nnx.merge(graphdef, jax.tree.map_with_path(draw, state))
+
+
+def _grads(cfg, batch):
+    graphdef, state = nnx.split(_model(cfg))
+
+    @jax.jit
+    def run(state):
+        def loss_fn(state):
+            out = nnx.merge(graphdef, state)(batch)
+            total, parts = nextchat_loss(out, batch, w_l1=2.0, w_giou=0.2)
+            return total, (out, parts)
+
+        (total, (out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
+        model = nnx.merge(graphdef, state)
+        no_sam = model(batch.replace(sam_images=None))
+        by_hand = model.mask_head(out.trigger_states, out.pred_boxes, model.sam.image_encoder(batch.sam_images))
+        box_only, _ = nextchat_loss(dataclasses.replace(out, mask_logits=None), batch, w_l1=2.0, w_giou=0.2)
+        return total, out, parts, grads, no_sam.mask_logits is None, by_hand, box_only
+
+    return run(state)
+
+
 def test_masks_loss_and_frozen_sam_encoder():
-    model = NextChat(CFG, rngs=nnx.Rngs(0))
     batch = _batch()
-    graphdef, state = nnx.split(model)
-
-    def loss_fn(state):
-        out = nnx.merge(graphdef, state)(batch)
-        total, parts = nextchat_loss(out, batch, w_l1=2.0, w_giou=0.2)
-        return total, (out, parts)
-
-    (total, (out, parts)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
+    total, out, parts, grads, no_masks_without_sam_images, (by_hand, iou), box_only = _grads(CFG, batch)
     g = SAM.img_size // SAM.patch_size
     assert out.mask_logits.shape == (2, 2, 4 * g, 4 * g) and out.iou_pred.shape == (2, 2)
+    assert no_masks_without_sam_images
     assert np.isfinite(float(total)) and float(parts["seg"]) > 0
-    ce_only, _ = nextchat_loss(dataclasses.replace(out, mask_logits=None), batch, w_l1=2.0, w_giou=0.2)
-    np.testing.assert_allclose(float(total) - float(ce_only), float(parts["seg"]), rtol=1e-5)
+    np.testing.assert_allclose(float(total) - float(box_only), float(parts["seg"]), rtol=1e-5)
 
     flat = dict(nnx.to_flat_state(grads))
     sam_enc = [v[...] for p, v in flat.items() if p[0] == "sam"]
     assert sam_enc and all(np.all(np.asarray(x) == 0) for x in sam_enc)
     head = [v[...] for p, v in flat.items() if p[:2] == ("mask_head", "mask_decoder")]
     assert any(np.any(np.asarray(x) != 0) for x in head)
-
     # the same masks as calling the pieces by hand
-    emb = model.sam.image_encoder(batch.sam_images)
-    by_hand, iou = model.mask_head(out.trigger_states, out.pred_boxes, emb)
     np.testing.assert_allclose(np.asarray(out.mask_logits), np.asarray(by_hand), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.iou_pred), np.asarray(iou), atol=1e-6)
 
 
-def test_no_masks_without_sam_images():
-    model = NextChat(CFG, rngs=nnx.Rngs(0))
-    out = model(_batch().replace(sam_images=None))
-    assert out.mask_logits is None and out.iou_pred is None
-
-
 def test_unfrozen_sam_encoder_gets_gradient():
-    cfg = dataclasses.replace(CFG, freeze_sam=False)
-    model = NextChat(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(_model(dataclasses.replace(CFG, freeze_sam=False)))
     batch = _batch()
-    graphdef, state = nnx.split(model)
+    states = jnp.ones((2, 2, CFG.llm.hidden_size))
 
-    def loss_fn(state):
-        out = nnx.merge(graphdef, state)(batch)
-        return nextchat_loss(out, batch, w_l1=2.0, w_giou=0.2)[0]
+    def mask_sum(state):
+        return jnp.sum(nnx.merge(graphdef, state).segment(batch.sam_images, states, batch.target_boxes)[0])
 
-    grads = jax.grad(loss_fn)(state)
+    grads = jax.jit(jax.grad(mask_sum))(state)
     sam_enc = [v[...] for p, v in nnx.to_flat_state(grads) if p[0] == "sam"]
-    assert any(np.any(np.asarray(x) != 0) for x in sam_enc)
+    assert sam_enc and any(np.any(np.asarray(x) != 0) for x in sam_enc)
