@@ -19,3 +19,17 @@ def eval_section(datasets: dict, tasks: tuple, batch_size: int, *, max_new_token
                  pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
     return ConfigDict({"datasets": datasets, "tasks": tasks, "batch_size": batch_size,
                        "max_new_tokens": max_new_tokens, "pope_parser": pope_parser, "meteor": meteor})
+
+
+REFCOCO_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),
+                  "refcocog": ("val", "test")}
+
+
+def refcoco_datasets(c: ConfigDict) -> dict:
+    """Adds `c.paths` (local RefCOCO/+/g and COCO image folders) and returns one dataset entry per split; the
+    entries reference `c.paths`, so a `paths.*=...` override reaches every split that uses it."""
+    c.paths = ConfigDict({"refcoco": "data/refcoco", "refcoco_plus": "data/refcoco+", "refcocog": "data/refcocog",
+                          "coco_images": "data/coco/train2014"})
+    return {f"{name}_{split}": {"kind": "refcoco", "path": c.paths.get_ref(name), "split": split,
+                                "image_root": c.paths.get_ref("coco_images"), "weight": 1.0}
+            for name, splits in REFCOCO_SPLITS.items() for split in splits}

@@ -17,17 +17,9 @@ _spec = importlib.util.spec_from_file_location("_eval", Path(__file__).with_name
 _eval = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_eval)
 
-SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),
-          "refcocog": ("val", "test")}
-
 
 def get_config() -> ConfigDict:
     c = _eval.load("nextchat_7b_stage2")
-    c.paths = ConfigDict({"refcoco": "data/refcoco", "refcoco_plus": "data/refcoco+", "refcocog": "data/refcocog",
-                          "coco_images": "data/coco/train2014"})
-    # references: a `paths.*=...` override reaches every split that uses it
-    datasets = {f"{name}_{split}": {"kind": "refcoco", "path": c.paths.get_ref(name), "split": split,
-                                    "image_root": c.paths.get_ref("coco_images"), "weight": 1.0}
-                for name, splits in SPLITS.items() for split in splits}
+    datasets = _eval.refcoco_datasets(c)
     c.eval = _eval.eval_section(datasets, ("rec",), batch_size=64)
     return c
