@@ -72,7 +72,8 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "worker_buffer_size": 2,
         "strict": False,
     })
-    cfg.update(overrides)
+    for key, value in overrides.items():
+        cfg[key] = value  # replaces: `update` would merge dicts (task_weights={"rec": 1} kept every other task)
     return cfg
 
 

@@ -128,3 +128,9 @@ def test_strict_mode_names_file_and_index(shapes_dir, tmp_path):
     it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record", strict=True), training=False)
     with pytest.raises(BadSample, match=r"bad\.array_record#1 \(corrupt_image\)"):
         list(it)
+
+
+def test_pipeline_config_overrides_replace_whole_sections():
+    cfg = pipeline_config(task_weights={"rec": 1.0}, datasets={"mine": {"kind": "records", "path": "x"}})
+    assert dict(cfg.task_weights) == {"rec": 1.0}  # not merged with the default task mixture
+    assert list(cfg.datasets) == ["mine"]  # the default `shapes` dataset is gone
