@@ -37,9 +37,10 @@ def get_config() -> ConfigDict:
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",
                              "weight": 1.0}},
         batch_size=64,
+        max_objects=0,  # 0 = every test image; `eval.max_objects=1` scores the single-object scenes alone
     ))
     c.loss = defaults.loss(det="released")
     c.optim = defaults.optim(1e-3, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
-    c.train = defaults.train(1, steps=900, batch_size=32, log_every=50, eval_every=300, save_every=300, keep=2)
+    c.train = defaults.train(1, steps=300, batch_size=32, log_every=50, eval_every=0, save_every=150, keep=2)
     c.train.frozen = ()  # nothing pretrained: the tiny vision tower trains as well
     return c

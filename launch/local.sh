@@ -16,9 +16,11 @@ if [ ! -f "$DATA/test.array_record" ]; then
   jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2
 fi
 
+# Stage 1a: single-object scenes at batch 16 and a slowly decaying rate. Localisation starts only after a
+# plateau of a few hundred steps (README, "Figures of the embedded default"), which a fast decay would cut short.
 echo "[local] stage 1a: single-object scenes"
-jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=300 \
-  train.eval_every=0
+jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=1100 \
+  train.batch_size=16 optim.min_lr_ratio=0.3 train.save_every=550
 echo "[local] stage 1b: all scenes, from stage 1a"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}"
 echo "[local] stage 3: mask head on a tiny SAM, from stage 1"
@@ -28,6 +30,9 @@ if jaxground eval --help >/dev/null 2>&1; then
   echo "[local] evaluating REC on the test split"
   jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval" \
     "${PATHS[@]}" || true
+  echo "[local] evaluating REC on the single-object test scenes"
+  jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval_1object" \
+    "${PATHS[@]}" eval.max_objects=1 || true
 fi
 if jaxground predict --help >/dev/null 2>&1; then
   echo "[local] drawing predictions for 3 test images into $RUN/predictions"

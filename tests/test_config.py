@@ -9,7 +9,7 @@ from jaxground import cli
 from jaxground.config import ConfigError, load_config
 from jaxground.models.sam.config import SamConfig
 from jaxground.tokens import TokenIds
-from jaxground.train.task import model_config
+from jaxground.train.task import data_config, model_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("[!_]*.py"))
 
@@ -36,6 +36,15 @@ def test_paper_settings():
     assert (s1.train.batch_size, s1.optim.lr, s1.optim.warmup_ratio) == (128, 2e-5, 0.03)
     assert (s2.train.batch_size, s2.optim.lr) == (64, 2e-6)
     assert load_config("configs/nextchat_13b_stage1.py").model.llm.hidden_size == 5120
+    assert "shapes" not in s1.data.datasets and "refcoco" in s1.data.datasets  # not merged with the default
+
+
+def test_tiny_default_trains_rec_and_can_score_single_object_scenes():
+    c = load_config("configs/tiny_shapes.py", ["eval.max_objects=1"])
+    assert dict(c.data.task_weights) == {"rec": 1.0}
+    train, held_out = data_config(c, training=True), data_config(c, training=False)
+    assert (train.max_objects, held_out.max_objects) == (0, 1)
+    assert held_out.datasets.shapes.split == "test"
 
 
 def test_unknown_key_is_refused():

@@ -56,7 +56,8 @@ def model_config(config, tokens) -> NextChatConfig:
 
 def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
     """The pipeline section for this process: the per-host batch is `train.batch_size / process_count`;
-    evaluation reads `eval.datasets` with only the REC task."""
+    evaluation reads `eval.datasets` with only the REC task (images with at most `eval.max_objects` objects
+    when set)."""
     cfg = ml_collections.ConfigDict(config.data.to_dict())
     hosts = jax.process_count()
     if training:
@@ -64,7 +65,7 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
     else:
         cfg.datasets = config.eval.datasets.to_dict()
         cfg.task_weights = {"rec": 1.0}
-        cfg.max_objects = 0
+        cfg.max_objects = config.eval.get("max_objects", 0)  # e.g. 1: only the single-object test scenes
         cfg.batch_size = config.eval.batch_size // hosts
     return cfg
 
