@@ -3,7 +3,9 @@ on one CPU in minutes (`bash launch/local.sh`). Stage 3 continues in `tiny_shape
 
 Differences from the paper's recipe, because nothing here is pretrained: the tiny CLIP trains too (a frozen
 random tower would be a fixed random projection), with fixed 2-D sin-cos patch positions as its spatial
-prior; the LLM is 4 layers at width 128 on a ~500-token BPE; sequences are short (short system prompt).
+prior; the LLM is 4 layers at width 128 on a ~500-token BPE; sequences are short (short system prompt); the
+only task is REC. `launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow
+decay (localisation starts after a plateau of a few hundred steps), then these 300 steps on all scenes.
 """
 
 from ml_collections import ConfigDict
