@@ -55,4 +55,8 @@ fi
 
 echo "[local] figures on the held-out test split (teacher-forced REC after stage 1; + mask cIoU after stage 3):"
 cat "$RUN/stage1/eval.json" "$RUN/stage3/eval.json"
+if [ -f "$RUN/eval_1object/eval.json" ]; then
+  echo "[local] REC on the single-object test scenes:"
+  cat "$RUN/eval_1object/eval.json"
+fi
 echo "[local] done in $(( $(date +%s) - start )) s; outputs in $RUN"
