@@ -76,7 +76,8 @@ def _grads(cfg, batch):
         no_sam = model(batch.replace(sam_images=None))
         by_hand = model.mask_head(out.trigger_states, out.pred_boxes, model.sam.image_encoder(batch.sam_images))
         box_only, _ = nextchat_loss(dataclasses.replace(out, mask_logits=None), batch, w_l1=2.0, w_giou=0.2)
-        return total, out, parts, grads, no_sam.mask_logits is None, by_hand, box_only
+        no_masks = no_sam.mask_logits is None and no_sam.iou_pred is None
+        return total, out, parts, grads, no_masks, by_hand, box_only
 
     return run(state)
 
