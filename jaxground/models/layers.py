@@ -11,6 +11,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear that multiplies as one 2-D GEMM: [..., in] is flattened to [N, in] first.
+
+    XLA:CPU runs a dot with several free dimensions on one side about 2x slower than the same [N, in] x [in, out]
+    GEMM, forward and backward (measured at [32, 160, 128] x [128, 384]); on TPU/GPU the reshape is free.
+    """
+
+    def __call__(self, inputs, out_sharding=None):
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding=out_sharding)
+        return y.reshape(*lead, y.shape[-1])
+
+
 def linear(
     in_features: int,
     out_features: int,
@@ -21,8 +34,8 @@ def linear(
     dtype=None,
     param_dtype=jnp.float32,
 ) -> nnx.Linear:
-    """nnx.Linear [in, out] whose kernel is annotated with `axes` and bias with `axes[1]`."""
-    return nnx.Linear(
+    """Linear [in, out] whose kernel is annotated with `axes` and bias with `axes[1]`."""
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,

@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxground.models.layers import Linear
+
 # F's output at initialisation when `box_prior=True`: a centred box covering half of each side.
 PRIOR_BOX = (0.25, 0.25, 0.75, 0.75)
 
 
 def _linear(d_in: int, d_out: int, axes, *, std: float, rngs: nnx.Rngs, dtype, param_dtype, kernel_init=None):
     # HF `post_init` gives every nn.Linear of the released model N(0, initializer_range = 0.02) and zero bias.
-    return nnx.Linear(
+    return Linear(
         d_in,
         d_out,
         dtype=dtype,
