@@ -4,7 +4,8 @@ on one CPU in minutes (`bash launch/local.sh`). Stage 3 continues in `tiny_shape
 Differences from the paper's recipe, because nothing here is pretrained: the tiny CLIP trains too (a frozen
 random tower would be a fixed random projection), with fixed 2-D sin-cos patch positions as its spatial
 prior; the LLM is 4 layers at width 128 on a ~500-token BPE; sequences are short (short system prompt); the
-only task is REC. `launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow
+only task is REC; the question comes before the image (`data.image_position="last"`), so the image tokens
+can attend to it. `launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow
 decay (localisation starts after a plateau of a few hundred steps), then these 300 steps on all scenes.
 """
 
@@ -34,6 +35,7 @@ def get_config() -> ConfigDict:
         max_len=96,
         max_boxes=4,
         max_objects=0,
+        image_position="last",  # the question before the image: image tokens can attend to it
     )
     c.eval = ConfigDict(dict(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",

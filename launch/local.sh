@@ -16,8 +16,9 @@ if [ ! -f "$DATA/test.array_record" ]; then
   jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2
 fi
 
-# Stage 1a: single-object scenes at batch 16 and a slowly decaying rate. Localisation starts only after a
-# plateau of a few hundred steps (README, "Figures of the embedded default"), which a fast decay would cut short.
+# Stage 1 as a curriculum: single-object scenes at batch 16 and a slowly decaying rate (localisation starts only
+# after a plateau of a few hundred steps, README "Figures of the embedded default", which a fast decay would cut
+# short), then all scenes (up to 6 objects) at batch 32.
 echo "[local] stage 1a: single-object scenes"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=1100 \
   train.batch_size=16 optim.min_lr_ratio=0.3 train.save_every=550

@@ -26,6 +26,7 @@ DEFAULT_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 SHORT_SYSTEM = "A chat about an image."
+IMAGE_POSITIONS = ("first", "last")  # where the first user turn puts the image: before or after its text
 
 
 class BadSample(ValueError):
@@ -50,9 +51,11 @@ class ConversationEncoder:
     """Encodes turns with a tokenizer, its `TokenIds` and a location format (`location_format.get_format`)."""
 
     def __init__(self, tokenizer, ids: TokenIds, location_format, num_image_tokens: int,
-                 system: str = DEFAULT_SYSTEM):
+                 system: str = DEFAULT_SYSTEM, image_position: str = "first"):
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position {image_position!r} is not one of {IMAGE_POSITIONS}")
         self.tok, self.ids, self.fmt = tokenizer, ids, location_format
-        self.num_image_tokens, self.system = num_image_tokens, system
+        self.num_image_tokens, self.system, self.image_position = num_image_tokens, system, image_position
         added = list(dict.fromkeys([*SPECIAL_TOKENS, *location_format.extra_tokens, "</s>"]))
         self._added_ids = dict(zip(added, tokenizer.convert_tokens_to_ids(added)))
         self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
@@ -93,9 +96,11 @@ class ConversationEncoder:
                 if role == "assistant":
                     target_objs += [o for g in groups for o in g]
             if role == "user":
-                head = f"{self.system} USER:" if t == 0 else "USER:"
-                chunks.append((self._segments(head) + (image if t == 0 else []) + self._segments(rendered)
-                               + self._segments("ASSISTANT:"), False))
+                head = self._segments(f"{self.system} USER:" if t == 0 else "USER:")
+                text = self._segments(rendered)
+                if t == 0:
+                    text = image + text if self.image_position == "first" else text + image
+                chunks.append((head + text + self._segments("ASSISTANT:"), False))
             else:
                 chunks.append((self._segments(rendered) + [ids.eos], True))
         texts = [s for segs, _ in chunks for s in segs if isinstance(s, str)]

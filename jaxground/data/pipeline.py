@@ -10,6 +10,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `tokenizer` | tokenizer directory ("" = `<shapes dir>/tokenizer` of the first `shapes` dataset) |
 | `location_format` | `emb` (pixel2emb), `num`, `bin` |
 | `system_prompt` | the conversation's system text |
+| `image_position` | `first`: the image opens the first user turn (as released); `last`: it follows the question text, so image tokens can attend to the question (LLaVA's data uses both) |
 | `task_weights` | task -> weight when a sample could serve several tasks (`rec reg gcap pope count v7w vqa conv`) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
@@ -55,6 +56,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "tokenizer": "",
         "location_format": "emb",
         "system_prompt": SHORT_SYSTEM,
+        "image_position": "first",
         "task_weights": dict(DEFAULT_TASK_WEIGHTS),
         "max_len": 128,
         "max_boxes": 8,
@@ -385,7 +387,8 @@ def make_encoder(cfg: ml_collections.ConfigDict):
             raise ValueError("data.tokenizer is empty and there is no `shapes` dataset to take it from")
         path = str(Path(shapes[0].path) / "tokenizer")
     tok, ids = load_tokenizer(path, fmt.extra_tokens)
-    return ConversationEncoder(tok, ids, fmt, cfg.num_image_tokens, cfg.system_prompt), ids
+    return ConversationEncoder(tok, ids, fmt, cfg.num_image_tokens, cfg.system_prompt,
+                               cfg.get("image_position", "first")), ids
 
 
 def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, process_index: int | None = None,

@@ -64,3 +64,23 @@ def test_num_format_writes_boxes_as_text(encoder):
                      np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
     assert len(out.boxes) == 0 and len(out.target_boxes) == 0
     assert not (out.input_ids == encoder.ids.at).any()
+
+
+def test_image_position_last_puts_the_image_after_the_question(encoder):
+    from jaxground.data.conversation import ConversationEncoder
+
+    ids = encoder.ids
+    last = ConversationEncoder(encoder.tok, encoder.ids, encoder.fmt, 4, encoder.system, image_position="last")
+    turns = [("user", "Where is the blue square?", []), ("assistant", "Answer: <loc> .", [[0]])]
+    boxes = np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)
+    a, b = encoder.encode(turns, boxes), last.encode(turns, boxes)
+    # The same tokens, labels and boxes; only the image block moves, from after "USER:" to before "ASSISTANT:".
+    assert sorted(a.input_ids.tolist()) == sorted(b.input_ids.tolist())
+    np.testing.assert_array_equal(a.labels[a.labels != IGNORE], b.labels[b.labels != IGNORE])
+    np.testing.assert_array_equal(a.target_boxes, b.target_boxes)
+    x = b.input_ids
+    start, end = int(np.nonzero(x == ids.im_start)[0][0]), int(np.nonzero(x == ids.im_end)[0][0])
+    assert "square?" in _decode(encoder, x[:start]).replace(" ", "")
+    assert _decode(encoder, x[end + 1:]).replace(" ", "").startswith("ASSISTANT:")
+    with pytest.raises(ValueError, match="image_position"):
+        ConversationEncoder(encoder.tok, encoder.ids, encoder.fmt, 4, encoder.system, image_position="middle")
