@@ -10,7 +10,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `tokenizer` | tokenizer directory ("" = `<shapes dir>/tokenizer` of the first `shapes` dataset) |
 | `location_format` | `emb` (pixel2emb), `num`, `bin` |
 | `system_prompt` | the conversation's system text |
-| `image_position` | `first`: the image opens the first user turn (as released); `last`: it follows the question text, so image tokens can attend to the question (LLaVA's data uses both) |
+| `image_position` | `first`: the image opens the first user turn (as released); `last`: it follows the question text, so image tokens can attend to the question |
 | `task_weights` | task -> weight when a sample could serve several tasks (`rec reg gcap pope count v7w vqa conv`) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
@@ -388,7 +388,7 @@ def make_encoder(cfg: ml_collections.ConfigDict):
         path = str(Path(shapes[0].path) / "tokenizer")
     tok, ids = load_tokenizer(path, fmt.extra_tokens)
     return ConversationEncoder(tok, ids, fmt, cfg.num_image_tokens, cfg.system_prompt,
-                               cfg.get("image_position", "first")), ids
+                               cfg.image_position), ids
 
 
 def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, process_index: int | None = None,
