@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
         projector="mlp2x_gelu",
         freeze_vision=False,
         box_prior=False,
+        locator_init_std=0.02,
         sam=None,  # stage 3 adds a tiny SAM (tiny_shapes_stage3.py)
     ))
     c.data = pipeline_config(

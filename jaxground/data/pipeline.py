@@ -12,6 +12,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `system_prompt` | the conversation's system text |
 | `image_position` | `first`: the image opens the first user turn (as released); `last`: it follows the question text, so image tokens can attend to the question |
 | `task_weights` | task -> weight when a sample could serve several tasks (`rec reg gcap pope count v7w vqa conv`) |
+| `turns` | up to this many items of the chosen task as successive turns about the same image (more box targets per image; 1 = one question per sample, as released; turns that would pass `max_len` are dropped) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
 | `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
@@ -58,6 +59,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "system_prompt": SHORT_SYSTEM,
         "image_position": "first",
         "task_weights": dict(DEFAULT_TASK_WEIGHTS),
+        "turns": 1,
         "max_len": 128,
         "max_boxes": 8,
         "image_size": 64,
@@ -247,15 +249,19 @@ class SampleMaker(grain.RandomMapTransform):
         p = np.array([self.task_weights[t] for t in tasks], np.float64)
         task = tasks[rng.choice(len(tasks), p=p / p.sum())]
         items = ex.tasks["rec" if task == "reg" else task]
-        item = items[int(rng.integers(len(items)))]
+        picked = rng.permutation(len(items))[: max(1, min(cfg.get("turns", 1), len(items)))]
         image = _load_image(ex, image_root)
         h, w = image.shape[:2]
         if (ex.width and ex.width != w) or (ex.height and ex.height != h):
             raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}", "image size")
         _check_boxes(ex.boxes, h, w, key)
         boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
-        enc = self.encoder.encode(templates.build_turns(ex, task, item, rng), boxes, key)
+        turns = [templates.build_turns(ex, task, items[int(k)], rng) for k in picked]
         T, Q = cfg.max_len, cfg.max_boxes
+        for k in range(len(turns), 0, -1):  # as many turns as fit in max_len (the first always counts)
+            enc = self.encoder.encode([t for pair in turns[:k] for t in pair], boxes, key)
+            if len(enc.input_ids) <= T:
+                break
         n = len(enc.input_ids)
         if n > T:
             raise BadSample(f"{key}: {n} tokens exceed max_len {T}", "too long")

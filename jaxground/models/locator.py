@@ -21,14 +21,16 @@ from jaxground.models.layers import Linear
 PRIOR_BOX = (0.25, 0.25, 0.75, 0.75)
 
 
-def _linear(d_in: int, d_out: int, axes, *, std: float, rngs: nnx.Rngs, dtype, param_dtype, kernel_init=None):
-    # HF `post_init` gives every nn.Linear of the released model N(0, initializer_range = 0.02) and zero bias.
+def _linear(d_in: int, d_out: int, axes, *, std: float | None, rngs: nnx.Rngs, dtype, param_dtype, kernel_init=None):
+    # HF `post_init` gives every nn.Linear of the released model N(0, initializer_range = 0.02) and zero bias;
+    # std None = LeCun normal (1/sqrt(d_in)), for models trained from scratch.
+    default = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
     return Linear(
         d_in,
         d_out,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nnx.with_partitioning(kernel_init or nnx.initializers.normal(std), axes),
+        kernel_init=nnx.with_partitioning(kernel_init or default, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,
     )
@@ -37,7 +39,7 @@ def _linear(d_in: int, d_out: int, axes, *, std: float, rngs: nnx.Rngs, dtype, p
 class BoxEncoder(nnx.Module):
     """G: f32[..., 4] xyxy -> [..., D]: Linear(4 -> D/2), ReLU, Linear(D/2 -> D)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, init_std: float = 0.02, dtype=None, param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, init_std: float | None = 0.02, dtype=None, param_dtype=jnp.float32):
         kw = {"std": init_std, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
         self.fc1 = _linear(4, dim // 2, (None, "mlp"), **kw)
         self.fc2 = _linear(dim // 2, dim, ("mlp", "embed"), **kw)
@@ -59,7 +61,7 @@ class BoxDecoder(nnx.Module):
         *,
         rngs: nnx.Rngs,
         box_prior: bool = False,
-        init_std: float = 0.02,
+        init_std: float | None = 0.02,
         dtype=None,
         param_dtype=jnp.float32,
     ):

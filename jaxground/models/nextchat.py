@@ -44,6 +44,7 @@ class NextChatConfig:
     projector: str = "mlp2x_gelu"
     freeze_vision: bool = True
     box_prior: bool = False
+    locator_init_std: float | None = 0.02  # G and F kernels: N(0, std) as released; None = LeCun normal
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
     sam: SamConfig | None = None  # SAM image encoder + mask head (stage 3); None = boxes only
     freeze_sam: bool = True  # the released model keeps SAM's image encoder frozen (stop_gradient)
@@ -109,8 +110,9 @@ class NextChat(nnx.Module):
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, d, rngs=rngs, dtype=cfg.llm.dtype,
                                    param_dtype=cfg.llm.param_dtype)
         self.llm = Llama(cfg.llm, rngs=rngs)
-        self.loc_encoder = BoxEncoder(d, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.loc_decoder = BoxDecoder(d, rngs=rngs, box_prior=cfg.box_prior, dtype=dtype, param_dtype=param_dtype)
+        loc = {"rngs": rngs, "init_std": cfg.locator_init_std, "dtype": dtype, "param_dtype": param_dtype}
+        self.loc_encoder = BoxEncoder(d, **loc)
+        self.loc_decoder = BoxDecoder(d, box_prior=cfg.box_prior, **loc)
         if cfg.sam is not None:
             self.sam = Sam(cfg.sam, rngs=rngs, with_decoder=False)
             self.mask_head = MaskHead(d, cfg.sam, rngs=rngs)

@@ -48,6 +48,7 @@ def model_config(config, tokens) -> NextChatConfig:
         projector=config.model.projector,
         freeze_vision=config.model.freeze_vision,
         box_prior=config.model.box_prior,
+        locator_init_std=config.model.get("locator_init_std", 0.02),
         tokens=tokens,
         sam=SamConfig(**_fields(SamConfig, config.model.sam, "model.sam")) if config.model.get("sam") else None,
         freeze_sam=config.model.get("freeze_sam", True),
@@ -65,6 +66,7 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
     else:
         cfg.datasets = config.eval.datasets.to_dict()
         cfg.task_weights = {"rec": 1.0}
+        cfg.turns = 1  # each expression scored alone, as in the released evaluation
         cfg.max_objects = config.eval.get("max_objects", 0)  # e.g. 1: only the single-object test scenes
         cfg.batch_size = config.eval.batch_size // hosts
     return cfg

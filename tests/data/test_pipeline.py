@@ -40,6 +40,25 @@ def test_batches_fill_batch_exactly(shapes_dir, encoder):
     assert b["mask_valid"].sum() == b["target_mask"].sum()
 
 
+def test_turns_ask_several_distinct_questions_within_max_len(shapes_dir, encoder):
+    ids = encoder.ids
+    def batch(max_len, turns):
+        cfg = _cfg(shapes_dir, task_weights={"rec": 1.0}, turns=turns)
+        cfg.max_len = max_len
+        return next(_pipe(cfg))
+
+    one, many, short = batch(160, 1), batch(160, 3), batch(48, 3)
+    assert (one["target_mask"].sum(1) == 1).all()
+    assert many["target_mask"].sum(1).max() == 3 and (many["target_mask"].sum(1) >= 1).all()
+    assert short["valid"].all() and short["target_mask"].sum(1).max() < 3  # turns dropped, no sample skipped
+    for r in range(4):
+        x, y, m = many["input_ids"][r], many["labels"][r], many["attention_mask"][r]
+        n = int(many["target_mask"][r].sum())
+        assert (x == ids.im_patch).sum() == 4 and (y == ids.at).sum() == n and (x == ids.boxes).sum() == n
+        questions = encoder.tok.decode(x[m]).split("USER:")[1:]
+        assert len(questions) == n and len(set(questions)) == n  # distinct items of the same image
+
+
 def test_resume_gives_the_same_next_batches(shapes_dir):
     it = _pipe(_cfg(shapes_dir))
     next(it), next(it)
