@@ -49,3 +49,15 @@ def test_logical_axes():
     dec = nnx.eval_shape(lambda: BoxDecoder(8, rngs=nnx.Rngs(0)))
     assert enc.fc2.kernel.out_sharding == ("mlp", "embed")
     assert dec.fc1.kernel.out_sharding == ("embed", "mlp")
+
+
+def test_init_std_released_or_lecun():
+    """0.02 as released; None = LeCun normal, std 1/sqrt(fan_in) (truncated normal, so within ~15%)."""
+    d = 512
+    released = BoxDecoder(d, rngs=nnx.Rngs(0))
+    lecun = BoxDecoder(d, rngs=nnx.Rngs(0), init_std=None)
+    enc = BoxEncoder(d, rngs=nnx.Rngs(0), init_std=None)
+    np.testing.assert_allclose(float(jnp.std(released.fc1.kernel[...])), 0.02, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(lecun.fc1.kernel[...])), d ** -0.5, rtol=0.15)
+    np.testing.assert_allclose(float(jnp.std(lecun.fc2.kernel[...])), (d // 2) ** -0.5, rtol=0.15)
+    np.testing.assert_allclose(float(jnp.std(enc.fc2.kernel[...])), (d // 2) ** -0.5, rtol=0.15)
