@@ -8,7 +8,7 @@ only task is REC; the question comes before the image (`data.image_position="las
 can attend to it; the box heads start from LeCun-normal kernels and the cycle term is off (both measured to
 shorten the plateau before localisation starts, README "Figures of the embedded default").
 `launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow decay, then these
-300 steps on all scenes.
+300 steps at lr 3e-4 on scenes of at most 2 objects.
 """
 
 from ml_collections import ConfigDict
