@@ -28,7 +28,7 @@ def get_config() -> ConfigDict:
         projector="mlp2x_gelu",
         freeze_vision=False,
         box_prior=False,
-        locator_init_std=None,  # LeCun: with the released N(0, 0.02) the box gradient reaching the LLM is ~1e-3 as large
+        locator_init_std=None,  # LeCun: with the released N(0, 0.02) the box gradient passes two 0.02-scale kernels
         sam=None,  # stage 3 adds a tiny SAM (tiny_shapes_stage3.py)
     ))
     c.data = pipeline_config(

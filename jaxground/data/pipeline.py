@@ -227,6 +227,8 @@ class SampleMaker(grain.RandomMapTransform):
     """(dataset name, Example) -> dict of padded numpy arrays, or {"skip": reason} for bad input."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
+        if cfg.turns < 1:
+            raise ValueError(f"data.turns must be >= 1, got {cfg.turns}")
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
         self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
@@ -249,7 +251,7 @@ class SampleMaker(grain.RandomMapTransform):
         p = np.array([self.task_weights[t] for t in tasks], np.float64)
         task = tasks[rng.choice(len(tasks), p=p / p.sum())]
         items = ex.tasks["rec" if task == "reg" else task]
-        picked = rng.permutation(len(items))[: max(1, min(cfg.get("turns", 1), len(items)))]
+        picked = rng.permutation(len(items))[: cfg.turns]
         image = _load_image(ex, image_root)
         h, w = image.shape[:2]
         if (ex.width and ex.width != w) or (ex.height and ex.height != h):

@@ -57,6 +57,8 @@ def test_turns_ask_several_distinct_questions_within_max_len(shapes_dir, encoder
         assert (x == ids.im_patch).sum() == 4 and (y == ids.at).sum() == n and (x == ids.boxes).sum() == n
         questions = encoder.tok.decode(x[m]).split("USER:")[1:]
         assert len(questions) == n and len(set(questions)) == n  # distinct items of the same image
+    with pytest.raises(ValueError, match="turns"):
+        batch(160, 0)
 
 
 def test_resume_gives_the_same_next_batches(shapes_dir):
