@@ -62,6 +62,10 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert cli.main(args + ["train.stepz=3"]) == 2
     assert "unknown config key 'train.stepz'" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints").exists()
+    ok_data = [f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={shapes_dir}"]
+    assert cli.main(args + ok_data + ["train.label_tokens=1"]) == 2  # a REC answer has more supervised tokens
+    assert "supervised tokens, more than train.label_tokens=1" in capsys.readouterr().out
+    assert not any(tmp_path.glob("checkpoints/*"))
 
 
 def test_mesh_not_dividing_is_refused(tmp_path, capsys, shapes_dir):

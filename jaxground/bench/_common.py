@@ -22,12 +22,13 @@ def param_count(tree) -> int:
 
 
 def step_flops(cfg, model_state, batch: int, seq: int, *, llm_trained: bool, vision_trained: bool = False,
-               triggers: int = 8) -> float:
+               triggers: int = 8, head_tokens: int | None = None) -> float:
     """Model FLOPs of one NExT-Chat train step: matmuls, counted analytically (the recompute of remat is not
     counted; attention is counted over all T^2 pairs, as computed). A trained part costs 3x its forward
     (forward + two backward matmuls), a frozen one 1x. `model_state`: the model's nnx.State (abstract is fine).
 
-    - LLM forward: 2 * (params - input embedding table) * tokens + 4 * T^2 * D per layer and sequence;
+    - LLM forward: 2 * (params - input embedding table) * tokens + 4 * T^2 * D per layer and sequence, the LM
+      head's share counted at `head_tokens` positions per sequence (default all T; `train.label_tokens`);
     - CLIP: 2 * params * patches + 4 * P^2 * Dv per layer run (`select_layer` -2 skips the last layer);
     - projector: 2 * params * patches; box encoder/decoder: 2 * params per box (negligible);
     - SAM image encoder (frozen, stage 3): 2 * params * g^2 + attention over 14x14 windows and the global
@@ -38,7 +39,9 @@ def step_flops(cfg, model_state, batch: int, seq: int, *, llm_trained: bool, vis
     groups = {name: param_count(model_state[name]) for name in model_state}
     head_dim = llm.head_dim or llm.hidden_size // llm.num_heads
     llm_mm = groups["llm"] - llm.vocab_size * llm.hidden_size  # the input embedding is a gather
-    llm_fwd = 2 * llm_mm * seq + llm.num_layers * 4 * seq * seq * llm.num_heads * head_dim
+    head = llm.vocab_size * llm.hidden_size
+    llm_fwd = 2 * (llm_mm - head) * seq + 2 * head * (seq if head_tokens is None else head_tokens)
+    llm_fwd += llm.num_layers * 4 * seq * seq * llm.num_heads * head_dim
     p, run = vis.num_patches, vis.layers_run
     vis_fwd = 2 * groups["vision"] * run / vis.num_layers * p + run * 4 * p * p * vis.hidden_size
     flops = (3 if llm_trained else 1) * (llm_fwd + 2 * groups["projector"] * p)

@@ -183,14 +183,14 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
     embeds, mask = repeat(embeds), repeat(mask)
 
     cache = llm.init_cache(rows, t + n, dtype=embeds.dtype)
-    hidden, logits, cache = llm.forward_embeds(embeds, mask, cache=cache)
+    hidden, _, cache = llm.forward_embeds(embeds, mask, cache=cache, with_logits=False)  # logits: last token only
     last_fed = jnp.full((rows,), -1, jnp.int32)
     first_scores = jnp.where(jnp.arange(rows) % w == 0, 0.0, -jnp.inf)  # beams of a prompt start as one
     state = _State(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
         hidden=hidden[:, -1],
-        logits=logits[:, -1],
+        logits=llm.head(hidden[:, -1]),
         fed=last_fed,
         tokens=jnp.full((rows, n), cfg.pad_id, jnp.int32),
         done=jnp.zeros((rows,), bool),

@@ -235,8 +235,10 @@ class Llama(nnx.Module):
             c.num_layers, batch, max_len, c.num_kv_heads, c.dim_per_head, dtype or jnp.dtype(c.dtype)
         )
 
-    def forward_embeds(self, embeds, attention_mask=None, positions=None, cache: KVCache | None = None):
-        """embeds [B,T,D] -> (hidden [B,T,D] after the final norm, logits float32[B,T,V], updated cache).
+    def forward_embeds(self, embeds, attention_mask=None, positions=None, cache: KVCache | None = None,
+                       with_logits: bool = True):
+        """embeds [B,T,D] -> (hidden [B,T,D] after the final norm, logits float32[B,T,V] (None without
+        `with_logits`: the caller runs `head` on the states it needs), updated cache).
 
         `attention_mask` bool[B,T] marks real tokens (prompts may be left-padded); positions default to the
         count of real tokens before each one (cached ones included). With a cache the T tokens are written at
@@ -264,11 +266,12 @@ class Llama(nnx.Module):
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1])
         hidden = self.norm(x)
-        if self.cfg.tie_embeddings:
-            logits = self.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return hidden, logits.astype(jnp.float32), cache
+        return hidden, (self.head(hidden) if with_logits else None), cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm states [..., D] -> logits float32[..., V] (the tied input embedding or `lm_head`)."""
+        logits = self.embed_tokens.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+        return logits.astype(jnp.float32)
 
     def _layers(self, x, cos, sin, attn_mask, cache, index):
         """Runs every layer; returns (x [B,T,D], (k, v) [L,B,S,K,H] or None)."""

@@ -32,7 +32,8 @@ from jaxground.models.mask_head import MaskHead
 from jaxground.models.projector import Projector
 from jaxground.models.sam.config import SamConfig
 from jaxground.models.sam.sam import Sam
-from jaxground.ops.losses import IGNORE, cycle_loss, detection_loss, token_cross_entropy
+from jaxground.ops.losses import (IGNORE, cycle_loss, detection_loss, supervised_positions, target_cross_entropy,
+                                   token_cross_entropy)
 from jaxground.ops.mask_losses import seg_loss
 from jaxground.tokens import TokenIds
 
@@ -58,7 +59,7 @@ class NextChatConfig:
 
 @struct.dataclass
 class NextChatOutput:
-    logits: jax.Array  # float32[B,T,V]
+    logits: jax.Array  # float32[B,T,V]; with `label_tokens` k, float32[B,k,V] at the supervised positions only
     hidden: jax.Array  # [B,T,D], last layer after the final norm
     pred_boxes: jax.Array  # float32[B,Q,4] = F(trigger_states)
     trigger_states: jax.Array  # [B,Q,D], zeros where trigger_mask is False
@@ -67,6 +68,7 @@ class NextChatOutput:
     encode_of_decode: jax.Array  # [B,Q,D] = G(pred_boxes)
     mask_logits: jax.Array | None = None  # float32[B,Q,4g,4g] low-res SAM logits over the padded square
     iou_pred: jax.Array | None = None  # float32[B,Q]
+    logit_targets: jax.Array | None = None  # int32[B,k] next-token labels aligned with logits (with `label_tokens`)
 
 
 def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
@@ -135,12 +137,19 @@ class NextChat(nnx.Module):
         embeds = place_rows(embeds, input_ids == tok.im_patch, image_feats)
         return place_rows(embeds, input_ids == tok.boxes, box_embeds, box_mask)
 
-    def __call__(self, batch: Batch) -> NextChatOutput:
+    def __call__(self, batch: Batch, label_tokens: int = 0) -> NextChatOutput:
+        """`label_tokens` k > 0: the LM head runs only at the first k positions of each row whose next label
+        counts (`ops.losses.supervised_positions`), instead of at all T; the loss is the same while no row has
+        more than k counted labels (the training loop checks each batch)."""
         self._check_batch(batch)
         tok = self.cfg.tokens
         box_embeds = self.loc_encoder(batch.boxes)  # [B,Q,D]
         embeds = self._embed(batch.input_ids, self.encode_image(batch.images), box_embeds, batch.box_mask)
-        hidden, logits, _ = self.llm.forward_embeds(embeds, batch.attention_mask)
+        hidden, logits, _ = self.llm.forward_embeds(embeds, batch.attention_mask, with_logits=not label_tokens)
+        logit_targets = None
+        if label_tokens:
+            positions, logit_targets = supervised_positions(batch.labels, label_tokens)
+            logits = self.llm.head(jnp.take_along_axis(hidden, positions[..., None], axis=1))
         is_trigger = (batch.input_ids == tok.at) & (batch.labels == tok.at)
         states, trigger_mask = gather_slots(hidden, is_trigger, batch.target_boxes.shape[1])
         pred = self.loc_decoder(states)
@@ -157,6 +166,7 @@ class NextChat(nnx.Module):
             encode_of_decode=self.loc_encoder(pred),
             mask_logits=mask_logits,
             iou_pred=iou_pred,
+            logit_targets=logit_targets,
         )
 
     def segment(self, sam_images: jax.Array, trigger_states: jax.Array, pred_boxes: jax.Array):
@@ -218,7 +228,10 @@ def nextchat_loss(
     from `jaxground.ops.losses.DET_PRESETS`.
     """
     valid = batch.valid[:, None]
-    ce, n_tokens = token_cross_entropy(out.logits, jnp.where(valid, batch.labels, IGNORE))
+    if out.logit_targets is None:
+        ce, n_tokens = token_cross_entropy(out.logits, jnp.where(valid, batch.labels, IGNORE))
+    else:
+        ce, n_tokens = target_cross_entropy(out.logits, jnp.where(valid, out.logit_targets, IGNORE))
     det = detection_loss(out.pred_boxes, batch.target_boxes, batch.target_mask & out.trigger_mask & valid,
                          w_l1, w_giou)
     cyc = cycle_loss(batch.boxes, batch.box_mask & valid, out.decode_of_encode,

@@ -37,12 +37,34 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be [B,T,V] and [B,T]")
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    return target_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def target_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of logits f32[B,K,V] against aligned targets int[B,K] (-100 = ignored), no shift ->
+    (mean over counted targets (0 if none), number counted int32[]). Computed in float32."""
     counted = targets != IGNORE
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
     return _masked_mean(-picked, counted), jnp.sum(counted, dtype=jnp.int32)
+
+
+def supervised_positions(labels: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The first k positions t of each row whose next label counts (labels[:, t + 1] != -100), with those labels.
+
+    labels int[B,T] -> (positions int32[B,k], targets int32[B,k]; -100 where a row has fewer than k). The LM
+    head then runs on k states per row instead of T, with the same loss as `token_cross_entropy` as long as
+    no row has more than k counted labels (`count_supervised` tells).
+    """
+    counted = labels[:, 1:] != IGNORE  # [B,T-1]
+    order = jnp.argsort(~counted, axis=1, stable=True)[:, :k].astype(jnp.int32)  # counted positions first, in order
+    targets = jnp.take_along_axis(labels[:, 1:], order, axis=1)
+    return order, jnp.where(jnp.take_along_axis(counted, order, axis=1), targets, IGNORE).astype(jnp.int32)
+
+
+def count_supervised(labels) -> int:
+    """The largest number of counted next-token labels in a row of labels int[B,T] (numpy or JAX)."""
+    return int((labels[:, 1:] != IGNORE).sum(axis=1).max(initial=0))
 
 
 def detection_loss(

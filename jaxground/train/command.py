@@ -34,7 +34,7 @@ def run(args) -> int:
     from jaxground import checkpoint, parallel
     from jaxground.config import load_config
     from jaxground.train import loop
-    from jaxground.train.task import make_task
+    from jaxground.train.task import TaskConfigError, make_task
 
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     try:  # everything the config names is built (and checked) here, before any training
@@ -45,7 +45,7 @@ def run(args) -> int:
         return 2
     try:
         result = loop.fit(task, config, workdir, init_from=args.init_from)
-    except (parallel.MeshError, checkpoint.CheckpointMismatch, FileNotFoundError) as e:
+    except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError) as e:
         print(f"jaxground train: {e}")
         return 2
     except loop.Diverged as e:

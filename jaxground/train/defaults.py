@@ -33,7 +33,8 @@ def optim(lr: float, *, warmup_ratio: float = 0.03, weight_decay: float = 0.0, c
 
 
 def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_every: int = 10,
-          eval_every: int = 0, save_every: int = 1000, keep: int = 3, seed: int = 0) -> ConfigDict:
+          eval_every: int = 0, save_every: int = 1000, keep: int = 3, seed: int = 0,
+          label_tokens: int = 0) -> ConfigDict:
     trainable, frozen = STAGE_TRAINABLE[stage]
     return ConfigDict(
         {
@@ -41,6 +42,8 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
             "steps": steps,
             "batch_size": batch_size,  # global, over all processes and micro-steps
             "micro_steps": micro_steps,  # gradient accumulation
+            # > 0: the LM head runs only at this many supervised positions per row (a row with more stops the run)
+            "label_tokens": label_tokens,
             "log_every": log_every,
             "eval_every": eval_every,  # 0 = only at the end
             "save_every": save_every,

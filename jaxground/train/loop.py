@@ -31,6 +31,7 @@ class Task:
     eval_fn: stp.EvalFn | None = None  # (model, batch) -> sums over the batch's valid rows
     eval_batches: Callable[[], Iterable[dict]] | None = None  # a fresh pass over the held-out split
     summarize: Callable[[dict], dict] = dict  # sums over the split -> the reported figures
+    check_rows: Callable[[dict], None] | None = None  # raises on training rows the step would mishandle
 
 
 @dataclasses.dataclass
@@ -77,9 +78,12 @@ def _log(*args) -> None:
 
 def _next_rows(task: Task, step: int) -> dict:
     try:
-        return next(task.train_batches)
+        rows = next(task.train_batches)
     except StopIteration:
         raise RuntimeError(f"the training data ran out at step {step}; make it repeat") from None
+    if task.check_rows is not None:
+        task.check_rows(rows)
+    return rows
 
 
 def evaluate(task: Task, eval_step, model_state, mesh) -> dict:

@@ -20,7 +20,7 @@ from jaxground.models.clip import ClipVisionConfig
 from jaxground.models.llama import LlamaConfig
 from jaxground.models.sam.config import SamConfig
 from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss, resize_mask_logits
-from jaxground.ops.losses import DET_PRESETS
+from jaxground.ops.losses import DET_PRESETS, count_supervised
 from jaxground.ops.mask_metrics import res_scores, res_sums
 from jaxground.train.loop import Task
 
@@ -110,9 +110,19 @@ def make_task(config) -> Task:
     cfg = model_config(config, tokens)
     seed = config.train.seed
 
+    label_tokens = config.train.get("label_tokens", 0)
+    if label_tokens < 0:
+        raise TaskConfigError(f"train.label_tokens must be >= 0 (0 = the LM head at every position), got {label_tokens}")
+
+    def check_rows(rows: dict) -> None:
+        most = count_supervised(rows["labels"])
+        if most > label_tokens:
+            raise TaskConfigError(f"a training row has {most} supervised tokens, more than train.label_tokens="
+                                  f"{label_tokens}: raise it (or set 0 to run the LM head at every position)")
+
     def loss_fn(model: NextChat, batch: dict):
         b = Batch(**batch)
-        total, parts = nextchat_loss(model(b), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle,
+        total, parts = nextchat_loss(model(b, label_tokens), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle,
                                      seg_preset=config.loss.seg)
         shown = {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
         return total, shown | ({"seg": parts["seg"]} if "seg" in parts else {})
@@ -124,6 +134,7 @@ def make_task(config) -> Task:
         eval_fn=rec_eval,
         eval_batches=lambda: make_pipeline(data_config(config, training=False), training=False),
         summarize=summarize,
+        check_rows=check_rows if label_tokens else None,
     )
 
 

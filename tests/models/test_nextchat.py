@@ -150,3 +150,25 @@ def test_bad_inputs_are_refused(model):
         model(batch.replace(target_boxes=batch.target_boxes[:, :1], target_mask=batch.target_mask[:, :1]))
     with pytest.raises(ValueError, match="outside the LLM vocabulary"):
         dataclasses.replace(CFG, tokens=TokenIds())
+
+
+@pytest.mark.parametrize("k", [5, 9])
+def test_label_tokens_same_loss_and_gradients(model, k):
+    """The LM head at the supervised positions only (row 0 has 5, row 1 has 3; k = 5 is tight, 9 pads) gives
+    the full head's loss and gradients."""
+    batch = _batch()
+    w_l1, w_giou = DET_PRESETS["released"]
+
+    def loss_fn(m, label_tokens):
+        return nextchat_loss(m(batch, label_tokens), batch, w_l1=w_l1, w_giou=w_giou)
+
+    full = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True), static_argnums=1)(model, 0)
+    part = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True), static_argnums=1)(model, k)
+    (t0, p0), g0 = full
+    (t1, p1), g1 = part
+    np.testing.assert_allclose(float(t1), float(t0), rtol=1e-6)
+    assert float(p1["n_tokens"]) == float(p0["n_tokens"]) == 8
+    np.testing.assert_allclose(float(p1["ce"]), float(p0["ce"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert model(batch, k).logits.shape == (2, k, 64)

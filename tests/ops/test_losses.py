@@ -91,3 +91,17 @@ def test_losses_finite_with_finite_gradients(pred, target, mask, copy):
     value, grads = _loss_and_grads(pred, target, mask, logits, labels)
     assert np.isfinite(value)
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_supervised_positions_pick_counted_next_labels_in_order():
+    labels = np.array([[-100, -100, 5, 6, -100, 7], [-100, 3, -100, -100, -100, -100]], np.int32)
+    pos, tgt = L.supervised_positions(jnp.asarray(labels), 4)
+    np.testing.assert_array_equal(pos[0, :3], [1, 2, 4])  # labels at 2, 3, 5 are predicted from t = 1, 2, 4
+    np.testing.assert_array_equal(tgt, [[5, 6, 7, -100], [3, -100, -100, -100]])
+    assert pos[1, 0] == 0
+    assert L.count_supervised(labels) == 3 and L.count_supervised(labels[:, :1]) == 0
+    logits = jax.random.normal(jax.random.key(0), (2, 6, 9))
+    full = L.token_cross_entropy(logits, jnp.asarray(labels))
+    part = L.target_cross_entropy(jnp.take_along_axis(logits, pos[..., None], axis=1), tgt)
+    np.testing.assert_allclose(float(part[0]), float(full[0]), rtol=1e-6)
+    assert int(part[1]) == int(full[1]) == 4
