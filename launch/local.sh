@@ -10,10 +10,15 @@ RUN="${RUN:-runs/tiny_shapes}"
 CONFIG=configs/tiny_shapes.py
 PATHS=("data.datasets.shapes.path=$DATA" "eval.datasets.shapes.path=$DATA")
 start=$(date +%s)
+last=$start
+lap() {  # prints the time the previous part took
+  local now; now=$(date +%s); echo "[local] $1 took $((now - last)) s"; last=$now
+}
 
 if [ ! -f "$DATA/test.array_record" ]; then
   echo "[local] generating the synthetic shapes data in $DATA"
   jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2
+  lap "data generation"
 fi
 
 # Stage 1 as a curriculum: single-object scenes at batch 16 and a slowly decaying rate (localisation starts only
@@ -24,11 +29,14 @@ fi
 echo "[local] stage 1a: single-object scenes"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=1100 \
   train.batch_size=16 optim.min_lr_ratio=0.3 train.save_every=550
+lap "stage 1a"
 echo "[local] stage 1b: scenes of at most 2 objects, from stage 1a"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}" optim.lr=3e-4 \
   data.max_objects=2
+lap "stage 1b"
 echo "[local] stage 3: mask head on a tiny SAM, from stage 1"
 jaxground train --config configs/tiny_shapes_stage3.py --workdir "$RUN/stage3" --init-from "$RUN/stage1" "${PATHS[@]}"
+lap "stage 3"
 
 if jaxground eval --help >/dev/null 2>&1; then
   echo "[local] evaluating REC on the test split"
@@ -56,6 +64,7 @@ PY
       --prompt "$prompt" --out "$RUN/predictions/pred$i.png" "${PATHS[@]}" || true
   done < "$RUN/predictions/prompts.tsv"
 fi
+lap "evaluation and pictures"
 
 echo "[local] figures on the held-out test split (teacher-forced REC after stage 1; + mask cIoU after stage 3):"
 cat "$RUN/stage1/eval.json" "$RUN/stage3/eval.json"

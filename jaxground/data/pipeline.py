@@ -12,6 +12,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `system_prompt` | the conversation's system text |
 | `image_position` | `first`: the image opens the first user turn (as released); `last`: it follows the question text, so image tokens can attend to the question |
 | `task_weights` | task -> weight when a sample could serve several tasks (`rec reg gcap pope count v7w vqa conv`) |
+| `rec_answer` | `released`: REC answers `Answer: <at><boxes> .` (as released); `expression`: the expression restated before its box, `The red circle <at><boxes> .` (teacher-forced at evaluation too) |
 | `turns` | up to this many items of the chosen task as successive turns about the same image (more box targets per image; 1 = one question per sample, as released; turns that would pass `max_len` are dropped) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
@@ -60,6 +61,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "image_position": "first",
         "task_weights": dict(DEFAULT_TASK_WEIGHTS),
         "turns": 1,
+        "rec_answer": "released",
         "max_len": 128,
         "max_boxes": 8,
         "image_size": 64,
@@ -229,6 +231,8 @@ class SampleMaker(grain.RandomMapTransform):
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
         if cfg.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {cfg.turns}")
+        if cfg.get("rec_answer", "released") not in templates.REC_ANSWERS:
+            raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {cfg.rec_answer!r}")
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
         self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
@@ -258,7 +262,7 @@ class SampleMaker(grain.RandomMapTransform):
             raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}", "image size")
         _check_boxes(ex.boxes, h, w, key)
         boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
-        turns = [templates.build_turns(ex, task, items[int(k)], rng) for k in picked]
+        turns = [templates.build_turns(ex, task, items[int(k)], rng, cfg.get("rec_answer", "released")) for k in picked]
         T, Q = cfg.max_len, cfg.max_boxes
         for k in range(len(turns), 0, -1):  # as many turns as fit in max_len (the first always counts)
             enc = self.encoder.encode([t for pair in turns[:k] for t in pair], boxes, key)

@@ -3,7 +3,7 @@
 `build_turns(example, task, item, rng)` turns one task item (see `records.Example`) into conversation turns
 `[(role, text, groups)]`: `text` holds one `<loc>` per entry of `groups`, each a list of object indices whose
 boxes the location format writes there. REC answers are `"Answer: <loc> ."`, the form the authors
-teacher-force at evaluation.
+teacher-force at evaluation (or the expression restated before its box, `rec_answer="expression"`).
 """
 
 from __future__ import annotations
@@ -71,10 +71,20 @@ def available_tasks(example: Example) -> list[str]:
     return tasks + (["reg"] if "rec" in tasks else [])
 
 
-def build_turns(example: Example, task: str, item: dict, rng: np.random.Generator) -> list[Turn]:
+REC_ANSWERS = ("released", "expression")
+
+
+def build_turns(example: Example, task: str, item: dict, rng: np.random.Generator,
+                rec_answer: str = "released") -> list[Turn]:
+    """`rec_answer`: "released" answers REC with `Answer: <loc> .`; "expression" restates the expression before
+    its box (`The red circle <loc> .`), the phrase-then-box form of grounded captions."""
     q = _pick(QUESTIONS.get(task, ("",)), rng)
     if task == "rec":
-        return [("user", q.replace("<expr>", item["expr"]), []), ("assistant", f"Answer: {LOC} .", [[item["obj"]]])]
+        if rec_answer not in REC_ANSWERS:
+            raise ValueError(f"rec_answer {rec_answer!r} is not one of {REC_ANSWERS}")
+        expr = item["expr"]
+        answer = f"Answer: {LOC} ." if rec_answer == "released" else f"{expr[0].upper()}{expr[1:]} {LOC} ."
+        return [("user", q.replace("<expr>", expr), []), ("assistant", answer, [[item["obj"]]])]
     if task == "reg":
         expr = item["expr"].removeprefix("the ")
         return [("user", q, [[item["obj"]]]), ("assistant", f"{expr[0].upper()}{expr[1:]}.", [])]

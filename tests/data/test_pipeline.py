@@ -61,6 +61,21 @@ def test_turns_ask_several_distinct_questions_within_max_len(shapes_dir, encoder
         batch(160, 0)
 
 
+def test_rec_answer_restates_the_expression_before_its_box(shapes_dir, encoder):
+    cfg = _cfg(shapes_dir, task_weights={"rec": 1.0}, rec_answer="expression")
+    b = next(_pipe(cfg))
+    for r in range(4):
+        x, y, m = b["input_ids"][r], b["labels"][r], b["attention_mask"][r]
+        text = encoder.tok.decode(x[m])
+        question, answer = text.split("ASSISTANT:")
+        expr = answer.split("<at>")[0].strip()
+        assert expr[0].isupper() and expr.lower() in question.lower(), text  # the question's expression, restated
+        assert (y == encoder.ids.at).sum() == 1 and b["target_mask"][r].sum() == 1
+    cfg.rec_answer = "nosuch"
+    with pytest.raises(ValueError, match="rec_answer"):
+        next(_pipe(cfg))
+
+
 def test_resume_gives_the_same_next_batches(shapes_dir):
     it = _pipe(_cfg(shapes_dir))
     next(it), next(it)
