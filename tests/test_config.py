@@ -65,6 +65,8 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     ok_data = [f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={shapes_dir}"]
     assert cli.main(args + ok_data + ["train.label_tokens=1"]) == 2  # a REC answer has more supervised tokens
     assert "supervised tokens, more than train.label_tokens=1" in capsys.readouterr().out
+    assert cli.main(args + ok_data + ["train.label_tokens=-1"]) == 2
+    assert "train.label_tokens must be >= 0" in capsys.readouterr().out
     assert not any(tmp_path.glob("checkpoints/*"))
 
 
