@@ -235,6 +235,9 @@ def bench_size(name: str, args, peak: float) -> dict:
     label_tokens = args.label_tokens
     if label_tokens < 0:
         label_tokens = -(-count_supervised(data["labels"]) // 8) * 8
+    elif label_tokens and label_tokens < count_supervised(data["labels"]):
+        raise SystemExit(f"--label-tokens {label_tokens} is fewer than the {count_supervised(data['labels'])} "
+                         "supervised tokens per row of the benchmark batch")
     head_rows = min(label_tokens, seq) if label_tokens else seq
     flops = step_flops(cfg, nnx.state(model), batch, seq, llm_trained=True, vision_trained=not frozen,
                        triggers=BOXES, head_tokens=head_rows)
@@ -287,6 +290,8 @@ def run(args) -> int:
     for name in ("repeats",) + (("batch",) if args.batch is not None else ()) + (("seq",) if args.seq is not None else ()):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.label_tokens < -1:
+        raise SystemExit(f"--label-tokens must be -1 (auto), 0 (every position) or a count, got {args.label_tokens}")
     import jax
     import torch
 
