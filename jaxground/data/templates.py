@@ -113,4 +113,5 @@ def all_template_texts() -> list[str]:
     """Every fixed phrase (for training a tokenizer on the synthetic corpus)."""
     out = [q for qs in QUESTIONS.values() for q in qs]
     out += [a for answers in _YES.values() for a in answers] + list(_NUMBERS) + ["Answer: ."]
+    out += [f"{n.capitalize()}:" for n in _NUMBERS]  # counting answers open with the capitalised number
     return out

@@ -5,6 +5,7 @@ them; and `train_bpe`, the small BPE of the synthetic default, trained on its co
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from jaxground.tokens import SPECIAL_TOKENS, TokenIds
@@ -56,14 +57,18 @@ def add_special_tokens(tok, extra_tokens: list[str] = ()):
 
 
 def train_bpe(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Trains a sentencepiece-style BPE (Metaspace, `<unk>`=0 `<s>`=1 `</s>`=2, like LLaMA) and saves
-    `out_dir/tokenizer.json`; the special tokens are added when it is loaded."""
+    """Trains a sentencepiece-style BPE (Metaspace, `<unk>`=0 `<s>`=1 `</s>`=2, like LLaMA) over an alphabet of
+    every printable ASCII character and saves `out_dir/tokenizer.json`; the special tokens are added when it is
+    loaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
+    # every printable ASCII character gets a token even when the corpus lacks it (a capital "Z" in "Zero." would
+    # otherwise become <unk>, and the answer text would be lost)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=[c for c in string.printable if not c.isspace()],
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
     out = Path(out_dir)

@@ -11,6 +11,7 @@ Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
 | `pope` | every POPE question | generation, the authors' answer parsing | accuracy, precision, recall, f1, yes_ratio |
 | `reg` | every REC expression, asked back | generation given the box; the expression is the reference | cider, bleu, rouge_l, meteor |
 | `v7w` | every Visual7W pointing question | teacher-forced; F(t) picks the candidate of highest IoU | accuracy |
+| `count` | every counting question | generation; the number the answer opens with ("Two: <at>...") | accuracy, mae, unparsed |
 
 Config keys read (`config.eval`): `datasets` (split name -> dataset entry), `batch_size`, and optionally `tasks`
 (default ("rec",)), `max_new_tokens` (32), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java for the
@@ -47,6 +48,7 @@ TASKS = {
     "res": EvalTask("rec", "forward", needs_masks=True),
     "pope": EvalTask("pope", "generate"),
     "reg": EvalTask("reg", "generate"),
+    "count": EvalTask("count", "generate"),
     "v7w": EvalTask("v7w", "forward"),
 }
 # jitted once per process: a model of the same structure (another checkpoint) reuses the compiled step
@@ -178,6 +180,8 @@ def _score_generation(task: str, rows: list[dict], parser: str, meteor: bool) ->
         metrics, parsed = runners.run_pope([r["answer"] for r in rows],
                                            [runners.pope_label(r["reference"]) for r in rows], parser)
         return metrics, [r | {"pred": p["pred"], "label": p["label"]} for r, p in zip(rows, parsed)]
+    if task == "count":
+        return runners.score_count(rows)
     if task == "reg":
         from jaxground.eval.captioning import caption_metrics
 

@@ -100,3 +100,34 @@ def run_pope(answers: Iterable[str], labels: Iterable[str], parser: str = "nextc
         rows.append({"answer": a, "pred": "yes" if yes else "no", "label": str(y).lower()})
     metrics = pope_metrics([r["pred"] == "yes" for r in rows], [r["label"] == "yes" for r in rows])
     return metrics, rows
+
+
+_NUMBER_WORDS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                              "nine", "ten"))}
+
+
+def parse_count(text: str) -> int | None:
+    """The number an answer opens with ("Two: <at> ... ." -> 2, "Zero." -> 0, "3 circles" -> 3); None if it
+    opens with neither a number word nor digits."""
+    words = text.strip().split()
+    if not words:
+        return None
+    first = words[0].strip(".,:;!").lower()
+    return int(first) if first.isdigit() else _NUMBER_WORDS.get(first)
+
+
+def score_count(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Counting by generation: the number the answer opens with against the reference's. -> ({accuracy (exact),
+    mae (unparsed answers excluded), unparsed, count}, rows with pred_count / label_count)."""
+    out, hits, errors = [], 0, []
+    for r in rows:
+        pred, label = parse_count(r["answer"]), parse_count(r["reference"])
+        if label is None:
+            raise ValueError(f"reference answer {r['reference']!r} does not open with a number")
+        hits += pred == label
+        if pred is not None:
+            errors.append(abs(pred - label))
+        out.append(r | {"pred_count": pred, "label_count": label})
+    n = len(rows)
+    return {"accuracy": hits / n if n else 0.0, "mae": float(np.mean(errors)) if errors else 0.0,
+            "unparsed": n - len(errors), "count": n}, out

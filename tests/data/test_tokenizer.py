@@ -19,6 +19,16 @@ def test_bpe_special_ids_follow_the_base_vocabulary(tmp_path):
     assert tok.decode(tok("the red circle", add_special_tokens=False)["input_ids"]) == "the red circle"
 
 
+def test_bpe_knows_every_printable_character(tmp_path):
+    """Characters the corpus lacks ("Z", "F", digits) are still tokens, not <unk>: answers like "Zero." and
+    "Four: ..." survive encoding and decoding."""
+    train_bpe(TEXTS, tmp_path, vocab_size=120)
+    tok, _ = load_tokenizer(tmp_path, ["<at>", "<boxes>"])
+    text = "Zero. Four: 10 QVXJK; it's!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == text
+
+
 def test_sentencepiece_llama_tokenizer(tmp_path):
     import sentencepiece as spm
 

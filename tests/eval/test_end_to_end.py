@@ -98,7 +98,11 @@ def expected_counts(data_dir):
 
     src = RecordSource([data_dir / "test.array_record"])
     examples = [src[i] for i in range(len(src))]
-    return {t: sum(len(ex.tasks[t]) for ex in examples) for t in ("rec", "pope")}
+    return {t: sum(len(ex.tasks[t]) for ex in examples) for t in ("rec", "pope", "count")}
+
+
+def rows_of(out, task):
+    return [r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()) if r["task"] == task]
 
 
 def test_eval_every_shapes_task(setup, capsys):
@@ -106,10 +110,10 @@ def test_eval_every_shapes_task(setup, capsys):
     counts = expected_counts(root / "shapes")
     out = root / "eval_run"
     code = cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
-                     "--out", str(out), "--tasks", "rec,rec_gen,res,pope,reg", *args])
+                     "--out", str(out), "--tasks", "rec,rec_gen,res,pope,reg,count", *args])
     assert code == 0, capsys.readouterr().err
     figures = json.loads((out / "eval.json").read_text())
-    assert set(figures) == {"rec", "rec_gen", "res", "pope", "reg"}
+    assert set(figures) == {"rec", "rec_gen", "res", "pope", "reg", "count"}
     f = {task: figures[task]["shapes_test"] for task in figures}
     for task in ("rec", "rec_gen"):
         assert f[task]["count"] == counts["rec"] and 0 <= f[task]["acc@0.5"] <= 1 and 0 <= f[task]["miou"] <= 1
@@ -117,6 +121,9 @@ def test_eval_every_shapes_task(setup, capsys):
     assert f["res"]["count"] == counts["rec"] and 0 <= f["res"]["ciou"] <= 1 and 0 <= f["res"]["giou"] <= 1
     assert f["pope"]["count"] == counts["pope"]
     assert f["pope"]["yes_ratio"] == 0.0 and f["pope"]["accuracy"] == pytest.approx(0.5)  # balanced; never "yes"
+    assert f["count"]["count"] == counts["count"] and 0 <= f["count"]["accuracy"] <= 1
+    assert f["count"]["unparsed"] + sum(r["pred_count"] is not None
+                                        for r in rows_of(out, "count")) == counts["count"]
     assert f["reg"]["count"] == counts["rec"] and f["reg"]["cider"] >= 0 and "meteor" not in f["reg"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     per_task = {t: [r for r in rows if r["task"] == t] for t in figures}

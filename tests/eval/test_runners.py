@@ -96,3 +96,17 @@ def test_res_and_pointing_runners_skip_padding():
 
     summary, rows = run_pointing(pointing_step, ({"valid": v} for v in valid))
     assert summary == {"accuracy": 0.5, "count": 4} and len(rows) == 4
+
+
+def test_count_answers_parsed_and_scored():
+    from jaxground.eval.runners import parse_count, score_count
+
+    assert [parse_count(t) for t in ("Two: <at> <boxes> .", "Zero.", "10 shapes", "three", "", "Many.")] == \
+        [2, 0, 10, 3, None, None]
+    rows = [{"answer": "Two: x .", "reference": "Two: y ."}, {"answer": "One: x .", "reference": "Three: y ."},
+            {"answer": "No idea", "reference": "Zero."}]
+    metrics, out = score_count(rows)
+    assert metrics == {"accuracy": 1 / 3, "mae": 1.0, "unparsed": 1, "count": 3}
+    assert [(r["pred_count"], r["label_count"]) for r in out] == [(2, 2), (1, 3), (None, 0)]
+    with pytest.raises(ValueError, match="does not open with a number"):
+        score_count([{"answer": "Two", "reference": "Yes."}])
