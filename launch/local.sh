@@ -23,9 +23,9 @@ fi
 
 # Stage 1 as a curriculum: single-object scenes at batch 16 and a slowly decaying rate (localisation starts only
 # after a plateau of a few hundred steps, README "Figures of the embedded default", which a fast decay would cut
-# short), then scenes of at most 2 objects at batch 32 and a lower rate: choosing between two objects is what
-# these 300 steps can teach (all-scene test Acc@0.5 after them: 0.200-0.253 over four draws, against one draw each
-# of 0.205 on all scenes at 3e-4 and 0.173 at 1e-3, which cost more of the single-object skill than they taught).
+# short), then scenes of at most 2 objects at batch 32 and a lower rate, which mostly sharpens the boxes; choosing
+# between objects is not learned in this budget (README). All-scene test Acc@0.5 after them: 0.200-0.253 over
+# four draws, against one draw each of 0.205 on all scenes at 3e-4 and 0.173 at 1e-3.
 echo "[local] stage 1a: single-object scenes"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.max_objects=1 train.steps=1100 \
   train.batch_size=16 optim.min_lr_ratio=0.3 train.save_every=550
