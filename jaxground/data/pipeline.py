@@ -231,8 +231,9 @@ class SampleMaker(grain.RandomMapTransform):
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
         if cfg.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {cfg.turns}")
-        if cfg.get("rec_answer", "released") not in templates.REC_ANSWERS:
-            raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {cfg.rec_answer!r}")
+        self.rec_answer = cfg.get("rec_answer", "released")
+        if self.rec_answer not in templates.REC_ANSWERS:
+            raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {self.rec_answer!r}")
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
         self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
@@ -262,7 +263,7 @@ class SampleMaker(grain.RandomMapTransform):
             raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}", "image size")
         _check_boxes(ex.boxes, h, w, key)
         boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
-        turns = [templates.build_turns(ex, task, items[int(k)], rng, cfg.get("rec_answer", "released")) for k in picked]
+        turns = [templates.build_turns(ex, task, items[int(k)], rng, self.rec_answer) for k in picked]
         T, Q = cfg.max_len, cfg.max_boxes
         for k in range(len(turns), 0, -1):  # as many turns as fit in max_len (the first always counts)
             enc = self.encoder.encode([t for pair in turns[:k] for t in pair], boxes, key)

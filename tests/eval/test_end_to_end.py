@@ -98,7 +98,9 @@ def expected_counts(data_dir):
 
     src = RecordSource([data_dir / "test.array_record"])
     examples = [src[i] for i in range(len(src))]
-    return {t: sum(len(ex.tasks[t]) for ex in examples) for t in ("rec", "pope", "count")}
+    counts = {t: sum(len(ex.tasks[t]) for ex in examples) for t in ("rec", "pope", "count")}
+    counts["count_labels"] = sorted(len(it["objs"]) for ex in examples for it in ex.tasks["count"])
+    return counts
 
 
 def rows_of(out, task):
@@ -122,8 +124,8 @@ def test_eval_every_shapes_task(setup, capsys):
     assert f["pope"]["count"] == counts["pope"]
     assert f["pope"]["yes_ratio"] == 0.0 and f["pope"]["accuracy"] == pytest.approx(0.5)  # balanced; never "yes"
     assert f["count"]["count"] == counts["count"] and 0 <= f["count"]["accuracy"] <= 1
-    assert f["count"]["unparsed"] + sum(r["pred_count"] is not None
-                                        for r in rows_of(out, "count")) == counts["count"]
+    # every reference answer, decoded from the tokenized conversation, gives back its item's number of objects
+    assert sorted(r["label_count"] for r in rows_of(out, "count")) == counts["count_labels"]
     assert f["reg"]["count"] == counts["rec"] and f["reg"]["cider"] >= 0 and "meteor" not in f["reg"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     per_task = {t: [r for r in rows if r["task"] == t] for t in figures}
