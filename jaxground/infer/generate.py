@@ -4,7 +4,10 @@ Axes: B prompts, W beams, R = B·W rows decoded together, T prompt tokens (left-
 D model width, V vocabulary, Q max triggers per row.
 
 Decoding: greedy, sampling (temperature, top-p) or beam search (`num_beams` W; rows of one prompt are
-adjacent). Each row stops at `eos_id` or after N tokens; tokens after the end are `pad_id`.
+adjacent). Each row stops at `eos_id` or after N tokens; tokens after the end are `pad_id`. Beam search is
+HF `generate`'s (`early_stopping=False`): hypotheses that end leave the running beams for a finished set
+ranked by sum log p / length ** length_penalty, and a prompt stops once no running beam can beat its worst
+finished one.
 
 pixel2emb (when a locator is given): whenever the token fed last was `<at>`, its hidden state t (last layer,
 after the final norm) is decoded to a box F(t), recorded in the row's next trigger slot ([R,Q,4] buffer, plus
@@ -35,7 +38,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 1
-    length_penalty: float = 1.0  # beam ranking: sum log p / length ** length_penalty
+    length_penalty: float = 1.0  # finished beams are ranked by sum log p / length ** length_penalty
     max_triggers: int = 8
     eos_id: int = 2  # -1: never stop before N tokens
     pad_id: int = 0
@@ -78,6 +81,21 @@ class _State:
     states: jax.Array
     num_triggers: jax.Array
     rng: jax.Array
+    finished: _Finished | None = None  # beam search only
+    searching: jax.Array | None = None  # bool[B], beam search: a running beam may still beat a finished one
+
+
+@struct.dataclass
+class _Finished:
+    """Beam search's W best finished hypotheses per prompt (rows of one prompt adjacent, best first)."""
+    tokens: jax.Array  # int32[R,N]
+    lengths: jax.Array  # int32[R]
+    raw: jax.Array  # float32[R] sum of log-probabilities
+    scores: jax.Array  # float32[R] raw / length ** length_penalty; -1e9 (plus masks) while a slot is empty
+    boxes: jax.Array
+    states: jax.Array
+    num_triggers: jax.Array
+    flag: jax.Array  # bool[R] the slot holds a hypothesis
 
 
 def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
@@ -151,6 +169,8 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _State):
+        if cfg.method == "beam":
+            return _beam_body(llm, locator, s, cfg, beams)
         logp, forced = _step_logp(s, cfg)
         box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
         parent, token, scores = _choose(s, logp, cfg, beams)
@@ -165,13 +185,92 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
             done=s.done | finished | (s.step + 1 >= cfg.max_new_tokens),
             scores=scores,
         )
-        embeds = llm.embed_tokens(token[:, None])
-        if locator is not None:
-            embeds = jnp.where(forced[:, None, None], locator[0](box)[:, None, :].astype(embeds.dtype), embeds)
-        hidden, logits, cache = llm.forward_embeds(embeds, active[:, None], cache=s.cache)
-        return s.replace(step=s.step + 1, cache=cache, hidden=hidden[:, 0], logits=logits[:, 0], fed=token)
+        return _feed(llm, locator, s, token, forced, box, active)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def _feed(llm: Llama, locator, s: _State, token, forced, box, active) -> _State:
+    """Runs the chosen tokens int32[R] through the model (G(box) instead of the table row where forced)."""
+    embeds = llm.embed_tokens(token[:, None])
+    if locator is not None:
+        embeds = jnp.where(forced[:, None, None], locator[0](box)[:, None, :].astype(embeds.dtype), embeds)
+    hidden, logits, cache = llm.forward_embeds(embeds, active[:, None], cache=s.cache)
+    return s.replace(step=s.step + 1, cache=cache, hidden=hidden[:, 0], logits=logits[:, 0], fed=token)
+
+
+_MASKED = -1.0e9  # HF's additive mask for beam scores
+
+
+def _beam_body(llm: Llama, locator, s: _State, cfg: GenerationConfig, w: int) -> _State:
+    """One beam-search step as HF `generate` does it (`early_stopping=False`): the 2W best continuations of
+    each prompt; those among the first W that end (eos, or the last allowed token) enter the finished set,
+    scored sum log p / length ** length_penalty, where the W best finished stay; the W best that do not end
+    run on. A prompt stops searching once no running beam can beat its worst finished one (HF's heuristic:
+    the best running score normalised at the current length)."""
+    logp, forced = _step_logp(s, cfg)
+    box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
+    rows, vocab = logp.shape
+    b, k = rows // w, 2 * w
+    cand, flat = jax.lax.top_k((s.scores[:, None] + logp).reshape(b, w * vocab), k)  # [B,2W]
+    parent = jnp.arange(b)[:, None] * w + flat // vocab  # [B,2W] rows
+    token = (flat % vocab).astype(jnp.int32)
+    n_gen = s.step + 1
+    ends = (token == cfg.eos_id) | (n_gen >= cfg.max_new_tokens)
+
+    # finished: merge the ending candidates among the first W into the W best so far
+    new_fin = ends & (jnp.arange(k) < w)[None, :]
+    scored = cand / n_gen.astype(jnp.float32) ** cfg.length_penalty
+    scored = scored + _MASKED * (~s.searching[:, None]) + _MASKED * (~new_fin)
+    f = s.finished
+    merged = jnp.concatenate([f.scores.reshape(b, w), scored], axis=1)  # [B,3W]
+    _, keep = jax.lax.top_k(merged, w)
+    from_old = keep < w
+    old_row = jnp.arange(b)[:, None] * w + jnp.minimum(keep, w - 1)
+    cand_idx = jnp.maximum(keep - w, 0)
+    src_row = jnp.take_along_axis(parent, cand_idx, axis=1)  # the running row a new hypothesis extends
+
+    def pick(old, new):  # [R,...] finished field from the old slot or the new candidate
+        old, new = old[old_row.reshape(-1)], new[src_row.reshape(-1)]
+        sel = from_old.reshape((-1,) + (1,) * (old.ndim - 1))
+        return jnp.where(sel, old, new)
+
+    new_tokens = s.tokens[src_row.reshape(-1)].at[:, s.step].set(jnp.take_along_axis(token, cand_idx, 1).reshape(-1))
+    finished = _Finished(
+        tokens=jnp.where(from_old.reshape(-1, 1), f.tokens[old_row.reshape(-1)], new_tokens),
+        lengths=jnp.where(from_old, f.lengths.reshape(b, w)[jnp.arange(b)[:, None], jnp.minimum(keep, w - 1)],
+                          n_gen).reshape(-1),
+        raw=jnp.where(from_old, jnp.take_along_axis(f.raw.reshape(b, w), jnp.minimum(keep, w - 1), 1),
+                      jnp.take_along_axis(cand, cand_idx, 1)).reshape(-1),
+        scores=jnp.take_along_axis(merged, keep, 1).reshape(-1),
+        boxes=pick(f.boxes, s.boxes),
+        states=pick(f.states, s.states),
+        num_triggers=pick(f.num_triggers, s.num_triggers),
+        flag=jnp.where(from_old, jnp.take_along_axis(f.flag.reshape(b, w), jnp.minimum(keep, w - 1), 1),
+                       jnp.take_along_axis(new_fin, cand_idx, 1)).reshape(-1),
+    )
+
+    # running: the W best candidates that do not end
+    running = cand + _MASKED * ends
+    scores, sel = jax.lax.top_k(running, w)
+    parent = jnp.take_along_axis(parent, sel, 1).reshape(-1)
+    token = jnp.take_along_axis(token, sel, 1).reshape(-1)
+    s = _gather_rows(s, parent)
+    forced, box = forced[parent], box[parent]
+    s = _record_trigger(s, forced, box)
+    best = scores[:, 0] / n_gen.astype(jnp.float32) ** cfg.length_penalty
+    worst = jnp.where(finished.flag.reshape(b, w), jnp.min(finished.scores.reshape(b, w), axis=1, keepdims=True),
+                      _MASKED)
+    searching = s.searching & jnp.any(best[:, None] > worst, axis=1)
+    s = s.replace(
+        tokens=s.tokens.at[:, s.step].set(token),
+        lengths=s.lengths + 1,
+        done=jnp.repeat(~searching, w) | (n_gen >= cfg.max_new_tokens),
+        scores=scores.reshape(-1),
+        finished=finished,
+        searching=searching,
+    )
+    return _feed(llm, locator, s, token, forced, box, jnp.ones_like(s.done))
 
 
 def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
@@ -201,6 +300,11 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
         num_triggers=jnp.zeros((rows,), jnp.int32),
         rng=rng,
     )
+    if cfg.method == "beam":
+        state = state.replace(searching=jnp.ones((b,), bool), finished=_Finished(
+            tokens=state.tokens, lengths=state.lengths, raw=jnp.zeros((rows,), jnp.float32),
+            scores=jnp.full((rows,), _MASKED, jnp.float32), boxes=state.boxes, states=state.states,
+            num_triggers=state.num_triggers, flag=jnp.zeros((rows,), bool)))
     return state
 
 
@@ -232,18 +336,18 @@ def generate_from_embeds(
 
 
 def _best_beams(state: _State, cfg: GenerationConfig, b: int, w: int) -> Generation:
-    if w == 1:
-        pick = jnp.arange(b)
-    else:
-        norm = state.scores / jnp.maximum(state.lengths, 1).astype(jnp.float32) ** cfg.length_penalty
-        pick = jnp.arange(b) * w + jnp.argmax(norm.reshape(b, w), axis=1)
+    """Each prompt's answer: its row (greedy, sampling) or its best finished hypothesis (beam search)."""
+    if cfg.method == "beam":
+        f, pick = state.finished, jnp.arange(b) * w  # finished slots are sorted, best first
+        return Generation(tokens=f.tokens[pick], lengths=f.lengths[pick], scores=f.raw[pick], boxes=f.boxes[pick],
+                          trigger_states=f.states[pick], num_triggers=f.num_triggers[pick])
     return Generation(
-        tokens=state.tokens[pick],
-        lengths=state.lengths[pick],
-        scores=state.scores[pick],
-        boxes=state.boxes[pick],
-        trigger_states=state.states[pick],
-        num_triggers=state.num_triggers[pick],
+        tokens=state.tokens,
+        lengths=state.lengths,
+        scores=state.scores,
+        boxes=state.boxes,
+        trigger_states=state.states,
+        num_triggers=state.num_triggers,
     )
 
 

@@ -78,6 +78,30 @@ def test_beam_matches_hf_without_eos(pair):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_matches_hf_with_eos(pair, length_penalty):
+    """Beams end at different steps: HF's finished set, its length-normalised ranking and its stopping rule
+    (these prompts are ones where ranking the final beams alone, as this module once did, picks another answer)."""
+    hf, llm = pair
+    n = 14
+    cfg = gen.GenerationConfig(max_new_tokens=n, method="beam", num_beams=3, eos_id=EOS, pad_id=PAD,
+                               length_penalty=length_penalty)
+    shortest = n
+    for seed in (5, 6):
+        ids, mask = prompts(seed=seed)
+        want = hf_generate(hf, ids, mask, n, num_beams=3, eos_token_id=EOS, length_penalty=length_penalty,
+                           early_stopping=False)
+        out = gen.generate_ids(llm, ids, mask, cfg)
+        got = np.asarray(out.tokens)
+        for i in range(len(ids)):
+            assert strip(got[i], EOS) == strip(want[i], EOS), (seed, i, got[i], want[i])
+            assert out.lengths[i] == len(strip(want[i], EOS))
+            assert (got[i, int(out.lengths[i]):] == PAD).all()
+        shortest = min(shortest, int(min(out.lengths)))
+    if length_penalty <= 1.0:
+        assert shortest < n  # some answer ends at eos before the limit
+
+
 def test_tiny_top_p_sampling_is_greedy(pair):
     _, llm = pair
     ids, mask = prompts()
@@ -155,3 +179,23 @@ def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
             np.testing.assert_allclose(np.asarray(out.boxes[i, :k]), np.stack(want_boxes[i])[:k], atol=1e-5)
         # the recorded trigger states decode to the recorded boxes
         np.testing.assert_allclose(np.asarray(dec(out.trigger_states[i, :k])), np.asarray(out.boxes[i, :k]), atol=1e-6)
+
+
+def test_one_beam_with_boxes_is_greedy(pair):
+    """The finished set carries each hypothesis' boxes and trigger states: one beam gives greedy's answer."""
+    llm = nnx.clone(pair[1])
+    kernel = llm.lm_head.kernel
+    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))
+    enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
+                                BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
+    ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
+    kw = dict(max_new_tokens=12, eos_id=EOS, at_id=AT, boxes_id=BOXES, max_triggers=4, pad_id=PAD)
+    args = (llm, jnp.asarray(llm.embed_tokens(jnp.asarray(ids))), jnp.asarray(mask), jnp.asarray(ids[:, -1]),
+            (enc, dec), jax.random.key(0))
+    greedy = gen.generate_jit(*args, gen.GenerationConfig(**kw))
+    beam = gen.generate_jit(*args, gen.GenerationConfig(method="beam", num_beams=1, **kw))
+    assert int(greedy.num_triggers.sum()) >= 2
+    for field in ("tokens", "lengths", "num_triggers"):
+        np.testing.assert_array_equal(getattr(beam, field), getattr(greedy, field), err_msg=field)
+    for field in ("scores", "boxes", "trigger_states"):
+        np.testing.assert_allclose(getattr(beam, field), getattr(greedy, field), atol=1e-5, err_msg=field)
