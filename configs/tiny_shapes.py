@@ -6,9 +6,14 @@ random tower would be a fixed random projection), with fixed 2-D sin-cos patch p
 prior; the LLM is 4 layers at width 128 on a ~500-token BPE; sequences are short (short system prompt); the
 only task is REC; the question comes before the image (`data.image_position="last"`), so the image tokens
 can attend to it; the box heads start from LeCun-normal kernels and the cycle term is off (both measured to
-shorten the plateau before localisation starts, README "Figures of the embedded default").
-`launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow decay, then these
-300 steps at lr 3e-4 on scenes of at most 2 objects.
+shorten the plateau before localisation starts). And a training aid the release does not have, the patch aid:
+a linear head on the LLM's last hidden state at each image token predicts how much of that patch lies in the
+referred object's mask (`model.patch_head`, `data.patch_targets`, `loss.w_patch`). From scratch the model
+does not learn to match the expression's words to the image within this budget (it boxes one object whatever
+the expression says); the patch aid's dense per-patch signal teaches that matching where a single box cannot
+(README "Figures of the embedded default"). The box is still decoded from the `<at>` trigger alone.
+`launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow decay, then
+all scenes at lr 5e-4.
 """
 
 from ml_collections import ConfigDict
@@ -30,6 +35,7 @@ def get_config() -> ConfigDict:
         box_prior=False,
         locator_init_std=None,  # LeCun: with the released N(0, 0.02) the box gradient passes two 0.02-scale kernels
         sam=None,  # stage 3 adds a tiny SAM (tiny_shapes_stage3.py)
+        patch_head=True,  # the patch aid (see above)
     ))
     c.data = pipeline_config(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "train", "image_root": "",
@@ -39,6 +45,7 @@ def get_config() -> ConfigDict:
         max_boxes=4,
         max_objects=0,
         image_position="last",  # the question before the image: image tokens can attend to it
+        patch_targets=8,  # = model.vision.patch_size: the patch aid's per-patch targets
     )
     c.eval = ConfigDict(dict(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",
@@ -49,6 +56,7 @@ def get_config() -> ConfigDict:
     # No cycle term: from scratch, its MSE(t, G(F(t))) pulls the trigger states towards the span of a random G
     # and delays localisation (single objects, 400 steps: Acc@0.5 0.149 with it, 0.376 without).
     c.loss = defaults.loss(det="released", w_cycle=0.0)
+    c.loss.w_patch = 3.0  # the patch aid (see above): without it choosing between objects stays at chance
     c.optim = defaults.optim(1e-3, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
     c.train = defaults.train(1, steps=300, batch_size=32, log_every=50, eval_every=0, save_every=150, keep=2)
     c.train.frozen = ()  # nothing pretrained: the tiny vision tower trains as well

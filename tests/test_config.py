@@ -67,6 +67,8 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert "supervised tokens, more than train.label_tokens=1" in capsys.readouterr().out
     assert cli.main(args + ok_data + ["train.label_tokens=-1"]) == 2
     assert "train.label_tokens must be >= 0" in capsys.readouterr().out
+    assert cli.main(args + ok_data + ["loss.w_patch=1.0", "model.patch_head=False"]) == 2
+    assert "loss.w_patch=1.0 needs model.patch_head=True" in capsys.readouterr().out
     assert not any(tmp_path.glob("checkpoints/*"))
 
 

@@ -32,3 +32,4 @@ class Batch:
     sam_images: jax.Array | None = None  # float32[B,Hs,Ws,3], SAM-normalised (stage 3)
     masks: jax.Array | None = None  # float32[B,Q,Hm,Wm] in {0,1}, per trigger (stage 3)
     mask_valid: jax.Array | None = None  # bool[B,Q]
+    patch_target: jax.Array | None = None  # float32[B,P] share of each patch in the first target's mask, -1 = none

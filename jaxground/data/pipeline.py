@@ -17,6 +17,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
 | `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
+| `patch_targets` | 0 (default) or the CLIP patch size: adds `patch_target` [P], the share of each patch inside the first answer box's object mask (-1 without one), for the tiny default's patch aid (`model.patch_head`, `loss.w_patch`) |
 | `max_objects` | curriculum: keep only images with at most this many objects (0 = all) |
 | `task` | evaluation: every item of this one task is a sample (e.g. each REC expression); "" = by `task_weights` |
 | `batch_size`, `seed`, `workers`, `worker_buffer_size`, `strict` | workers 0 = in-process; strict raises on bad input |
@@ -67,6 +68,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "image_size": 64,
         "num_image_tokens": 64,
         "with_masks": False,
+        "patch_targets": 0,
         "mask_size": 64,
         "with_sam": False,
         "sam_size": 1024,
@@ -234,6 +236,9 @@ class SampleMaker(grain.RandomMapTransform):
         self.rec_answer = cfg.get("rec_answer", "released")
         if self.rec_answer not in templates.REC_ANSWERS:
             raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {self.rec_answer!r}")
+        if cfg.patch_targets and (cfg.patch_targets < 0 or cfg.image_size % cfg.patch_targets):
+            raise ValueError(f"data.patch_targets (the CLIP patch size) must divide image_size {cfg.image_size}, "
+                             f"got {cfg.patch_targets}")
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
         self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
@@ -286,6 +291,8 @@ class SampleMaker(grain.RandomMapTransform):
             "target_mask": np.arange(Q) < len(enc.target_boxes),
             "valid": np.bool_(True),
         }
+        if cfg.patch_targets:
+            out["patch_target"] = self._patch_target(ex, enc.target_objects, cfg.image_size, cfg.patch_targets)
         if cfg.with_masks:
             out["masks"], out["mask_valid"] = self._masks(ex, enc.target_objects, h, w)
         if cfg.with_sam:
@@ -293,6 +300,16 @@ class SampleMaker(grain.RandomMapTransform):
 
             out["sam_images"] = sam_transforms.preprocess_image(image, cfg.sam_size)[0]  # centred, as boxes
         return out
+
+    @staticmethod
+    def _patch_target(ex: Example, objs: list[int], size: int, patch: int) -> np.ndarray:
+        """float32[P]: the share of each CLIP patch (row-major) covered by the first trigger's object, -1 when
+        the sample has no trigger or no mask."""
+        g = size // patch
+        if not objs or ex.masks is None:
+            return np.full(g * g, -1.0, np.float32)
+        m = masks_to_square(ex.masks[objs[0]][None], size)[0]
+        return m.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1).astype(np.float32)
 
     def _masks(self, ex: Example, objs: list[int], h: int, w: int):
         Q, S = self.cfg.max_boxes, self.cfg.mask_size
@@ -440,6 +457,8 @@ def _template(cfg, encoder) -> dict:
          "attention_mask": np.zeros(T, bool), "labels": np.full(T, IGNORE, np.int32),
          "boxes": np.zeros((Q, 4), np.float32), "box_mask": np.zeros(Q, bool),
          "target_boxes": np.zeros((Q, 4), np.float32), "target_mask": np.zeros(Q, bool), "valid": np.bool_(False)}
+    if cfg.patch_targets:
+        t["patch_target"] = np.full((S // cfg.patch_targets) ** 2, -1.0, np.float32)
     if cfg.with_masks:
         t["masks"], t["mask_valid"] = np.zeros((Q, cfg.mask_size, cfg.mask_size), np.float32), np.zeros(Q, bool)
     if cfg.with_sam:

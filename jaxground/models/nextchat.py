@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from jaxground.data.batch import Batch
 from jaxground.models.clip import ClipVision, ClipVisionConfig
+from jaxground.models.layers import linear
 from jaxground.models.llama import Llama, LlamaConfig
 from jaxground.models.locator import BoxDecoder, BoxEncoder
 from jaxground.models.mask_head import MaskHead
@@ -49,6 +50,7 @@ class NextChatConfig:
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
     sam: SamConfig | None = None  # SAM image encoder + mask head (stage 3); None = boxes only
     freeze_sam: bool = True  # the released model keeps SAM's image encoder frozen (stop_gradient)
+    patch_head: bool = False  # a training aid (not in the release): per image token, "in the first target?"
 
     def __post_init__(self):
         ids = dataclasses.asdict(self.tokens)
@@ -69,6 +71,7 @@ class NextChatOutput:
     mask_logits: jax.Array | None = None  # float32[B,Q,4g,4g] low-res SAM logits over the padded square
     iou_pred: jax.Array | None = None  # float32[B,Q]
     logit_targets: jax.Array | None = None  # int32[B,k] next-token labels aligned with logits (with `label_tokens`)
+    patch_logits: jax.Array | None = None  # float32[B,P] with `patch_head`: image token p lies in the first target
 
 
 def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
@@ -115,6 +118,8 @@ class NextChat(nnx.Module):
         loc = {"rngs": rngs, "init_std": cfg.locator_init_std, "dtype": dtype, "param_dtype": param_dtype}
         self.loc_encoder = BoxEncoder(d, **loc)
         self.loc_decoder = BoxDecoder(d, box_prior=cfg.box_prior, **loc)
+        if cfg.patch_head:
+            self.patch_head = linear(d, 1, ("embed", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         if cfg.sam is not None:
             self.sam = Sam(cfg.sam, rngs=rngs, with_decoder=False)
             self.mask_head = MaskHead(d, cfg.sam, rngs=rngs)
@@ -153,6 +158,10 @@ class NextChat(nnx.Module):
         is_trigger = (batch.input_ids == tok.at) & (batch.labels == tok.at)
         states, trigger_mask = gather_slots(hidden, is_trigger, batch.target_boxes.shape[1])
         pred = self.loc_decoder(states)
+        patch_logits = None
+        if self.cfg.patch_head:
+            patch_states, _ = gather_slots(hidden, batch.input_ids == tok.im_patch, self.cfg.vision.num_patches)
+            patch_logits = self.patch_head(patch_states)[..., 0].astype(jnp.float32)
         mask_logits = iou_pred = None
         if self.cfg.sam is not None and batch.sam_images is not None:
             mask_logits, iou_pred = self.segment(batch.sam_images, states, pred)
@@ -167,6 +176,7 @@ class NextChat(nnx.Module):
             mask_logits=mask_logits,
             iou_pred=iou_pred,
             logit_targets=logit_targets,
+            patch_logits=patch_logits,
         )
 
     def segment(self, sam_images: jax.Array, trigger_states: jax.Array, pred_boxes: jax.Array):
@@ -218,7 +228,7 @@ class NextChat(nnx.Module):
 
 def nextchat_loss(
     out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0,
-    w_seg: float = 1.0, seg_preset: str = "released",
+    w_seg: float = 1.0, seg_preset: str = "released", w_patch: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE + L_det + w_cycle * L_cyc (+ w_seg * L_seg when the output has masks and the batch has
     ground truth) -> (total, parts).
@@ -238,6 +248,10 @@ def nextchat_loss(
                      out.trigger_states, out.trigger_mask & valid, out.encode_of_decode)
     total = ce + det["det"] + w_cycle * cyc["cyc"]
     parts = {"ce": ce, "n_tokens": n_tokens.astype(jnp.float32), **det, **cyc}
+    if out.patch_logits is not None and batch.patch_target is not None:
+        patch = patch_loss(out.patch_logits, batch.patch_target, batch.valid)
+        total = total + w_patch * patch
+        parts["patch"] = patch
     if out.mask_logits is not None and batch.masks is not None:
         logits = resize_mask_logits(out.mask_logits, batch.masks.shape[-2:])
         seg, seg_parts = seg_loss(logits, batch.masks, out.iou_pred,
@@ -245,6 +259,15 @@ def nextchat_loss(
         total = total + w_seg * seg
         parts |= {"seg": seg, **seg_parts}
     return total, parts
+
+
+def patch_loss(logits: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    """Binary cross-entropy of per-patch logits [B,P] against soft targets [B,P] (the patch's share in the
+    target mask), averaged over the patches of rows that have a target (target >= 0) and are valid."""
+    rows = valid & (target[:, 0] >= 0)
+    t = jnp.clip(target, 0.0, 1.0)
+    bce = jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return jnp.sum(bce.mean(-1) * rows) / jnp.maximum(rows.sum(), 1)
 
 
 def resize_mask_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -52,6 +52,7 @@ def model_config(config, tokens) -> NextChatConfig:
         tokens=tokens,
         sam=SamConfig(**_fields(SamConfig, config.model.sam, "model.sam")) if config.model.get("sam") else None,
         freeze_sam=config.model.get("freeze_sam", True),
+        patch_head=config.model.get("patch_head", False),
     )
 
 
@@ -66,6 +67,7 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
     else:
         cfg.datasets = config.eval.datasets.to_dict()
         cfg.task_weights = {"rec": 1.0}
+        cfg.patch_targets = 0  # a training aid only
         cfg.turns = 1  # each expression scored alone, as in the released evaluation
         cfg.max_objects = config.eval.get("max_objects", 0)  # e.g. 1: only the single-object test scenes
         cfg.batch_size = config.eval.batch_size // hosts
@@ -104,6 +106,11 @@ def make_task(config) -> Task:
     if config.loss.det not in DET_PRESETS:
         raise TaskConfigError(f"loss.det {config.loss.det!r} is not one of {sorted(DET_PRESETS)}")
     w_l1, w_giou = DET_PRESETS[config.loss.det]
+    w_patch = config.loss.get("w_patch", 0.0)
+    if w_patch and not (config.model.get("patch_head") and config.data.get("patch_targets") ==
+                        config.model.vision.patch_size):
+        raise TaskConfigError(f"loss.w_patch={w_patch} needs model.patch_head=True and data.patch_targets = "
+                              f"model.vision.patch_size ({config.model.vision.patch_size})")
     w_cycle = config.loss.w_cycle
     train_data = data_config(config, training=True)
     _, tokens = make_encoder(train_data)
@@ -123,9 +130,9 @@ def make_task(config) -> Task:
     def loss_fn(model: NextChat, batch: dict):
         b = Batch(**batch)
         total, parts = nextchat_loss(model(b, label_tokens), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle,
-                                     seg_preset=config.loss.seg)
+                                     seg_preset=config.loss.seg, w_patch=w_patch)
         shown = {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
-        return total, shown | ({"seg": parts["seg"]} if "seg" in parts else {})
+        return total, shown | {k: parts[k] for k in ("seg", "patch") if k in parts}
 
     return Task(
         model_factory=lambda: NextChat(cfg, rngs=nnx.Rngs(seed)),

@@ -40,6 +40,26 @@ def test_batches_fill_batch_exactly(shapes_dir, encoder):
     assert b["mask_valid"].sum() == b["target_mask"].sum()
 
 
+def test_patch_targets_are_the_first_target_mask_per_patch(shapes_dir):
+    cfg = _cfg(shapes_dir, task_weights={"rec": 1.0, "pope": 1.0}, with_masks=True, mask_size=16, patch_targets=8)
+    cfg.batch_size = 16
+    b = next(_pipe(cfg))
+    Batch(**b)
+    assert b["patch_target"].shape == (16, 4) and b["patch_target"].dtype == np.float32
+    with_target = b["target_mask"][:, 0]
+    assert 0 < with_target.sum() < 16  # both kinds of rows: REC (a box) and POPE (none)
+    for r in range(16):
+        if with_target[r]:
+            want = b["masks"][r, 0].reshape(2, 8, 2, 8).mean((1, 3)).reshape(-1)
+            np.testing.assert_allclose(b["patch_target"][r], want)
+            assert b["patch_target"][r].max() > 0
+        else:
+            assert (b["patch_target"][r] == -1).all()
+    cfg.patch_targets = 5
+    with pytest.raises(ValueError, match="patch_targets"):
+        next(_pipe(cfg))
+
+
 def test_turns_ask_several_distinct_questions_within_max_len(shapes_dir, encoder):
     ids = encoder.ids
     def batch(max_len, turns):

@@ -172,3 +172,27 @@ def test_label_tokens_same_loss_and_gradients(model, k):
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     assert model(batch, k).logits.shape == (2, k, 64)
+
+
+def test_patch_head_reads_the_image_tokens_and_its_loss():
+    """`patch_head`: one logit per image token, from the last hidden state at that `<im_patch>`; its BCE
+    counts only rows with a target, and only when weighted."""
+    cfg = dataclasses.replace(CFG, patch_head=True)
+    m = nnx.jit(lambda: NextChat(cfg, rngs=nnx.Rngs(1)))()
+    target = jnp.asarray([[0.0, 0.5, 1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])  # row 1: no target (e.g. POPE)
+    batch = _batch().replace(patch_target=target)
+    out = nnx.jit(lambda m_, b: m_(b))(m, batch)
+    ids = np.asarray(batch.input_ids)
+    head = np.asarray(m.patch_head.kernel[...])[:, 0]
+    for b in range(2):
+        states = np.asarray(out.hidden[b, np.flatnonzero(ids[b] == TOK.im_patch)])
+        np.testing.assert_allclose(out.patch_logits[b], states @ head, rtol=1e-5, atol=1e-6)
+    w_l1, w_giou = DET_PRESETS["released"]
+    base, _ = nextchat_loss(out, batch, w_l1=w_l1, w_giou=w_giou)
+    total, parts = nextchat_loss(out, batch, w_l1=w_l1, w_giou=w_giou, w_patch=2.0)
+    x, t = np.asarray(out.patch_logits[0], np.float64), np.asarray(target[0], np.float64)
+    want = np.mean(-t * np.log(1 / (1 + np.exp(-x))) - (1 - t) * np.log(1 - 1 / (1 + np.exp(-x))))
+    np.testing.assert_allclose(float(parts["patch"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(base) + 2.0 * want, rtol=1e-5)
+    grads = nnx.jit(nnx.grad(lambda m_: nextchat_loss(m_(batch), batch, w_l1=w_l1, w_giou=w_giou, w_patch=1.0)[1]["patch"]))(m)
+    assert _norm(grads.patch_head) > 0 and _norm(grads.llm) > 0
