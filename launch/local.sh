@@ -31,7 +31,7 @@ jaxground train --config "$CONFIG" --workdir "$RUN/stage1a" "${PATHS[@]}" data.m
 lap "stage 1a"
 echo "[local] stage 1b: all scenes, from stage 1a"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" --init-from "$RUN/stage1a" "${PATHS[@]}" optim.lr=5e-4 \
-  train.steps=2000 train.batch_size=16 train.save_every=1000
+  train.steps=3000 train.batch_size=16 train.save_every=1000
 lap "stage 1b"
 echo "[local] stage 3: mask head on a tiny SAM, from stage 1"
 jaxground train --config configs/tiny_shapes_stage3.py --workdir "$RUN/stage3" --init-from "$RUN/stage1" "${PATHS[@]}"
