@@ -231,11 +231,11 @@ def nextchat_loss(
     w_seg: float = 1.0, seg_preset: str = "released", w_patch: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE + L_det + w_cycle * L_cyc (+ w_seg * L_seg when the output has masks and the batch has
-    ground truth) -> (total, parts).
+    ground truth; + w_patch * L_patch when it has patch logits and `batch.patch_target`) -> (total, parts).
 
     Rows with `batch.valid` False count nowhere. Boxes are scored only where a trigger was found *and* a
-    target exists. Parts: ce, n_tokens, l1, giou, det, cyc_box, cyc_emb, cyc. (w_l1, w_giou) usually come
-    from `jaxground.ops.losses.DET_PRESETS`.
+    target exists. Parts: ce, n_tokens, l1, giou, det, cyc_box, cyc_emb, cyc (and seg..., patch). (w_l1,
+    w_giou) usually come from `jaxground.ops.losses.DET_PRESETS`.
     """
     valid = batch.valid[:, None]
     if out.logit_targets is None:
