@@ -225,29 +225,28 @@ def _beam_body(llm: Llama, locator, s: _State, cfg: GenerationConfig, w: int) ->
     f = s.finished
     merged = jnp.concatenate([f.scores.reshape(b, w), scored], axis=1)  # [B,3W]
     _, keep = jax.lax.top_k(merged, w)
-    from_old = keep < w
-    old_row = jnp.arange(b)[:, None] * w + jnp.minimum(keep, w - 1)
-    cand_idx = jnp.maximum(keep - w, 0)
-    src_row = jnp.take_along_axis(parent, cand_idx, axis=1)  # the running row a new hypothesis extends
+    from_old = (keep < w).reshape(-1)  # [R]: kept slot r holds an earlier hypothesis ...
+    old_rows = (jnp.arange(b)[:, None] * w + jnp.minimum(keep, w - 1)).reshape(-1)  # ... from this slot
+    cand_idx = jnp.maximum(keep - w, 0)  # [B,W] or this step's candidate, which extends running row src_rows
+    src_rows = jnp.take_along_axis(parent, cand_idx, axis=1).reshape(-1)
 
-    def pick(old, new):  # [R,...] finished field from the old slot or the new candidate
-        old, new = old[old_row.reshape(-1)], new[src_row.reshape(-1)]
-        sel = from_old.reshape((-1,) + (1,) * (old.ndim - 1))
-        return jnp.where(sel, old, new)
+    def by_row(old, new):  # [R,...] per slot, from the old slot or from the extended running row
+        return jnp.where(from_old.reshape((-1,) + (1,) * (old.ndim - 1)), old[old_rows], new[src_rows])
 
-    new_tokens = s.tokens[src_row.reshape(-1)].at[:, s.step].set(jnp.take_along_axis(token, cand_idx, 1).reshape(-1))
+    def by_candidate(old, new):  # old [R], new [B,2W] per candidate -> [R]
+        return jnp.where(from_old, old[old_rows], jnp.take_along_axis(new, cand_idx, 1).reshape(-1))
+
+    ending_token = jnp.take_along_axis(token, cand_idx, 1).reshape(-1)
     finished = _Finished(
-        tokens=jnp.where(from_old.reshape(-1, 1), f.tokens[old_row.reshape(-1)], new_tokens),
-        lengths=jnp.where(from_old, f.lengths.reshape(b, w)[jnp.arange(b)[:, None], jnp.minimum(keep, w - 1)],
-                          n_gen).reshape(-1),
-        raw=jnp.where(from_old, jnp.take_along_axis(f.raw.reshape(b, w), jnp.minimum(keep, w - 1), 1),
-                      jnp.take_along_axis(cand, cand_idx, 1)).reshape(-1),
+        tokens=jnp.where(from_old[:, None], f.tokens[old_rows],
+                         s.tokens[src_rows].at[:, s.step].set(ending_token)),
+        lengths=by_candidate(f.lengths, jnp.broadcast_to(n_gen, token.shape)),
+        raw=by_candidate(f.raw, cand),
         scores=jnp.take_along_axis(merged, keep, 1).reshape(-1),
-        boxes=pick(f.boxes, s.boxes),
-        states=pick(f.states, s.states),
-        num_triggers=pick(f.num_triggers, s.num_triggers),
-        flag=jnp.where(from_old, jnp.take_along_axis(f.flag.reshape(b, w), jnp.minimum(keep, w - 1), 1),
-                       jnp.take_along_axis(new_fin, cand_idx, 1)).reshape(-1),
+        boxes=by_row(f.boxes, s.boxes),
+        states=by_row(f.states, s.states),
+        num_triggers=by_row(f.num_triggers, s.num_triggers),
+        flag=by_candidate(f.flag, new_fin),
     )
 
     # running: the W best candidates that do not end
