@@ -8,7 +8,7 @@ only task is REC; the question comes before the image (`data.image_position="las
 can attend to it; the box heads start from LeCun-normal kernels and the cycle term is off (both measured to
 shorten the plateau before localisation starts). And a training aid the release does not have, the patch aid:
 a linear head on the LLM's last hidden state at each image token predicts how much of that patch lies in the
-referred object's mask (`model.patch_head`, `data.patch_targets`, `loss.w_patch`). From scratch the model
+referred object's mask (`model.patch_head`, `loss.w_patch`). From scratch the model
 does not learn to match the expression's words to the image within this budget (it boxes one object whatever
 the expression says); the patch aid's dense per-patch signal teaches that matching where a single box cannot
 (README "Figures of the embedded default"). The box is still decoded from the `<at>` trigger alone.
@@ -45,7 +45,6 @@ def get_config() -> ConfigDict:
         max_boxes=4,
         max_objects=0,
         image_position="last",  # the question before the image: image tokens can attend to it
-        patch_targets=8,  # = model.vision.patch_size: the patch aid's per-patch targets
     )
     c.eval = ConfigDict(dict(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",

@@ -21,8 +21,7 @@ def get_config() -> ConfigDict:
     c.model.sam = dict(img_size=64, patch_size=8, width=64, depth=2, num_heads=2, window_size=4,
                        global_attn_indexes=(1,), prompt_dim=32, mask_in_chans=4, decoder_depth=2, decoder_heads=2,
                        decoder_mlp_dim=64, iou_head_hidden_dim=32)
-    c.data.patch_targets = 0  # the patch aid trains the LLM, which stage 3 keeps frozen
-    c.loss.w_patch = 0.0
+    c.loss.w_patch = 0.0  # the patch aid trains the LLM, which stage 3 keeps frozen
     c.data.with_masks = True
     c.data.mask_size = 32
     c.data.with_sam = True

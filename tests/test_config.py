@@ -44,6 +44,9 @@ def test_tiny_default_trains_rec_and_can_score_single_object_scenes():
     assert dict(c.data.task_weights) == {"rec": 1.0}
     train, held_out = data_config(c, training=True), data_config(c, training=False)
     assert (train.max_objects, held_out.max_objects) == (0, 1)
+    # the patch aid's targets follow the model's patch size, in training only; stage 3 turns the aid off
+    assert (train.patch_targets, held_out.patch_targets) == (c.model.vision.patch_size, 0)
+    assert data_config(load_config("configs/tiny_shapes_stage3.py"), training=True).patch_targets == 0
     assert held_out.datasets.shapes.split == "test"
 
 

@@ -126,22 +126,15 @@ def _step_logp(state: _State, cfg: GenerationConfig) -> tuple[jax.Array, jax.Arr
     return logp, forced
 
 
-def _choose(state: _State, logp: jax.Array, cfg: GenerationConfig, beams: int):
-    """-> (parent row int32[R], token int32[R], new scores [R]) for this step."""
-    rows = logp.shape[0]
-    if cfg.method == "beam":
-        vocab = logp.shape[-1]
-        cand = (state.scores[:, None] + logp).reshape(rows // beams, beams * vocab)
-        scores, flat = jax.lax.top_k(cand, beams)
-        parent = (jnp.arange(rows // beams)[:, None] * beams + flat // vocab).reshape(rows)
-        return parent, (flat % vocab).reshape(rows).astype(jnp.int32), scores.reshape(rows)
+def _choose(state: _State, logp: jax.Array, cfg: GenerationConfig):
+    """Greedy or sampling: -> (token int32[R], new scores [R]) for this step; each row continues itself."""
     if cfg.method == "sample":
         key = jax.random.fold_in(state.rng, state.step)
         token = jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
     else:
         token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-    return jnp.arange(rows), token, state.scores + chosen
+    return token, state.scores + chosen
 
 
 def _gather_rows(state: _State, parent: jax.Array) -> _State:
@@ -173,9 +166,7 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
             return _beam_body(llm, locator, s, cfg, beams)
         logp, forced = _step_logp(s, cfg)
         box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
-        parent, token, scores = _choose(s, logp, cfg, beams)
-        s = _gather_rows(s, parent)
-        forced, box = forced[parent], box[parent]
+        token, scores = _choose(s, logp, cfg)
         active = ~s.done
         s = _record_trigger(s, forced, box)
         finished = active & (token == cfg.eos_id)
@@ -263,7 +254,6 @@ def _beam_body(llm: Llama, locator, s: _State, cfg: GenerationConfig, w: int) ->
     searching = s.searching & jnp.any(best[:, None] > worst, axis=1)
     s = s.replace(
         tokens=s.tokens.at[:, s.step].set(token),
-        lengths=s.lengths + 1,
         done=jnp.repeat(~searching, w) | (n_gen >= cfg.max_new_tokens),
         scores=scores.reshape(-1),
         finished=finished,
@@ -335,19 +325,14 @@ def generate_from_embeds(
 
 
 def _best_beams(state: _State, cfg: GenerationConfig, b: int, w: int) -> Generation:
-    """Each prompt's answer: its row (greedy, sampling) or its best finished hypothesis (beam search)."""
+    """Each prompt's answer: its row (greedy, sampling) or its best finished hypothesis (beam search; the
+    finished slots are sorted, best first)."""
     if cfg.method == "beam":
-        f, pick = state.finished, jnp.arange(b) * w  # finished slots are sorted, best first
-        return Generation(tokens=f.tokens[pick], lengths=f.lengths[pick], scores=f.raw[pick], boxes=f.boxes[pick],
-                          trigger_states=f.states[pick], num_triggers=f.num_triggers[pick])
-    return Generation(
-        tokens=state.tokens,
-        lengths=state.lengths,
-        scores=state.scores,
-        boxes=state.boxes,
-        trigger_states=state.states,
-        num_triggers=state.num_triggers,
-    )
+        src, scores, rows = state.finished, state.finished.raw, jnp.arange(b) * w
+    else:
+        src, scores, rows = state, state.scores, jnp.arange(b)
+    return Generation(tokens=src.tokens[rows], lengths=src.lengths[rows], scores=scores[rows], boxes=src.boxes[rows],
+                      trigger_states=src.states[rows], num_triggers=src.num_triggers[rows])
 
 
 @functools.partial(nnx.jit, static_argnames=("cfg",))

@@ -71,7 +71,8 @@ class NextChatOutput:
     mask_logits: jax.Array | None = None  # float32[B,Q,4g,4g] low-res SAM logits over the padded square
     iou_pred: jax.Array | None = None  # float32[B,Q]
     logit_targets: jax.Array | None = None  # int32[B,k] next-token labels aligned with logits (with `label_tokens`)
-    patch_logits: jax.Array | None = None  # float32[B,P] with `patch_head`: image token p lies in the first target
+    patch_logits: jax.Array | None = None  # float32[B,P] with `patch_head` and `batch.patch_target`: image token p
+    # lies in the first target
 
 
 def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
@@ -159,7 +160,7 @@ class NextChat(nnx.Module):
         states, trigger_mask = gather_slots(hidden, is_trigger, batch.target_boxes.shape[1])
         pred = self.loc_decoder(states)
         patch_logits = None
-        if self.cfg.patch_head:
+        if self.cfg.patch_head and batch.patch_target is not None:  # only its loss reads it
             patch_states, _ = gather_slots(hidden, batch.input_ids == tok.im_patch, self.cfg.vision.num_patches)
             patch_logits = self.patch_head(patch_states)[..., 0].astype(jnp.float32)
         mask_logits = iou_pred = None

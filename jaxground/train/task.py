@@ -64,10 +64,11 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
     hosts = jax.process_count()
     if training:
         cfg.batch_size = config.train.batch_size // hosts
+        if config.loss.get("w_patch", 0.0) and config.model.get("patch_head"):  # the patch aid's targets
+            cfg.patch_targets = config.model.vision.patch_size
     else:
         cfg.datasets = config.eval.datasets.to_dict()
         cfg.task_weights = {"rec": 1.0}
-        cfg.patch_targets = 0  # a training aid only
         cfg.turns = 1  # each expression scored alone, as in the released evaluation
         cfg.max_objects = config.eval.get("max_objects", 0)  # e.g. 1: only the single-object test scenes
         cfg.batch_size = config.eval.batch_size // hosts
@@ -107,10 +108,8 @@ def make_task(config) -> Task:
         raise TaskConfigError(f"loss.det {config.loss.det!r} is not one of {sorted(DET_PRESETS)}")
     w_l1, w_giou = DET_PRESETS[config.loss.det]
     w_patch = config.loss.get("w_patch", 0.0)
-    if w_patch and not (config.model.get("patch_head") and config.data.get("patch_targets") ==
-                        config.model.vision.patch_size):
-        raise TaskConfigError(f"loss.w_patch={w_patch} needs model.patch_head=True and data.patch_targets = "
-                              f"model.vision.patch_size ({config.model.vision.patch_size})")
+    if w_patch and not config.model.get("patch_head"):
+        raise TaskConfigError(f"loss.w_patch={w_patch} needs model.patch_head=True")
     w_cycle = config.loss.w_cycle
     train_data = data_config(config, training=True)
     _, tokens = make_encoder(train_data)
