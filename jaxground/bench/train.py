@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per framework")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also trace the JAX step with jax.profiler into DIR and print its time per XLA op kind")
     parser.add_argument("--label-tokens", type=int, default=-1,
                         help="JAX's train.label_tokens: the LM head only at this many supervised positions per row; "
                              "-1 (default) = the batch's most, rounded up to 8; 0 = every position, like the reference")
@@ -259,6 +261,12 @@ def bench_size(name: str, args, peak: float) -> dict:
         jax.block_until_ready(m)
 
     jax_s = timed(jax_once, args.repeats)
+    profile = None
+    if args.profile:
+        from jaxground.bench._profile import op_breakdown
+
+        hlo = step.lower(state, batch_j).compile().as_text()
+        profile = op_breakdown(jax_once, args.repeats, f"{args.profile}/{name}", hlo)
 
     batch_t = {k: torch.from_numpy(v) for k, v in data.items()}
     batch_t["images"] = batch_t["images"].permute(0, 3, 1, 2).contiguous()
@@ -283,7 +291,8 @@ def bench_size(name: str, args, peak: float) -> dict:
                 "torch_flops": torch_flops, "head_rows": head_rows,
                 "jax_s": jax_s, "compile_s": compile_s, "torch_s": torch_s, "compiled_s": compiled_s, "compile_t": compile_t,
                 "compile_error": compiled if isinstance(compiled, str) else None, "mfu": flops / jax_s / peak,
-                "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss, "torch_loss": torch_loss}
+                "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss, "torch_loss": torch_loss,
+                "profile": profile}
 
 
 def run(args) -> int:
@@ -320,5 +329,10 @@ def run(args) -> int:
                      + (f", torch.compile failed: {r['compile_error']}" if r["compile_error"] else "")
                      + f"; first-step loss JAX {r['jax_loss']:.5f} vs torch {r['torch_loss']:.5f} "
                        f"(|diff| {r['loss_diff']:.1e})")
+        if r["profile"]:
+            busy, rows = r["profile"]
+            notes.append(f"{name} JAX step profile (under the tracer, summed over threads): ops {busy:.1f} ms per "
+                         f"step; longest kinds: "
+                         + ", ".join(f"{kind} {ms:.1f} ms ({n:.0f}x)" for kind, ms, n in rows[:8]))
     print("\n".join(notes))
     return 0
