@@ -12,6 +12,9 @@ referred object's mask (`model.patch_head`, `loss.w_patch`). From scratch the mo
 does not learn to match the expression's words to the image within this budget (it boxes one object whatever
 the expression says); the patch aid's dense per-patch signal teaches that matching where a single box cannot
 (README "Figures of the embedded default"). The box is still decoded from the `<at>` trigger alone.
+A second aid, the attribute aid: a linear head on the tiny CLIP's features classifies each patch's object by
+(shape, size) (`model.attr_classes`, `loss.w_attr`); with colour alone in its features the model matched
+colour words but not shape or size words.
 `launch/local.sh` runs this config twice: 1,100 single-object steps at batch 16 with a slow decay, then
 all scenes at lr 5e-4.
 """
@@ -19,6 +22,7 @@ all scenes at lr 5e-4.
 from ml_collections import ConfigDict
 
 from jaxground.data.pipeline import pipeline_config
+from jaxground.data.shapes import PATCH_CLASSES
 from jaxground.train import defaults
 
 
@@ -36,6 +40,7 @@ def get_config() -> ConfigDict:
         locator_init_std=None,  # LeCun: with the released N(0, 0.02) the box gradient passes two 0.02-scale kernels
         sam=None,  # stage 3 adds a tiny SAM (tiny_shapes_stage3.py)
         patch_head=True,  # the patch aid (see above)
+        attr_classes=PATCH_CLASSES,  # the attribute aid (see above)
     ))
     c.data = pipeline_config(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "train", "image_root": "",
@@ -55,6 +60,7 @@ def get_config() -> ConfigDict:
     # No cycle term: from scratch, its MSE(t, G(F(t))) pulls the trigger states towards the span of a random G
     # and delays localisation (single objects, 400 steps: Acc@0.5 0.149 with it, 0.376 without).
     c.loss = defaults.loss(det="released", w_cycle=0.0)
+    c.loss.w_attr = 3.0  # the attribute aid: without it shape and size words stay unmatched (README)
     c.loss.w_patch = 3.0  # the patch aid (see above): without it choosing between objects stays at chance
     c.optim = defaults.optim(1e-3, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
     c.train = defaults.train(1, steps=300, batch_size=32, log_every=50, eval_every=0, save_every=150, keep=2)

@@ -22,6 +22,7 @@ def get_config() -> ConfigDict:
                        global_attn_indexes=(1,), prompt_dim=32, mask_in_chans=4, decoder_depth=2, decoder_heads=2,
                        decoder_mlp_dim=64, iou_head_hidden_dim=32)
     c.loss.w_patch = 0.0  # the patch aid trains the LLM, which stage 3 keeps frozen
+    c.loss.w_attr = 0.0  # and the attribute aid the frozen CLIP
     c.data.with_masks = True
     c.data.mask_size = 32
     c.data.with_sam = True

@@ -47,6 +47,9 @@ def test_tiny_default_trains_rec_and_can_score_single_object_scenes():
     # the patch aid's targets follow the model's patch size, in training only; stage 3 turns the aid off
     assert (train.patch_targets, held_out.patch_targets) == (c.model.vision.patch_size, 0)
     assert data_config(load_config("configs/tiny_shapes_stage3.py"), training=True).patch_targets == 0
+    # likewise the attribute aid's labels
+    assert (train.patch_attributes, held_out.patch_attributes) == (c.model.vision.patch_size, 0)
+    assert data_config(load_config("configs/tiny_shapes_stage3.py"), training=True).patch_attributes == 0
     assert held_out.datasets.shapes.split == "test"
 
 
@@ -72,6 +75,8 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert "train.label_tokens must be >= 0" in capsys.readouterr().out
     assert cli.main(args + ok_data + ["loss.w_patch=1.0", "model.patch_head=False"]) == 2
     assert "loss.w_patch=1.0 needs model.patch_head=True" in capsys.readouterr().out
+    assert cli.main(args + ok_data + ["loss.w_attr=1.0", "model.attr_classes=0"]) == 2
+    assert "loss.w_attr=1.0 needs model.attr_classes > 0" in capsys.readouterr().out
     assert not any(tmp_path.glob("checkpoints/*"))
 
 

@@ -33,3 +33,4 @@ class Batch:
     masks: jax.Array | None = None  # float32[B,Q,Hm,Wm] in {0,1}, per trigger (stage 3)
     mask_valid: jax.Array | None = None  # bool[B,Q]
     patch_target: jax.Array | None = None  # float32[B,P] share of each patch in the first target's mask, -1 = none
+    patch_attr: jax.Array | None = None  # int32[B,P] class of the object on each patch (shapes.patch_class), -1 = none

@@ -18,6 +18,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
 | `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
 | `patch_targets` | 0 (default) or the CLIP patch size: adds `patch_target` [P], the share of each patch inside the first answer box's object mask (-1 without one), for the tiny default's patch aid (`model.patch_head`, `loss.w_patch`) |
+| `patch_attributes` | 0 (default) or the CLIP patch size: adds `patch_attr` [P], per patch the `shapes.patch_class` (shape, size) of the object covering most of it (>= 1/4), 0 for background (< 5% covered), -1 otherwise, for the tiny default's attribute aid (`model.attr_classes`, `loss.w_attr`); synthetic shapes only (others get -1) |
 | `max_objects` | curriculum: keep only images with at most this many objects (0 = all) |
 | `task` | evaluation: every item of this one task is a sample (e.g. each REC expression); "" = by `task_weights` |
 | `batch_size`, `seed`, `workers`, `worker_buffer_size`, `strict` | workers 0 = in-process; strict raises on bad input |
@@ -69,6 +70,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "num_image_tokens": 64,
         "with_masks": False,
         "patch_targets": 0,
+        "patch_attributes": 0,
         "mask_size": 64,
         "with_sam": False,
         "sam_size": 1024,
@@ -236,9 +238,10 @@ class SampleMaker(grain.RandomMapTransform):
         self.rec_answer = cfg.get("rec_answer", "released")
         if self.rec_answer not in templates.REC_ANSWERS:
             raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {self.rec_answer!r}")
-        if cfg.patch_targets and (cfg.patch_targets < 0 or cfg.image_size % cfg.patch_targets):
-            raise ValueError(f"data.patch_targets (the CLIP patch size) must divide image_size {cfg.image_size}, "
-                             f"got {cfg.patch_targets}")
+        for key in ("patch_targets", "patch_attributes"):
+            if cfg[key] and (cfg[key] < 0 or cfg.image_size % cfg[key]):
+                raise ValueError(f"data.{key} (the CLIP patch size) must divide image_size {cfg.image_size}, "
+                                 f"got {cfg[key]}")
         self.cfg, self.encoder, self.image_roots = cfg, encoder, image_roots
         self.task_weights = {cfg.task: 1.0} if cfg.get("task") else dict(cfg.task_weights)
 
@@ -293,6 +296,8 @@ class SampleMaker(grain.RandomMapTransform):
         }
         if cfg.patch_targets:
             out["patch_target"] = self._patch_target(ex, enc.target_objects, cfg.image_size, cfg.patch_targets)
+        if cfg.patch_attributes:
+            out["patch_attr"] = self._patch_attr(ex, cfg.image_size, cfg.patch_attributes)
         if cfg.with_masks:
             out["masks"], out["mask_valid"] = self._masks(ex, enc.target_objects, h, w)
         if cfg.with_sam:
@@ -310,6 +315,22 @@ class SampleMaker(grain.RandomMapTransform):
             return np.full(g * g, -1.0, np.float32)
         m = masks_to_square(ex.masks[objs[0]][None], size)[0]
         return m.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1).astype(np.float32)
+
+    @staticmethod
+    def _patch_attr(ex: Example, size: int, patch: int) -> np.ndarray:
+        """int32[P]: per CLIP patch (row-major) the `shapes.patch_class` of the object covering most of it when
+        that is at least a quarter of the patch, 0 (background) when objects cover under 5%, else -1 (mixed);
+        all -1 for images without masks or attributes."""
+        from jaxground.data.shapes import patch_class
+
+        g = size // patch
+        if ex.masks is None or not ex.attrs or not len(ex.masks):
+            return np.full(g * g, -1, np.int32)
+        share = masks_to_square(ex.masks, size).reshape(-1, g, patch, g, patch).mean((2, 4)).reshape(len(ex.masks), -1)
+        best = share.argmax(0)
+        classes = np.array([patch_class(a) for a in ex.attrs], np.int32)[best]
+        out = np.where(share.sum(0) < 0.05, 0, -1).astype(np.int32)
+        return np.where(share.max(0) >= 0.25, classes, out)
 
     def _masks(self, ex: Example, objs: list[int], h: int, w: int):
         Q, S = self.cfg.max_boxes, self.cfg.mask_size
@@ -459,6 +480,8 @@ def _template(cfg, encoder) -> dict:
          "target_boxes": np.zeros((Q, 4), np.float32), "target_mask": np.zeros(Q, bool), "valid": np.bool_(False)}
     if cfg.patch_targets:
         t["patch_target"] = np.full((S // cfg.patch_targets) ** 2, -1.0, np.float32)
+    if cfg.patch_attributes:
+        t["patch_attr"] = np.full((S // cfg.patch_attributes) ** 2, -1, np.int32)
     if cfg.with_masks:
         t["masks"], t["mask_valid"] = np.zeros((Q, cfg.mask_size, cfg.mask_size), np.float32), np.zeros(Q, bool)
     if cfg.with_sam:

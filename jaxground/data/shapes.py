@@ -32,6 +32,7 @@ COLOURS = {
     "white": (250, 250, 250),
 }
 SIZES = ("small", "medium", "large")
+PATCH_CLASSES = 1 + len(SHAPES) * len(SIZES)  # the attribute aid's per-patch classes: background, (shape, size)
 _RADIUS = {"small": 0.08, "medium": 0.12, "large": 0.17}  # half-extent as a share of the image side
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 RELATIONS = ("left of", "right of", "above", "below")
@@ -99,6 +100,11 @@ def draw_scene(rng: np.random.Generator, size: int, min_objects: int = 1, max_ob
         image[masks[i]] = np.clip(np.array(COLOURS[a["colour"]]) + jitter, 0, 255)
     boxes = np.stack([_box(m) for m in masks])
     return image, attrs, boxes, masks
+
+
+def patch_class(attrs: dict) -> int:
+    """The attribute aid's class of an object: 1 + its (shape, size) index (0 is the background)."""
+    return 1 + SHAPES.index(attrs["shape"]) * len(SIZES) + SIZES.index(attrs["size"])
 
 
 # ---- referring expressions: a tiny grammar, generated and parsed by the same rules ----

@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx, struct
 
 from jaxground.data.batch import Batch
@@ -51,6 +52,7 @@ class NextChatConfig:
     sam: SamConfig | None = None  # SAM image encoder + mask head (stage 3); None = boxes only
     freeze_sam: bool = True  # the released model keeps SAM's image encoder frozen (stop_gradient)
     patch_head: bool = False  # a training aid (not in the release): per image token, "in the first target?"
+    attr_classes: int = 0  # > 0: the attribute aid (not in the release): classify each CLIP patch's object
 
     def __post_init__(self):
         ids = dataclasses.asdict(self.tokens)
@@ -73,6 +75,7 @@ class NextChatOutput:
     logit_targets: jax.Array | None = None  # int32[B,k] next-token labels aligned with logits (with `label_tokens`)
     patch_logits: jax.Array | None = None  # float32[B,P] with `patch_head` and `batch.patch_target`: image token p
     # lies in the first target
+    attr_logits: jax.Array | None = None  # float32[B,P,C] with `attr_classes` and `batch.patch_attr`
 
 
 def place_rows(embeds: jax.Array, is_slot: jax.Array, rows: jax.Array, row_mask: jax.Array | None = None):
@@ -121,16 +124,23 @@ class NextChat(nnx.Module):
         self.loc_decoder = BoxDecoder(d, box_prior=cfg.box_prior, **loc)
         if cfg.patch_head:
             self.patch_head = linear(d, 1, ("embed", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if cfg.attr_classes:
+            self.attr_head = linear(cfg.vision.hidden_size, cfg.attr_classes, ("embed", None), rngs=rngs,
+                                    dtype=dtype, param_dtype=param_dtype)
         if cfg.sam is not None:
             self.sam = Sam(cfg.sam, rngs=rngs, with_decoder=False)
             self.mask_head = MaskHead(d, cfg.sam, rngs=rngs)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """float32[B,H,W,3] (CLIP-normalised) -> [B,P,D] projected patch features."""
-        feats = self.vision(images)  # [B,P,Dv]
+        return self.projector(self._vision_features(images))
+
+    def _vision_features(self, images: jax.Array) -> jax.Array:
+        """float32[B,H,W,3] -> CLIP patch features [B,P,Dv]."""
+        feats = self.vision(images)
         if self.cfg.freeze_vision:
             feats = jax.lax.stop_gradient(feats)  # the frozen tower gets exactly zero gradient
-        return self.projector(feats)
+        return feats
 
     def embed_inputs(self, input_ids: jax.Array, images: jax.Array, boxes: jax.Array, box_mask: jax.Array):
         """int32[B,T], float32[B,H,W,3], float32[B,Q,4], bool[B,Q] -> input embeddings [B,T,D]."""
@@ -150,7 +160,11 @@ class NextChat(nnx.Module):
         self._check_batch(batch)
         tok = self.cfg.tokens
         box_embeds = self.loc_encoder(batch.boxes)  # [B,Q,D]
-        embeds = self._embed(batch.input_ids, self.encode_image(batch.images), box_embeds, batch.box_mask)
+        feats = self._vision_features(batch.images)
+        attr_logits = None
+        if self.cfg.attr_classes and batch.patch_attr is not None:  # only its loss reads it
+            attr_logits = self.attr_head(feats).astype(jnp.float32)
+        embeds = self._embed(batch.input_ids, self.projector(feats), box_embeds, batch.box_mask)
         hidden, logits, _ = self.llm.forward_embeds(embeds, batch.attention_mask, with_logits=not label_tokens)
         logit_targets = None
         if label_tokens:
@@ -178,6 +192,7 @@ class NextChat(nnx.Module):
             iou_pred=iou_pred,
             logit_targets=logit_targets,
             patch_logits=patch_logits,
+            attr_logits=attr_logits,
         )
 
     def segment(self, sam_images: jax.Array, trigger_states: jax.Array, pred_boxes: jax.Array):
@@ -229,7 +244,7 @@ class NextChat(nnx.Module):
 
 def nextchat_loss(
     out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0,
-    w_seg: float = 1.0, seg_preset: str = "released", w_patch: float = 0.0,
+    w_seg: float = 1.0, seg_preset: str = "released", w_patch: float = 0.0, w_attr: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE + L_det + w_cycle * L_cyc (+ w_seg * L_seg when the output has masks and the batch has
     ground truth; + w_patch * L_patch when it has patch logits and `batch.patch_target`) -> (total, parts).
@@ -253,6 +268,10 @@ def nextchat_loss(
         patch = patch_loss(out.patch_logits, batch.patch_target, batch.valid)
         total = total + w_patch * patch
         parts["patch"] = patch
+    if out.attr_logits is not None and batch.patch_attr is not None:
+        attr = attr_loss(out.attr_logits, batch.patch_attr, batch.valid)
+        total = total + w_attr * attr
+        parts["attr"] = attr
     if out.mask_logits is not None and batch.masks is not None:
         logits = resize_mask_logits(out.mask_logits, batch.masks.shape[-2:])
         seg, seg_parts = seg_loss(logits, batch.masks, out.iou_pred,
@@ -269,6 +288,14 @@ def patch_loss(logits: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Ar
     t = jnp.clip(target, 0.0, 1.0)
     bce = jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return jnp.sum(bce.mean(-1) * rows) / jnp.maximum(rows.sum(), 1)
+
+
+def attr_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Cross-entropy of per-patch class logits [B,P,C] against labels int32[B,P], averaged over the labelled
+    patches (label >= 0) of valid rows."""
+    counted = (labels >= 0) & valid[:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return jnp.sum(ce * counted) / jnp.maximum(counted.sum(), 1)
 
 
 def resize_mask_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:

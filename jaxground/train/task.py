@@ -53,6 +53,7 @@ def model_config(config, tokens) -> NextChatConfig:
         sam=SamConfig(**_fields(SamConfig, config.model.sam, "model.sam")) if config.model.get("sam") else None,
         freeze_sam=config.model.get("freeze_sam", True),
         patch_head=config.model.get("patch_head", False),
+        attr_classes=config.model.get("attr_classes", 0),
     )
 
 
@@ -66,6 +67,8 @@ def data_config(config, *, training: bool) -> ml_collections.ConfigDict:
         cfg.batch_size = config.train.batch_size // hosts
         if config.loss.get("w_patch", 0.0) and config.model.get("patch_head"):  # the patch aid's targets
             cfg.patch_targets = config.model.vision.patch_size
+        if config.loss.get("w_attr", 0.0) and config.model.get("attr_classes"):  # the attribute aid's labels
+            cfg.patch_attributes = config.model.vision.patch_size
     else:
         cfg.datasets = config.eval.datasets.to_dict()
         cfg.task_weights = {"rec": 1.0}
@@ -110,6 +113,9 @@ def make_task(config) -> Task:
     w_patch = config.loss.get("w_patch", 0.0)
     if w_patch and not config.model.get("patch_head"):
         raise TaskConfigError(f"loss.w_patch={w_patch} needs model.patch_head=True")
+    w_attr = config.loss.get("w_attr", 0.0)
+    if w_attr and not config.model.get("attr_classes"):
+        raise TaskConfigError(f"loss.w_attr={w_attr} needs model.attr_classes > 0")
     w_cycle = config.loss.w_cycle
     train_data = data_config(config, training=True)
     _, tokens = make_encoder(train_data)
@@ -129,9 +135,9 @@ def make_task(config) -> Task:
     def loss_fn(model: NextChat, batch: dict):
         b = Batch(**batch)
         total, parts = nextchat_loss(model(b, label_tokens), b, w_l1=w_l1, w_giou=w_giou, w_cycle=w_cycle,
-                                     seg_preset=config.loss.seg, w_patch=w_patch)
+                                     seg_preset=config.loss.seg, w_patch=w_patch, w_attr=w_attr)
         shown = {"ce": parts["ce"], "l1": parts["l1"], "giou": parts["giou"], "cycle": parts["cyc"]}
-        return total, shown | {k: parts[k] for k in ("seg", "patch") if k in parts}
+        return total, shown | {k: parts[k] for k in ("seg", "patch", "attr") if k in parts}
 
     return Task(
         model_factory=lambda: NextChat(cfg, rngs=nnx.Rngs(seed)),

@@ -60,6 +60,34 @@ def test_patch_targets_are_the_first_target_mask_per_patch(shapes_dir):
         next(_pipe(cfg))
 
 
+def test_patch_attributes_label_each_patch_with_its_object(shapes_dir):
+    """The attribute aid's labels, recomputed from the records: a patch takes the (shape, size) class of the
+    object covering most of it (at least a quarter), 0 where objects cover under 5%, else -1."""
+    from jaxground.data.records import RecordSource
+    from jaxground.data.shapes import SHAPES, SIZES, patch_class
+
+    assert patch_class({"shape": SHAPES[0], "size": SIZES[0]}) == 1
+    assert patch_class({"shape": SHAPES[-1], "size": SIZES[-1]}) == len(SHAPES) * len(SIZES)
+    cfg = _cfg(shapes_dir, patch_attributes=8)
+    cfg.batch_size, cfg.image_size, cfg.num_image_tokens = 8, 32, 16
+    labels = next(_pipe(cfg, training=False))["patch_attr"]
+    assert labels.shape == (8, 16) and labels.dtype == np.int32
+    src = RecordSource(sorted(shapes_dir.glob("train*.array_record")))
+    for r in range(8):  # evaluation order = record order, one REC item per record here
+        ex = src[r]
+        assert ex.masks.shape[1:] == (32, 32)  # square images: no padding to account for
+        share = ex.masks.reshape(len(ex.masks), 4, 8, 4, 8).mean((2, 4)).reshape(len(ex.masks), 16)
+        for p in range(16):
+            best = int(share[:, p].argmax())
+            want = (patch_class(ex.attrs[best]) if share[best, p] >= 0.25 else 0 if share[:, p].sum() < 0.05
+                    else -1)
+            assert labels[r, p] == want
+    assert (labels > 0).any() and (labels == 0).any()
+    cfg.patch_attributes = 3
+    with pytest.raises(ValueError, match="patch_attributes"):
+        next(_pipe(cfg))
+
+
 def test_turns_ask_several_distinct_questions_within_max_len(shapes_dir, encoder):
     ids = encoder.ids
     def batch(max_len, turns):

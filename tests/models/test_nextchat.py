@@ -174,6 +174,30 @@ def test_label_tokens_same_loss_and_gradients(model, k):
     assert model(batch, k).logits.shape == (2, k, 64)
 
 
+def test_attr_head_classifies_the_vision_features_and_its_loss():
+    """`attr_classes`: per CLIP patch, class logits from the vision tower's features (before the projector);
+    the cross-entropy counts labelled patches (>= 0) only, and trains the tower."""
+    cfg = dataclasses.replace(CFG, attr_classes=5, freeze_vision=False)
+    m = nnx.jit(lambda: NextChat(cfg, rngs=nnx.Rngs(1)))()
+    labels = jnp.asarray([[0, 3, -1, 4], [-1, -1, -1, 2]], jnp.int32)
+    batch = _batch().replace(patch_attr=labels)
+    out = nnx.jit(lambda m_, b: m_(b))(m, batch)
+    feats = np.asarray(m.vision(batch.images), np.float64)
+    kernel, bias = np.asarray(m.attr_head.kernel[...], np.float64), np.asarray(m.attr_head.bias[...], np.float64)
+    np.testing.assert_allclose(out.attr_logits, feats @ kernel + bias, rtol=1e-5, atol=1e-5)
+    x = np.asarray(out.attr_logits, np.float64)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    want = -np.mean([logp[b, p, k] for b, p, k in [(0, 0, 0), (0, 1, 3), (0, 3, 4), (1, 3, 2)]])
+    w_l1, w_giou = DET_PRESETS["released"]
+    base, _ = nextchat_loss(out, batch, w_l1=w_l1, w_giou=w_giou)
+    total, parts = nextchat_loss(out, batch, w_l1=w_l1, w_giou=w_giou, w_attr=0.5)
+    np.testing.assert_allclose(float(parts["attr"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(base) + 0.5 * want, rtol=1e-5)
+    assert nnx.jit(lambda m_, b: m_(b))(m, _batch()).attr_logits is None  # no labels, no head
+    grads = nnx.jit(nnx.grad(lambda m_: nextchat_loss(m_(batch), batch, w_l1=w_l1, w_giou=w_giou)[1]["attr"]))(m)
+    assert _norm(grads.attr_head) > 0 and _norm(grads.vision) > 0 and _norm(grads.llm) == 0
+
+
 def test_patch_head_reads_the_image_tokens_and_its_loss():
     """`patch_head`: one logit per image token, from the last hidden state at that `<im_patch>`; its BCE
     counts only rows with a target, and only when weighted."""

@@ -37,7 +37,7 @@ def test_tiny_nextchat_learns_and_evaluates(tmp_path, shapes_dir, capsys):
                           "train.label_tokens=16")])  # the LM head at supervised positions only
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "step 8/8 | ce " in out and " giou " in out and "samples/s | ETA" in out
+    assert "step 8/8 | " in out and " ce " in out and " giou " in out and "samples/s | ETA" in out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     loss = [r["loss"] for r in rows if r["split"] == "train"]
     assert len(loss) == 8 and np.mean(loss[-3:]) < np.mean(loss[:3]), loss
