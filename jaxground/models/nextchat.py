@@ -13,6 +13,8 @@ Flow of `NextChat.__call__(batch)`:
 5. cycle terms F(G(boxes)) and G(F(t)) so that `nextchat_loss` needs no model call;
 6. with a SAM config and `batch.sam_images`: the frozen SAM image encoder, then the mask head on each trigger
    (4 prompt tokens from the trigger state + F(t) as a box prompt -> one mask and one IoU prediction).
+Training aids of the tiny default (not in the release): `patch_head` (a logit per image token from its last hidden
+state) and `attr_classes` (class logits per CLIP patch from the tower's features), each only with its labels.
 All placement is gather/where over static shapes: jittable, no data-dependent Python.
 """
 
