@@ -2,8 +2,8 @@
 
 The trace's Chrome-format JSON (`*.trace.json.gz`, written next to the TensorBoard profile) holds one event per
 executed op, on whichever thread ran it (XLA's pool, the client's, or the caller's for small programs); an
-event counts when its name is an instruction of the compiled program's HLO, so runtime spans are left out. Op names lose their numeric suffix (`copy_bitcast_fusion.27` -> `copy_bitcast_fusion`), so the
-table reads by kind (on XLA:CPU `ynn_fusion` holds the GEMMs and also many reductions; the other kinds are
+event counts when its name is an instruction of the compiled program's HLO, so runtime spans are left out.
+Op names lose their numeric suffix (`copy_bitcast_fusion.27` -> `copy_bitcast_fusion`), so the table reads by kind (on XLA:CPU `ynn_fusion` holds the GEMMs and also many reductions; the other kinds are
 elementwise and layout fusions).
 """
 

@@ -313,8 +313,7 @@ class SampleMaker(grain.RandomMapTransform):
         g = size // patch
         if not objs or ex.masks is None:
             return np.full(g * g, -1.0, np.float32)
-        m = masks_to_square(ex.masks[objs[0]][None], size)[0]
-        return m.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1).astype(np.float32)
+        return _patch_shares(ex.masks[objs[0]][None], size, patch)[0]
 
     @staticmethod
     def _patch_attr(ex: Example, size: int, patch: int) -> np.ndarray:
@@ -326,7 +325,7 @@ class SampleMaker(grain.RandomMapTransform):
         g = size // patch
         if ex.masks is None or not ex.attrs or not len(ex.masks):
             return np.full(g * g, -1, np.int32)
-        share = masks_to_square(ex.masks, size).reshape(-1, g, patch, g, patch).mean((2, 4)).reshape(len(ex.masks), -1)
+        share = _patch_shares(ex.masks, size, patch)
         best = share.argmax(0)
         classes = np.array([patch_class(a) for a in ex.attrs], np.int32)[best]
         out = np.where(share.sum(0) < 0.05, 0, -1).astype(np.int32)
@@ -345,6 +344,14 @@ class SampleMaker(grain.RandomMapTransform):
             masks[k] = masks_to_square(m[None], S)[0]
             valid[k] = True
         return masks, valid
+
+
+def _patch_shares(masks: np.ndarray, size: int, patch: int) -> np.ndarray:
+    """bool[n,H,W] object masks -> float32[n,P]: the share of each CLIP patch (row-major) each object covers,
+    on the padded square the CLIP image is made of."""
+    g = size // patch
+    square = masks_to_square(masks, size)
+    return square.reshape(len(masks), g, patch, g, patch).mean((2, 4)).reshape(len(masks), -1).astype(np.float32)
 
 
 def _pad(x: np.ndarray, n: int, value) -> np.ndarray:

@@ -128,7 +128,7 @@ class NextChat(nnx.Module):
             self.patch_head = linear(d, 1, ("embed", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         if cfg.attr_classes:
             self.attr_head = linear(cfg.vision.hidden_size, cfg.attr_classes, ("embed", None), rngs=rngs,
-                                    dtype=dtype, param_dtype=param_dtype)
+                                    dtype=jnp.dtype(cfg.vision.dtype), param_dtype=jnp.dtype(cfg.vision.param_dtype))
         if cfg.sam is not None:
             self.sam = Sam(cfg.sam, rngs=rngs, with_decoder=False)
             self.mask_head = MaskHead(d, cfg.sam, rngs=rngs)
