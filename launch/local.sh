@@ -41,7 +41,7 @@ fi
 if jaxground predict --help >/dev/null 2>&1; then
   echo "[local] drawing predictions for 3 test images into $RUN/predictions"
   mkdir -p "$RUN/predictions"
-  python - "$DATA" "$RUN/predictions" > "$RUN/predictions/prompts.tsv" <<'PY'
+  python - "$DATA" "$RUN/predictions" > "$RUN/predictions/requests.tsv" <<'PY'
 import sys
 from pathlib import Path
 from jaxground.data.records import RecordSource
@@ -49,12 +49,10 @@ src, out = RecordSource([Path(sys.argv[1]) / "test.array_record"]), Path(sys.arg
 for i in range(3):
     ex = src[i]
     (out / f"input{i}.png").write_bytes(ex.image)
-    print(f"{i}\tWhere is {ex.tasks['rec'][0]['expr']}?")
+    print(f"{out}/input{i}.png\tWhere is {ex.tasks['rec'][0]['expr']}?\t{out}/pred{i}.png")
 PY
-  while IFS=$'\t' read -r i prompt; do
-    jaxground predict --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --image "$RUN/predictions/input$i.png" \
-      --prompt "$prompt" --out "$RUN/predictions/pred$i.png" "${PATHS[@]}" || true
-  done < "$RUN/predictions/prompts.tsv"
+  jaxground predict --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" \
+    --list "$RUN/predictions/requests.tsv" "${PATHS[@]}" || true
 fi
 lap "evaluation and pictures"
 

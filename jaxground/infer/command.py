@@ -1,7 +1,8 @@
 """`jaxground predict --config CFG --checkpoint DIR --image IMG --prompt TEXT [--box x0,y0,x1,y1 ...]
-[--out PNG] [--json] [key=value ...]`
+[--out PNG] [--json] [key=value ...]`, or `... --list TSV` for many images with one model load
 
-Answers a prompt about one image. Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
+Answers a prompt about one image (or each line's of `--list`: `image<TAB>prompt[<TAB>out.png[<TAB>boxes]]`,
+boxes as `x0,y0,x1,y1` separated by spaces). Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
 the answer's objects are printed as `[k]` with their pixel boxes and drawn into `--out`; a model with a mask
 head (`model.sam`) also draws each object's mask (translucent) and `--json` gives its area and COCO RLE.
 `--checkpoint` is a training checkpoint or a `jaxground convert` output. Exit status 2 for
@@ -10,6 +11,7 @@ bad input (image, boxes, prompt, checkpoint), reported before any model compute.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,11 +20,13 @@ from pathlib import Path
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="the run's configs/*.py (model and tokenizer)")
     parser.add_argument("--checkpoint", required=True, help="a run's workdir, checkpoint dir or step dir")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True, help="question; refer to --box i as [i]")
+    parser.add_argument("--image", default=None)
+    parser.add_argument("--prompt", default=None, help="question; refer to --box i as [i]")
     parser.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1 in pixels (repeatable)")
     parser.add_argument("--out", default=None, help="PNG with the answer's boxes (and masks) drawn")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--list", default=None, metavar="TSV", help="instead of --image/--prompt/--box/--out: one "
+                        "request per line, image<TAB>prompt[<TAB>out.png[<TAB>boxes]] (boxes: x0,y0,x1,y1 ...)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (per request) instead of text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
@@ -89,23 +93,70 @@ def run(args) -> int:
         return 2
 
 
+@dataclasses.dataclass
+class Request:
+    image_path: str
+    image: object  # uint8[H,W,3]
+    prompt: str
+    boxes: list  # float32[4] pixel boxes, referred to as [i]
+    out: str | None
+
+
+def _request(image_path: str, prompt: str, box_texts: list[str], out: str | None, where: str = "") -> Request:
+    """One checked request; bad input raises PredictError (prefixed by `where`, e.g. the --list line)."""
+    from jaxground.infer.predict import REF, PredictError, parse_box
+
+    try:
+        image = load_image(image_path)
+        h, w = image.shape[:2]
+        boxes = [parse_box(b, h, w) for b in box_texts]
+        refs = [int(m) for m in REF.findall(prompt)]
+        if any(r >= len(boxes) for r in refs):
+            raise PredictError(f"prompt refers to [{max(refs)}] but only {len(boxes)} --box given")
+        if not prompt.strip():
+            raise PredictError("empty --prompt")
+        if out and Path(out).suffix.lower() != ".png":
+            raise PredictError(f"--out {out}: expected a .png path")
+    except PredictError as e:
+        raise PredictError(f"{where}{e}") from None
+    return Request(image_path, image, prompt, boxes, out)
+
+
+def _requests(args) -> list[Request]:
+    from jaxground.infer.predict import PredictError
+
+    if args.list is None:
+        if args.image is None or args.prompt is None:
+            raise PredictError("give --image and --prompt, or --list")
+        return [_request(args.image, args.prompt, args.box, args.out)]
+    if args.image or args.prompt or args.box or args.out:
+        raise PredictError("--list replaces --image, --prompt, --box and --out")
+    path = Path(args.list)
+    if not path.is_file():
+        raise PredictError(f"--list file not found: {args.list}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if not 2 <= len(cols) <= 4:
+            raise PredictError(f"{args.list}:{n}: expected image<TAB>prompt[<TAB>out.png[<TAB>boxes]], "
+                               f"got {len(cols)} columns")
+        boxes = cols[3].split() if len(cols) > 3 else []
+        out.append(_request(cols[0], cols[1], boxes, (cols[2] if len(cols) > 2 else "") or None, f"{args.list}:{n}: "))
+    if not out:
+        raise PredictError(f"--list {args.list} holds no request")
+    return out
+
+
 def _run(args) -> int:
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.generate import GenerationConfig
-    from jaxground.infer.predict import REF, PredictError, mask_function, parse_box, predict
+    from jaxground.infer.predict import PredictError, mask_function, predict
 
-    image = load_image(args.image)
-    h, w = image.shape[:2]
-    boxes = [parse_box(b, h, w) for b in args.box]
-    refs = [int(m) for m in REF.findall(args.prompt)]
-    if any(r >= len(boxes) for r in refs):
-        raise PredictError(f"prompt refers to [{max(refs)}] but only {len(boxes)} --box given")
-    if not args.prompt.strip():
-        raise PredictError("empty --prompt")
+    requests = _requests(args)
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise PredictError("--max-new-tokens and --num-beams must be >= 1")
-    if args.out and Path(args.out).suffix.lower() != ".png":
-        raise PredictError(f"--out {args.out}: expected a .png path")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -117,21 +168,23 @@ def _run(args) -> int:
     ids = encoder.ids
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
                            num_beams=args.num_beams, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes)
-    mask_fn = mask_function(model, image) if model.cfg.sam is not None else None
-    try:
-        pred = predict(model, encoder, image, args.prompt, boxes, cfg, mask_fn=mask_fn)
-    except ValueError as e:  # prompt longer than the context, unencodable prompt
-        raise PredictError(str(e)) from None
+    for req in requests:
+        mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
+        try:
+            pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn)
+        except ValueError as e:  # prompt longer than the context, unencodable prompt
+            raise PredictError(f"{req.image_path}: {e}" if args.list else str(e)) from None
+        if req.out:
+            from jaxground.infer.draw import draw
 
-    if args.out:
-        from jaxground.infer.draw import draw
-
-        labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
-        draw(image, pred.boxes, labels, pred.masks).save(args.out)
-    if args.json:
-        print(json.dumps(pred.to_json()))
-    else:
-        print(pred.text)
-        for i, b in enumerate(pred.boxes):
-            print(f"[{pred.first_ref + i}] " + " ".join(f"{v:.1f}" for v in b))
+            labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
+            draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
+        if args.json:
+            print(json.dumps(({"image": req.image_path} if args.list else {}) | pred.to_json()), flush=True)
+        else:
+            if args.list:
+                print(f"{req.image_path}: {req.prompt}")
+            print(pred.text)
+            for i, b in enumerate(pred.boxes):
+                print(f"[{pred.first_ref + i}] " + " ".join(f"{v:.1f}" for v in b), flush=True)
     return 0

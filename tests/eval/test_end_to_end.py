@@ -173,6 +173,31 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
             assert im.size == (40, 24)
 
 
+def test_predict_list_answers_every_line_with_one_load(setup, capsys):
+    root, args, _ = setup
+    paths = []
+    for i, colour in enumerate([(200, 40, 40), (40, 200, 40)]):
+        image = np.zeros((24 + 8 * i, 40, 3), np.uint8)
+        image[4:20, 8:30] = colour
+        paths.append(root / f"list{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    tsv = root / "requests.tsv"
+    tsv.write_text(f"{paths[0]}\twhat is [0]?\t{root / 'list_pred0.png'}\t8,4,30,20\n\n"
+                   f"{paths[1]}\twhere is the shape?\n")
+    code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--list", str(tsv), "--max-new-tokens", "4", "--json", *args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    answers = [json.loads(line) for line in captured.out.splitlines()]
+    assert [a["image"] for a in answers] == [str(p) for p in paths]
+    assert answers[0]["answer"].startswith("[1]")  # its one input box is [0]
+    for a, h in zip(answers, (24, 32)):
+        assert all(0 <= o["box"][1] <= o["box"][3] <= h for o in a["objects"])
+    with Image.open(root / "list_pred0.png") as im:
+        assert im.size == (40, 24)
+    assert not (root / "list_pred1.png").exists()
+
+
 def test_eval_visual7w_pointing_on_records(setup, capsys):
     """Visual7W pointing on records built from the shapes test images: every object is a candidate."""
     import dataclasses

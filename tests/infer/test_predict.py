@@ -95,6 +95,34 @@ def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     assert re.search(message, err), err
 
 
+@pytest.mark.parametrize("lines, message", [
+    (["IMG\twhere is it?", "MISSING\twhere is it?"], r"requests.tsv:2: image not found"),
+    (["IMG"], r"requests.tsv:1: expected image<TAB>prompt"),
+    (["IMG\twhat is [0]?\tout.png\t1,1,10"], r"requests.tsv:1: .*expected four"),
+    (["IMG\twhere?\tout.jpg"], r"requests.tsv:1: --out out.jpg: expected a .png path"),
+    ([""], "holds no request"),
+])
+def test_command_bad_list(tmp_path, image_file, capsys, lines, message):
+    tsv = tmp_path / "requests.tsv"
+    tsv.write_text("\n".join(line.replace("IMG", str(image_file)).replace("MISSING", str(tmp_path / "no.png"))
+                             for line in lines) + "\n")
+    args = ["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--list", str(tsv)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "jaxground predict:" in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_command_list_excludes_single_request_flags(tmp_path, image_file, capsys):
+    tsv = tmp_path / "requests.tsv"
+    tsv.write_text(f"{image_file}\twhere?\n")
+    assert main(["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--list", str(tsv),
+                 "--image", str(image_file)]) == 2
+    assert "--list replaces" in capsys.readouterr().err
+    assert main(["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path)]) == 2
+    assert "give --image and --prompt, or --list" in capsys.readouterr().err
+
+
 def test_rle_round_trip_column_major():
     from jaxground.infer.predict import rle_decode, rle_encode
 
