@@ -50,6 +50,8 @@ def get_config() -> ConfigDict:
         max_boxes=4,
         max_objects=0,
         image_position="last",  # the question before the image: image tokens can attend to it
+        read_threads=0,  # local records on 2 cores: Grain's 16 reading threads only compete with the step
+        read_buffer=0,
     )
     c.eval = ConfigDict(dict(
         datasets={"shapes": {"kind": "shapes", "path": "data/shapes", "split": "test", "image_root": "",

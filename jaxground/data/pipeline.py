@@ -6,7 +6,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 
 | key | meaning |
 |---|---|
-| `datasets` | name -> {`kind`, `path`, `split`, `image_root`, `weight`}; kinds: `shapes` (path = the data dir), `records`, and the readers in `sources` (`refcoco`, `refcoco_jsonl`, `flickr`, `vg`, `v7w`, `pope`, `llava`, `tfds_refcoco`) |
+| `datasets` | name -> {`kind`, `path`, `split`, `image_root`, `weight`, optional `min_objects`/`max_objects` (keep only images with that many objects; the same data twice with a filter oversamples part of it)}; kinds: `shapes` (path = the data dir), `records`, and the readers in `sources` (`refcoco`, `refcoco_jsonl`, `flickr`, `vg`, `v7w`, `pope`, `llava`, `tfds_refcoco`) |
 | `tokenizer` | tokenizer directory ("" = `<shapes dir>/tokenizer` of the first `shapes` dataset) |
 | `location_format` | `emb` (pixel2emb), `num`, `bin` |
 | `system_prompt` | the conversation's system text |
@@ -190,7 +190,8 @@ def _object_counts(source) -> np.ndarray | None:
 
 
 def build_source(entry, max_objects: int = 0):
-    """One dataset entry of the config -> a random-access source of Examples."""
+    """One dataset entry of the config -> a random-access source of Examples, keeping only images with at least
+    the entry's `min_objects` and at most its `max_objects` (else the section's `max_objects`) objects."""
     kind, path = entry.kind, Path(entry.path)
     if kind in ("shapes", "records"):
         files = [path / f"{entry.split}.array_record"] if kind == "shapes" else [path]
@@ -199,11 +200,12 @@ def build_source(entry, max_objects: int = 0):
         from jaxground.data import sources
 
         src = ListSource(sources.read(kind, entry))
-    if max_objects:
+    low, high = entry.get("min_objects", 0), entry.get("max_objects", 0) or max_objects
+    if low or high:
         counts = _object_counts(src)
         if counts is None:
             counts = np.array([len(src[i].boxes) for i in range(len(src))])
-        src = Subset(src, np.nonzero(counts <= max_objects)[0])
+        src = Subset(src, np.nonzero((counts >= low) & ((counts <= high) if high else True))[0])
     return src
 
 

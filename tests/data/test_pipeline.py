@@ -1,3 +1,4 @@
+import ml_collections
 import numpy as np
 import pytest
 
@@ -170,6 +171,12 @@ def test_curriculum_filter_and_mixture_weights(shapes_dir):
     cfg = _cfg(shapes_dir)
     src = build_source(cfg.datasets.shapes, max_objects=1)
     assert 0 < len(src) < 48 and all(len(src[i].boxes) == 1 for i in range(len(src)))
+    entry = cfg.datasets.shapes.to_dict()
+    counts = [len(s.boxes) for s in (build_source(ml_collections.ConfigDict(entry))[i] for i in range(48))]
+    crowded = build_source(ml_collections.ConfigDict(entry | {"min_objects": 3}))
+    assert len(crowded) == sum(c >= 3 for c in counts) and all(len(crowded[i].boxes) >= 3 for i in range(len(crowded)))
+    middle = build_source(ml_collections.ConfigDict(entry | {"min_objects": 2, "max_objects": 3}), max_objects=1)
+    assert len(middle) == sum(2 <= c <= 3 for c in counts)  # the entry's bound wins over the section's
     mix = Mixture({"a": ListSource(list(range(30))), "b": ListSource(list(range(10)))}, {"a": 1.0, "b": 3.0}, 0)
     names = [mix[i][0] for i in range(len(mix))]
     assert len(mix) == 40 and names.count("b") == 30 and names.count("a") == 10
