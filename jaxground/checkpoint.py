@@ -94,6 +94,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would save without `force`."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: TrainState, *, data_state=None, config: dict | None = None,
              force: bool = False) -> bool:
         """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did."""

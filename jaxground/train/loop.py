@@ -132,14 +132,16 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
         _log(f"mesh {dict(mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es); "
              f"{n_train} trainable arrays")
 
-        train_step = stp.jit_train_step(
-            stp.make_train_step(graphdef, task.loss_fn, tx, trainable, micro_steps=tc.micro_steps), shardings, mesh
-        )
+        leaves, treedef = jax.tree.flatten(state)
+        train_step = stp.jit_flat_train_step(
+            stp.make_train_step(graphdef, task.loss_fn, tx, trainable, micro_steps=tc.micro_steps), shardings, mesh,
+            treedef)
         eval_step = None
         if task.eval_fn is not None:
             eval_step = stp.jit_eval_step(stp.make_eval_step(graphdef, task.eval_fn), shardings.model, mesh)
 
         step = int(jax.device_get(state.step))
+        del state  # its arrays are donated to the first step: the loop carries `leaves`
         progress = Progress(tc.steps, tc.batch_size, step)
         metrics: dict = {}
         figures: dict = {}
@@ -147,7 +149,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
         with _Preemption() as preemption:
             rows = _next_rows(task, step) if step < tc.steps else None
             while step < tc.steps:
-                state, out = train_step(state, parallel.global_batch(rows, mesh))
+                leaves, out = train_step(leaves, parallel.global_batch(rows, mesh))
                 data_state = task.train_batches.get_state()
                 step += 1
                 if step < tc.steps:  # read the next batch while the step computes
@@ -159,25 +161,26 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
                     raise Diverged(f"non-finite loss at step {step}: {metrics}; last good checkpoint: "
                                    f"{'none' if last is None else ckpt.directory / str(last)}")
                 for hook in hooks:
-                    hook(step, state, metrics)
+                    hook(step, jax.tree.unflatten(treedef, leaves), metrics)
                 if step % tc.log_every == 0 or step == tc.steps:
                     metrics["lr"] = float(st.make_schedule(config.optim, tc.steps)(step - 1))
                     _log(progress.line(step, metrics))
                     writer.write(step, metrics)
                 if eval_step is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < tc.steps:
-                    figures = evaluate(task, eval_step, state.model, mesh)
+                    figures = evaluate(task, eval_step, jax.tree.unflatten(treedef, leaves).model, mesh)
                     _log(f"eval step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
                     writer.write(step, figures, split="eval")
                 preempted = preemption.agreed()
-                ckpt.save(step, state, data_state=data_state, config=config_json(config),
-                          force=preempted or step == tc.steps)
+                if preempted or step == tc.steps or ckpt.due(step):
+                    ckpt.save(step, jax.tree.unflatten(treedef, leaves), data_state=data_state,
+                              config=config_json(config), force=True)
                 if preempted:
                     status = "preempted"
                     _log(f"SIGTERM: saved step {step} to {ckpt.directory / str(step)}; stopping")
                     break
         ckpt.wait()
         if status == "done" and eval_step is not None:
-            figures = evaluate(task, eval_step, state.model, mesh)
+            figures = evaluate(task, eval_step, jax.tree.unflatten(treedef, leaves).model, mesh)
             _log("eval final | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
             writer.write(step, figures, split="eval")
             if jax.process_index() == 0:

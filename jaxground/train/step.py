@@ -86,5 +86,20 @@ def jit_train_step(step, state_shardings, mesh: Mesh):
                    donate_argnums=0)
 
 
+def jit_flat_train_step(step, state_shardings, mesh: Mesh, treedef):
+    """`jit_train_step` over the state's leaves: (leaves, batch) -> (leaves, metrics). Flattening and rebuilding
+    NNX states is Python work on every call (~2 ms for the tiny model's ~300 arrays, ~8 ms in its stage 3, in
+    series with the step), so the loop carries the flat list and rebuilds the state only when it needs one."""
+
+    def flat(leaves, batch):
+        state, metrics = step(jax.tree.unflatten(treedef, leaves), batch)
+        return jax.tree.leaves(state), metrics
+
+    replicated = NamedSharding(mesh, P())
+    leaf_shardings = treedef.flatten_up_to(state_shardings)
+    return jax.jit(flat, in_shardings=(leaf_shardings, None), out_shardings=(leaf_shardings, replicated),
+                   donate_argnums=0)
+
+
 def jit_eval_step(step, model_shardings, mesh: Mesh):
     return jax.jit(step, in_shardings=(model_shardings, None), out_shardings=NamedSharding(mesh, P()))

@@ -53,6 +53,25 @@ def test_sharded_step_matches_one_device():
         np.testing.assert_allclose(fa[k], fb[k], atol=1e-5, rtol=0, err_msg=k)
 
 
+def test_flat_step_matches_the_state_step():
+    """The loop's step over the state's leaves computes what the step over the state does, sharded too."""
+    _, ref, m_ref, _ = run_steps((1, 4, 2), jax.devices(), n_steps=2)
+    mesh = parallel.make_mesh((1, 4, 2), devices=jax.devices())
+    tx = st.make_optimizer(OPTIM, 10)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = st.create_sharded(lambda: toy.Toy(nnx.Rngs(0)), tx, TRAINABLE, mesh)
+        leaves, treedef = jax.tree.flatten(state)
+        fn = stp.jit_flat_train_step(stp.make_train_step(graphdef, toy.loss_fn, tx, TRAINABLE), shardings, mesh,
+                                     treedef)
+        for i in range(2):
+            leaves, m = fn(leaves, parallel.global_batch(toy.make_batch(i, 16), mesh))
+            assert jax.device_get(m) == m_ref[i]
+        out = jax.tree.unflatten(treedef, leaves)
+    assert out.model["up"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    for k, v in flat(ref).items():
+        np.testing.assert_array_equal(v, flat(jax.device_get(out))[k], err_msg=k)
+
+
 def test_accumulation_matches_full_batch():
     _, full, mf, _ = run_steps((1, 2, 1), jax.devices()[:2])
     _, acc, ma, _ = run_steps((1, 2, 1), jax.devices()[:2], micro_steps=2)
