@@ -18,6 +18,7 @@ def get_config() -> ConfigDict:
     c = _eval.load("tiny_shapes_stage3")
     c.paths = ConfigDict({"shapes": "data/shapes"})
     c.data.datasets.shapes.path = c.paths.get_ref("shapes")
+    c.data.max_boxes = 4  # training holds one box per sample (REC); questions of other tasks carry more
     datasets = {"shapes_test": {"kind": "shapes", "path": c.paths.get_ref("shapes"), "split": "test",
                                 "image_root": "", "weight": 1.0}}
     c.eval = _eval.eval_section(datasets, ("rec", "rec_gen", "res", "pope", "reg"), batch_size=64,

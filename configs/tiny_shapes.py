@@ -47,7 +47,7 @@ def get_config() -> ConfigDict:
                              "weight": 1.0}},
         task_weights={"rec": 1.0},
         max_len=96,
-        max_boxes=4,
+        max_boxes=1,  # REC has one box per sample (its answer's); stage 3's mask head runs on every slot
         max_objects=0,
         image_position="last",  # the question before the image: image tokens can attend to it
         read_threads=0,  # local records on 2 cores: Grain's 16 reading threads only compete with the step
