@@ -31,7 +31,7 @@ def get_config() -> ConfigDict:
     c.data.with_sam = True
     c.data.sam_size = 64
     c.optim = defaults.optim(2e-3, warmup_ratio=0.03)
-    c.train = defaults.train(3, steps=1200, batch_size=32, log_every=50, eval_every=0, save_every=1200, keep=1)
+    c.train = defaults.train(3, steps=900, batch_size=32, log_every=50, eval_every=0, save_every=900, keep=1)
     c.model.freeze_sam = False
     c.train.trainable = ("^mask_head/(seg_prompt_mlp|mask_decoder)/", "^sam/")
     c.train.fresh = ("mask_head", "sam")  # stage 1 has no SAM: both start from a fresh initialisation
