@@ -16,8 +16,8 @@ A second aid, the attribute aid: a linear head on the tiny CLIP's features class
 (shape, size) (`model.attr_classes`, `loss.w_attr`); with colour alone in its features the model matched
 colour words but not shape or size words.
 `launch/local.sh` runs it as it is: 8,400 steps on every scene from scratch at batch 8 and lr 7e-4 (batch 8 beat
-batch 16 at the same samples and time, README). (Before the
-aids a first stage on single-object scenes was needed to start localising; with them it costs accuracy.)
+batch 16 at the same samples and time, README). Before the aids a first stage on single-object scenes was
+needed to start localising; with them it costs accuracy.
 """
 
 from ml_collections import ConfigDict

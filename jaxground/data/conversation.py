@@ -26,8 +26,8 @@ DEFAULT_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 SHORT_SYSTEM = "A chat about an image."
-IMAGE_POSITIONS = ("first", "last")
-PIECE_CACHE = 200_000  # text pieces whose ids an encoder keeps  # where the first user turn puts the image: before or after its text
+IMAGE_POSITIONS = ("first", "last")  # where the first user turn puts the image: before or after its text
+PIECE_CACHE = 200_000  # text pieces whose ids an encoder keeps
 
 
 class BadSample(ValueError):
@@ -64,14 +64,12 @@ class ConversationEncoder:
         self._pieces: dict[str, list[int]] = {}  # text piece -> ids: templates repeat, and a call costs ~0.1 ms
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        new = list(dict.fromkeys(t for t in texts if t not in self._pieces))
-        if new:
-            fresh = dict(zip(new, self.tok(new, add_special_tokens=False)["input_ids"]))
-            if len(self._pieces) < PIECE_CACHE:
-                self._pieces.update(fresh)
-        else:
-            fresh = {}
-        return [self._pieces[t] if t in self._pieces else fresh[t] for t in texts]
+        """Each text piece's ids, tokenizing only the pieces not seen before (one tokenizer call for them)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._pieces]
+        fresh = dict(zip(new, self.tok(new, add_special_tokens=False)["input_ids"])) if new else {}
+        if len(self._pieces) < PIECE_CACHE:
+            self._pieces.update(fresh)
+        return [fresh[t] if t in fresh else self._pieces[t] for t in texts]
 
     def _render(self, text: str, groups: list, boxes: np.ndarray, key: str) -> tuple[str, list[list[int]]]:
         parts = text.split(LOC)

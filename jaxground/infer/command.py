@@ -151,6 +151,7 @@ def _requests(args) -> list[Request]:
 
 def _run(args) -> int:
     from jaxground.config import ConfigError, load_config
+    from jaxground.infer.draw import draw
     from jaxground.infer.generate import GenerationConfig
     from jaxground.infer.predict import PredictError, mask_function, predict
 
@@ -175,8 +176,6 @@ def _run(args) -> int:
         except ValueError as e:  # prompt longer than the context, unencodable prompt
             raise PredictError(f"{req.image_path}: {e}" if args.list else str(e)) from None
         if req.out:
-            from jaxground.infer.draw import draw
-
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
         if args.json:

@@ -84,3 +84,15 @@ def test_image_position_last_puts_the_image_after_the_question(encoder):
     assert _decode(encoder, x[end + 1:]).replace(" ", "").startswith("ASSISTANT:")
     with pytest.raises(ValueError, match="image_position"):
         ConversationEncoder(encoder.tok, encoder.ids, encoder.fmt, 4, encoder.system, image_position="middle")
+
+
+def test_piece_cache_gives_the_tokenizers_ids(encoder):
+    """Repeated pieces come from the encoder's cache: the same ids as a first encoding and as the tokenizer."""
+    boxes = np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)
+    turns = [("user", "Where is the red circle?", []), ("assistant", "Answer: <loc> .", [[0]])]
+    first = encoder.encode(turns, boxes)
+    assert "Where is the red circle?" in encoder._pieces
+    again = encoder.encode(turns + [("user", "Where is the red circle now?", []), ("assistant", "Here.", [])], boxes)
+    np.testing.assert_array_equal(again.input_ids[: len(first.input_ids)], first.input_ids)
+    direct = encoder.tok("Where is the red circle?", add_special_tokens=False)["input_ids"]
+    assert encoder._tokenize(["Where is the red circle?"]) == [direct]
