@@ -160,8 +160,10 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
                     last = ckpt.latest_step()
                     raise Diverged(f"non-finite loss at step {step}: {metrics}; last good checkpoint: "
                                    f"{'none' if last is None else ckpt.directory / str(last)}")
-                for hook in hooks:
-                    hook(step, jax.tree.unflatten(treedef, leaves), metrics)
+                if hooks:
+                    current = jax.tree.unflatten(treedef, leaves)
+                    for hook in hooks:
+                        hook(step, current, metrics)
                 if step % tc.log_every == 0 or step == tc.steps:
                     metrics["lr"] = float(st.make_schedule(config.optim, tc.steps)(step - 1))
                     _log(progress.line(step, metrics))

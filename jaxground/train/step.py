@@ -95,10 +95,7 @@ def jit_flat_train_step(step, state_shardings, mesh: Mesh, treedef):
         state, metrics = step(jax.tree.unflatten(treedef, leaves), batch)
         return jax.tree.leaves(state), metrics
 
-    replicated = NamedSharding(mesh, P())
-    leaf_shardings = treedef.flatten_up_to(state_shardings)
-    return jax.jit(flat, in_shardings=(leaf_shardings, None), out_shardings=(leaf_shardings, replicated),
-                   donate_argnums=0)
+    return jit_train_step(flat, treedef.flatten_up_to(state_shardings), mesh)
 
 
 def jit_eval_step(step, model_shardings, mesh: Mesh):
