@@ -15,7 +15,8 @@ the expression says); the patch aid's dense per-patch signal teaches that matchi
 A second aid, the attribute aid: a linear head on the tiny CLIP's features classifies each patch's object by
 (shape, size) (`model.attr_classes`, `loss.w_attr`); with colour alone in its features the model matched
 colour words but not shape or size words.
-`launch/local.sh` runs it as it is: 8,400 steps on every scene from scratch at batch 8 and lr 7e-4 (batch 8 beat
+`launch/local.sh` runs it as it is: 8,400 steps on every scene from scratch at batch 8, lr 7e-4 and weight decay
+0.1 (batch 8 beat
 batch 16 at the same samples and time, README). Before the aids a first stage on single-object scenes was
 needed to start localising; with them it costs accuracy.
 """
@@ -65,7 +66,8 @@ def get_config() -> ConfigDict:
     c.loss = defaults.loss(det="released", w_cycle=0.0)
     c.loss.w_attr = 3.0  # the attribute aid: without it shape and size words stay unmatched (README)
     c.loss.w_patch = 3.0  # the patch aid (see above): without it choosing between objects stays at chance
-    c.optim = defaults.optim(7e-4, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1.0)
+    # AdamW's decoupled weight decay at 0.1: REC 0.863 against 0.803 without (same seed and steps, README)
+    c.optim = defaults.optim(7e-4, warmup_ratio=0.03, weight_decay=0.1, clip_norm=1.0)
     c.train = defaults.train(1, steps=8400, batch_size=8, log_every=100, eval_every=0, save_every=1000, keep=2)
     c.train.frozen = ()  # nothing pretrained: the tiny vision tower trains as well
     return c
