@@ -85,6 +85,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self.save_every = save_every  # 0: only forced saves (the end of a run, preemption)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, save_every), max_to_keep=keep, enable_async_checkpointing=async_save,
             create=True,
@@ -95,12 +96,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def due(self, step: int) -> bool:
-        """Whether `save(step, ...)` would save without `force`."""
-        return self.manager.should_save(step)
+        """Whether `step` is on the save interval (never when `save_every` is 0)."""
+        return self.save_every > 0 and self.manager.should_save(step)
 
     def save(self, step: int, state: TrainState, *, data_state=None, config: dict | None = None,
              force: bool = False) -> bool:
         """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did."""
+        if not force and self.save_every <= 0:
+            return False
         meta = {"step": int(step), "data": encode_data_state(data_state), "config": config}
         return self.manager.save(
             step,

@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 import sys
 
+from jaxground import host_memory
+
 COMMANDS = {
     "train": ("jaxground.train.command", "train a NExT-Chat model (stage 1, 2 or 3) on a device mesh"),
     "eval": ("jaxground.eval.command", "evaluate a checkpoint: REC, RES, POPE, region captions, Visual7W"),
@@ -39,6 +41,7 @@ def _bench_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # JAXGROUND_MALLOC=keep, before JAX allocates anything
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jaxground", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -57,3 +57,13 @@ def test_resolve_and_data_state_roundtrip(tmp_path):
     state = b'{"loader": "x", "done": false}'
     assert checkpoint.decode_data_state(checkpoint.encode_data_state(state)) == state
     assert checkpoint.decode_data_state(checkpoint.encode_data_state({"index": 3})) == {"index": 3}
+
+
+def test_save_every_zero_saves_only_when_forced(tmp_path):
+    ck = checkpoint.Checkpointer(tmp_path, save_every=0, keep=2, async_save=False)
+    state = st.TrainState(step=np.int32(0), model={"w": np.ones(3, np.float32)}, opt={})
+    assert not any(ck.due(step) for step in range(1, 5))
+    assert not ck.save(1, state)
+    assert ck.save(4, state, force=True)
+    assert ck.latest_step() == 4
+    assert checkpoint.Checkpointer(tmp_path / "every2", save_every=2, keep=2).due(2)

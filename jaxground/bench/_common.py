@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
 
 
@@ -13,6 +15,17 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
+
+
+@contextlib.contextmanager
+def minor_faults():
+    """Yields a one-item list that holds, after the block, the process's minor page faults during it."""
+    count = [0]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    try:
+        yield count
+    finally:
+        count[0] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def param_count(tree) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 
 # name -> (HF LLaMA fields, HF CLIP fields, batch, tokens, vision frozen)
@@ -220,7 +221,7 @@ def bench_size(name: str, args, peak: float) -> dict:
     import torch
     from flax import nnx
 
-    from jaxground.bench._common import param_count, step_flops, timed
+    from jaxground.bench._common import minor_faults, param_count, step_flops, timed
     from jaxground.convert.nextchat import build
     from jaxground.ops.losses import count_supervised
 
@@ -260,7 +261,9 @@ def bench_size(name: str, args, peak: float) -> dict:
         state, m = step(state, batch_j)
         jax.block_until_ready(m)
 
-    jax_s = timed(jax_once, args.repeats)
+    jax_once()  # warm-up
+    with minor_faults() as jax_faults:
+        jax_s = timed(jax_once, args.repeats, warmup=0)
     profile = None
     if args.profile:
         from jaxground.bench._profile import op_breakdown
@@ -275,7 +278,8 @@ def bench_size(name: str, args, peak: float) -> dict:
     loss_fn = torch_loss_fn(parts, tokens, frozen)
     eager = torch_step_fn(parts, loss_fn, frozen)
     torch_loss = eager(batch_t)  # the first step: same weights, same batch as JAX's first step
-    torch_s = timed(lambda: eager(batch_t), args.repeats, warmup=0)
+    with minor_faults() as torch_faults:
+        torch_s = timed(lambda: eager(batch_t), args.repeats, warmup=0)
 
     compiled = compiled_s = compile_t = None
     if not args.no_torch_compile:
@@ -292,6 +296,7 @@ def bench_size(name: str, args, peak: float) -> dict:
                 "jax_s": jax_s, "compile_s": compile_s, "torch_s": torch_s, "compiled_s": compiled_s, "compile_t": compile_t,
                 "compile_error": compiled if isinstance(compiled, str) else None, "mfu": flops / jax_s / peak,
                 "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss, "torch_loss": torch_loss,
+                "jax_faults": jax_faults[0] / args.repeats, "torch_faults": torch_faults[0] / args.repeats,
                 "profile": profile}
 
 
@@ -309,7 +314,8 @@ def run(args) -> int:
     peak = matmul_peak()
     print(f"machine: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}; "
           f"float32 matmul peak (jitted 2048^3 JAX matmul, the MFU denominator): {peak / 1e9:.1f} GFLOP/s; "
-          f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s")
+          f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s; "
+          f"JAXGROUND_MALLOC={os.environ.get('JAXGROUND_MALLOC', 'default')} (jaxground/host_memory.py)")
     print("| model | params | batch x T | JAX step s | JAX samples/s | MFU | torch eager s | torch samples/s | "
           "torch.compile s | JAX / eager | JAX / compile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -328,7 +334,8 @@ def run(args) -> int:
                      + (f", torch.compile first step {r['compile_t']:.1f} s" if r["compile_t"] else "")
                      + (f", torch.compile failed: {r['compile_error']}" if r["compile_error"] else "")
                      + f"; first-step loss JAX {r['jax_loss']:.5f} vs torch {r['torch_loss']:.5f} "
-                       f"(|diff| {r['loss_diff']:.1e})")
+                       f"(|diff| {r['loss_diff']:.1e}); minor page faults per step JAX {r['jax_faults']:,.0f}, "
+                       f"torch {r['torch_faults']:,.0f}")
         if r["profile"]:
             busy, rows = r["profile"]
             notes.append(f"{name} JAX step profile (under the tracer, summed over threads): ops {busy:.1f} ms per "
