@@ -25,6 +25,7 @@ import platform
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc <malloc.h>
 _LARGEST = 2**31 - 1  # mallopt takes an int
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, _LARGEST), (M_TRIM_THRESHOLD, _LARGEST))
+applied = False  # whether this process took them
 
 
 def keep_freed_memory() -> bool:
@@ -34,5 +35,7 @@ def keep_freed_memory() -> bool:
         raise SystemExit(f"JAXGROUND_MALLOC must be 'default' or 'keep', got {setting!r}")
     if setting == "default" or platform.libc_ver()[0] != "glibc":
         return False
+    global applied
     libc = ctypes.CDLL("libc.so.6")
-    return all(libc.mallopt(option, value) == 1 for option, value in SETTINGS)
+    applied = all([libc.mallopt(option, value) == 1 for option, value in SETTINGS])
+    return applied

@@ -16,7 +16,7 @@ from jaxground import host_memory
 PROBE = textwrap.dedent("""
     import resource, sys
     from jaxground import host_memory
-    print(host_memory.keep_freed_memory())
+    print(host_memory.keep_freed_memory() and host_memory.applied)
     import jax, jax.numpy as jnp
 
     @jax.jit
