@@ -16,7 +16,8 @@ from jaxground import host_memory
 PROBE = textwrap.dedent("""
     import resource, sys
     from jaxground import host_memory
-    print(host_memory.keep_freed_memory() and host_memory.applied)
+    host_memory.keep_freed_memory()
+    print(host_memory.applied)
     import jax, jax.numpy as jnp
 
     @jax.jit
@@ -58,7 +59,8 @@ def test_kept_memory_is_not_faulted_in_again():
 
 def test_default_and_bad_setting(monkeypatch):
     monkeypatch.delenv("JAXGROUND_MALLOC", raising=False)
-    assert host_memory.keep_freed_memory() is False
+    host_memory.keep_freed_memory()
+    assert host_memory.applied is False
     monkeypatch.setenv("JAXGROUND_MALLOC", "yes")
     with pytest.raises(SystemExit, match="'default' or 'keep'"):
         host_memory.keep_freed_memory()
