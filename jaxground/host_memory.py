@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc <malloc.h>
 _LARGEST = 2**31 - 1  # mallopt takes an int
@@ -30,7 +31,8 @@ def keep_freed_memory() -> None:
     """Applies SETTINGS when JAXGROUND_MALLOC=keep and libc is glibc; `applied` says whether all were taken."""
     setting = os.environ.get("JAXGROUND_MALLOC", "default")
     if setting not in ("default", "keep"):
-        raise SystemExit(f"JAXGROUND_MALLOC must be 'default' or 'keep', got {setting!r}")
+        print(f"JAXGROUND_MALLOC must be 'default' or 'keep', got {setting!r}", file=sys.stderr)
+        raise SystemExit(2)  # the CLI's status for a bad invocation
     if setting == "default" or platform.libc_ver()[0] != "glibc":
         return
     global applied
