@@ -27,14 +27,19 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, _LARGEST), (M_TRIM_THRESHOLD, _
 applied = False  # whether this process took them
 
 
-def keep_freed_memory() -> None:
-    """Applies SETTINGS when JAXGROUND_MALLOC=keep and libc is glibc; `applied` says whether all were taken."""
+def requested() -> str:
+    """JAXGROUND_MALLOC: 'default' (unset) or 'keep'; anything else exits with the CLI's bad-invocation status."""
     setting = os.environ.get("JAXGROUND_MALLOC", "default")
     if setting not in ("default", "keep"):
         print(f"JAXGROUND_MALLOC must be 'default' or 'keep', got {setting!r}", file=sys.stderr)
-        raise SystemExit(2)  # the CLI's status for a bad invocation
-    if setting == "default" or platform.libc_ver()[0] != "glibc":
+        raise SystemExit(2)
+    return setting
+
+
+def keep_freed_memory() -> None:
+    """Applies SETTINGS when JAXGROUND_MALLOC=keep and libc is glibc; `applied` says whether all were taken."""
+    if requested() == "default" or platform.libc_ver()[0] != "glibc":
         return
     global applied
     libc = ctypes.CDLL("libc.so.6")
-    applied = all([libc.mallopt(option, value) == 1 for option, value in SETTINGS])
+    applied = all([libc.mallopt(option, value) == 1 for option, value in SETTINGS])  # a list: try every one

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 
 # name -> (HF LLaMA fields, HF CLIP fields, batch, tokens, vision frozen)
@@ -316,7 +315,7 @@ def run(args) -> int:
     print(f"machine: {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}; "
           f"float32 matmul peak (jitted 2048^3 JAX matmul, the MFU denominator): {peak / 1e9:.1f} GFLOP/s; "
           f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s; "
-          f"JAXGROUND_MALLOC={os.environ.get('JAXGROUND_MALLOC', 'default')}, glibc malloc settings of "
+          f"JAXGROUND_MALLOC={host_memory.requested()}, glibc malloc settings of "
           f"jaxground/host_memory.py {'applied' if host_memory.applied else 'not applied'}")
     print("| model | params | batch x T | JAX step s | JAX samples/s | MFU | torch eager s | torch samples/s | "
           "torch.compile s | JAX / eager | JAX / compile |")
