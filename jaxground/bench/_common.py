@@ -1,8 +1,9 @@
-"""Shared pieces of the training benchmarks: timing, model FLOPs of a NExT-Chat step, the machine's matmul peak."""
+"""Shared pieces of the training benchmarks: timing, model FLOPs of a NExT-Chat step, the machine and its matmul peak."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 
@@ -69,6 +70,30 @@ def step_flops(cfg, model_state, batch: int, seq: int, *, llm_trained: bool, vis
         flops += 2 * groups["sam"] * g2 + attn
         flops += 3 * triggers * 2 * groups["mask_head"] * g2
     return float(batch * flops)
+
+
+_SIMD = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """One line naming this host: CPU model, usable cores, the SIMD flags that set the GEMM rate, RAM, load.
+
+    Benchmark figures move with these (a host with AVX-512 BF16 runs bfloat16 GEMMs at twice float32), so every
+    benchmark prints it beside its figures.
+    """
+    model, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError), open(cpuinfo) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model", "cpu model") and model == "unknown CPU":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    simd = [name for name in _SIMD if name in flags]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{model}, {len(os.sched_getaffinity(0))} usable cores, SIMD {' '.join(simd) or 'none listed'}, "
+            f"{ram:.1f} GiB RAM, load average {os.getloadavg()[0]:.2f}")
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:

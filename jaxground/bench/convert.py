@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxground.bench._common import machine
+
 GIB = 2**30
 # peak RSS of the command run as a grandchild (RUSAGE_CHILDREN of a middle process that runs only it)
 _MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -81,6 +83,7 @@ def measure(argv: list[str]) -> tuple[float, int]:
 
 
 def run(args) -> int:
+    print(f"machine: {machine()}", flush=True)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jaxground-bench-convert-"))
     src, out = work / "llama", work / "converted"
     try:

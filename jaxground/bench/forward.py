@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+from jaxground.bench._common import machine
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=8)
@@ -31,6 +33,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def run(args) -> int:
+    print(f"machine: {machine()}", flush=True)
     import jax
     import numpy as np
     import torch

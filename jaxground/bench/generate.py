@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+from jaxground.bench._common import machine
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -48,6 +50,7 @@ def _prompts(batch: int, longest: int, vocab: int, seed: int):
 
 
 def run(args) -> int:
+    print(f"machine: {machine()}", flush=True)
     if args.rec_batch < 1 or args.rec_samples < 1:
         raise SystemExit("--rec-batch and --rec-samples must be >= 1")
     if args.torch_threads:

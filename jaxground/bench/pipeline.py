@@ -7,6 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxground.bench._common import machine
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default="", help="shapes data dir (default: generate 2000 images in a temp dir)")
@@ -52,6 +54,7 @@ def _torch_rate(cfg, workers: int, batches: int, batch_size: int) -> float:
 
 
 def run(args) -> int:
+    print(f"machine: {machine()}", flush=True)
     from jaxground.data.pipeline import make_pipeline, pipeline_config
 
     with tempfile.TemporaryDirectory() as tmp:

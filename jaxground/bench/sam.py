@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from jaxground.bench._common import machine
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "vit_b", "vit_l", "vit_h"])
@@ -21,6 +23,7 @@ def _time(fn, iters: int) -> float:
 
 
 def run(args) -> int:
+    print(f"machine: {machine()}", flush=True)
 
     import jax
     import jax.numpy as jnp
