@@ -79,7 +79,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
     """One line naming this host: CPU model, usable cores, the SIMD flags that set the GEMM rate, RAM, load.
 
     Benchmark figures move with these (a host with AVX-512 BF16 runs bfloat16 GEMMs at twice float32), so every
-    benchmark prints it beside its figures.
+    timing benchmark prints it first (`bench plan` only compiles, so it does not).
     """
     model, flags = "unknown CPU", set()
     with contextlib.suppress(OSError), open(cpuinfo) as f:
