@@ -41,7 +41,7 @@ def _bench_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    host_memory.keep_freed_memory()  # JAXGROUND_MALLOC=keep, before JAX allocates anything
+    host_memory.configure(command_line=argv is None)  # JAXGROUND_MALLOC, before JAX allocates anything
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jaxground", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

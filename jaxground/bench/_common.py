@@ -76,11 +76,15 @@ _SIMD = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "asimd", "sve")
 
 
 def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """One line naming this host: CPU model, usable cores, the SIMD flags that set the GEMM rate, RAM, load.
+    """One line naming this host: CPU model, usable cores, the SIMD flags that set the GEMM rate, RAM, load, and
+    how malloc serves XLA's temporaries (`jaxground.host_memory`; it applies to both frameworks of a run).
 
-    Benchmark figures move with these (a host with AVX-512 BF16 runs bfloat16 GEMMs at twice float32), so every
-    timing benchmark prints it first (`bench plan` only compiles, so it does not).
+    Benchmark figures move with these (a host with AVX-512 BF16 runs bfloat16 GEMMs at twice float32; huge pages
+    cut the tiny train step by a quarter), so every timing benchmark prints it first (`bench plan` only
+    compiles, so it does not).
     """
+    from jaxground import host_memory
+
     model, flags = "unknown CPU", set()
     with contextlib.suppress(OSError), open(cpuinfo) as f:
         for line in f:
@@ -93,7 +97,8 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
     simd = [name for name in _SIMD if name in flags]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{model}, {len(os.sched_getaffinity(0))} usable cores, SIMD {' '.join(simd) or 'none listed'}, "
-            f"{ram:.1f} GiB RAM, load average {os.getloadavg()[0]:.2f}")
+            f"{ram:.1f} GiB RAM, load average {os.getloadavg()[0]:.2f}; "
+            f"JAXGROUND_MALLOC={host_memory.requested()} ({host_memory.state})")
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:

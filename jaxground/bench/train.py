@@ -308,15 +308,12 @@ def run(args) -> int:
     import jax
     import torch
 
-    from jaxground import host_memory
     from jaxground.bench._common import machine, matmul_peak, torch_matmul_rate
 
     peak = matmul_peak()
     print(f"machine: {machine()}; JAX {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}; "
           f"float32 matmul peak (jitted 2048^3 JAX matmul, the MFU denominator): {peak / 1e9:.1f} GFLOP/s; "
-          f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s; "
-          f"JAXGROUND_MALLOC={host_memory.requested()}, glibc malloc settings of "
-          f"jaxground/host_memory.py {'applied' if host_memory.applied else 'not applied'}")
+          f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s")
     print("| model | params | batch x T | JAX step s | JAX samples/s | MFU | torch eager s | torch samples/s | "
           "torch.compile s | JAX / eager | JAX / compile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

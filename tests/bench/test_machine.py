@@ -10,7 +10,7 @@ def test_names_model_and_the_simd_flags_that_set_the_gemm_rate(tmp_path):
     line = machine(str(info))
     assert line.startswith("Test CPU 9000, ")
     assert "SIMD avx2 fma avx512f avx512_bf16," in line and "sse2" not in line
-    assert "usable cores" in line and "GiB RAM" in line
+    assert "usable cores" in line and "GiB RAM" in line and "; JAXGROUND_MALLOC=" in line
 
 
 def test_a_missing_cpuinfo_still_gives_a_line(tmp_path):
