@@ -50,7 +50,7 @@ def requested() -> str:
 
 def _glibc_version() -> tuple[int, ...] | None:
     name, version = platform.libc_ver()
-    return tuple(int(p) for p in version.split(".")) if name == "glibc" and version else None
+    return tuple(int(p) for p in re.findall(r"\d+", version)) if name == "glibc" else None
 
 
 def _thp_mode() -> str:
@@ -81,7 +81,8 @@ def _huge_pages(command_line: bool) -> str:
         return f"hugepages not in effect: the kernel's transparent huge pages are {mode!r}"
     value = _hugetlb_tunable()
     if value is not None:
-        return f"hugepages {'in effect' if value == '1' else 'not in effect'}: GLIBC_TUNABLES sets {HUGETLB}={value}"
+        return (f"hugepages in effect: GLIBC_TUNABLES sets {HUGETLB}=1" if value == "1"
+                else f"hugepages not applied: GLIBC_TUNABLES sets {HUGETLB}={value}, left as set")
     if not command_line:
         return "hugepages not in effect: called in-process, GLIBC_TUNABLES takes effect only at a process's start"
     tunables = os.environ.get("GLIBC_TUNABLES", "")
