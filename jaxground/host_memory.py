@@ -71,9 +71,8 @@ def _hugetlb_tunable() -> str | None:
     return None
 
 
-def _huge_pages(command_line: bool) -> str:
+def _huge_pages(version: tuple[int, ...], command_line: bool) -> str:
     """Re-executes this process with the tunable set when it can; returns the state otherwise."""
-    version = _glibc_version()
     if version < (2, 35):
         return f"hugepages not in effect: glibc {'.'.join(map(str, version))} has no {HUGETLB} (needs 2.35)"
     mode = _thp_mode()
@@ -106,11 +105,11 @@ def configure(command_line: bool) -> None:
     """Applies JAXGROUND_MALLOC; `command_line`: this is the process's own command, which may re-execute itself.
     Sets `state`."""
     global state
-    setting = requested()
+    setting, version = requested(), _glibc_version()
     if setting == "glibc":
         tunables = os.environ.get("GLIBC_TUNABLES")
         state = "glibc's own settings" + (f", GLIBC_TUNABLES={tunables}" if tunables else "")
-    elif _glibc_version() is None:
+    elif version is None:
         state = f"{setting} not in effect: the C library is not glibc"
     else:
-        state = _keep() if setting == "keep" else _huge_pages(command_line)
+        state = _keep() if setting == "keep" else _huge_pages(version, command_line)

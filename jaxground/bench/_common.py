@@ -80,7 +80,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
     how malloc serves XLA's temporaries (`jaxground.host_memory`; it applies to both frameworks of a run).
 
     Benchmark figures move with these (a host with AVX-512 BF16 runs bfloat16 GEMMs at twice float32; huge pages
-    cut the tiny train step by a quarter), so every timing benchmark prints it first (`bench plan` only
+    took 17-30% off the tiny train step), so every timing benchmark prints it first (`bench plan` only
     compiles, so it does not).
     """
     from jaxground import host_memory
