@@ -67,7 +67,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
     checkpoint, out = Path(checkpoint), Path(out)
     read_config(checkpoint)  # a clear error when this is not a converted checkpoint
     layout = read_layout(checkpoint)
-    meta = _flat_meta(ocp.pytree_metadata(checkpoint / MODEL_DIR).metadata)
+    meta = _flat_meta(ocp.metadata(checkpoint / MODEL_DIR).metadata)
     shards, current, size = [], [], 0
     for entry in layout:
         n = int(np.prod(entry["shape"])) * np.dtype(meta[entry["path"]].dtype).itemsize
@@ -86,7 +86,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
         context = ocp.Context()
         context.pytree.loading.partial_load = True  # only this shard's arrays
         with context:
-            arrays = _flat_meta(ocp.load_pytree(checkpoint / MODEL_DIR, _nest(_targets(abstract))))
+            arrays = _flat_meta(ocp.load(checkpoint / MODEL_DIR, _nest(_targets(abstract))))
         tensors = {e["key"]: to_torch(e, np.asarray(arrays[e["path"]])) for e in shard}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         files.append(out / name)

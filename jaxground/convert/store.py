@@ -220,12 +220,12 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
         shardings = dict.fromkeys(variables, device)
     abstract = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p])
                 for p, v in variables.items()}
-    saved = _flatten(ocp.pytree_metadata(Path(directory) / MODEL_DIR).metadata)
+    saved = _flatten(ocp.metadata(Path(directory) / MODEL_DIR).metadata)
     missing, extra = sorted(abstract.keys() - saved.keys()), sorted(saved.keys() - abstract.keys())
     if missing or extra:
         raise ValueError(f"{directory} does not fit its config's model: missing {missing[:10]}"
                          f"{'...' if len(missing) > 10 else ''}, unexpected {extra[:10]}")
-    arrays = _flatten(ocp.load_pytree(Path(directory) / MODEL_DIR, _nest(abstract)))
+    arrays = _flatten(ocp.load(Path(directory) / MODEL_DIR, _nest(abstract)))
     for path, var in variables.items():
         var.set_value(arrays[path])
     return model, cfg
