@@ -35,7 +35,7 @@ def _load(module_name: str):
 
 
 def _bench_names() -> list[str]:
-    import jaxground.bench as bench
+    from jaxground import bench
 
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 

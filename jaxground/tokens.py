@@ -21,6 +21,6 @@ class TokenIds:
     pad: int = 0  # LLaMA pads with unk (id 0)
 
     @classmethod
-    def after(cls, base_vocab: int, *, bos: int = 1, eos: int = 2, pad: int = 0) -> "TokenIds":
+    def after(cls, base_vocab: int, *, bos: int = 1, eos: int = 2, pad: int = 0) -> TokenIds:
         """Special tokens appended at `base_vocab, base_vocab + 1, ...` in SPECIAL_TOKENS order."""
         return cls(*(base_vocab + i for i in range(len(SPECIAL_TOKENS))), bos=bos, eos=eos, pad=pad)

@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent / "train"))
-import toy  # noqa: E402
-import toy_run  # noqa: E402
+import toy
+import toy_run
 
-from jaxground import checkpoint, parallel  # noqa: E402
-from jaxground.models.layers import linear  # noqa: E402
-from jaxground.train import state as st  # noqa: E402
+from jaxground import checkpoint, parallel
+from jaxground.models.layers import linear
+from jaxground.train import state as st
 
 
 class WithHead(toy.Toy):

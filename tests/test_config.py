@@ -32,7 +32,7 @@ def test_config_loads_and_builds(path):
 
 
 def test_paper_settings():
-    s1, s2, s3 = (load_config(f"configs/nextchat_7b_stage{i}.py") for i in (1, 2, 3))
+    s1, s2, _ = (load_config(f"configs/nextchat_7b_stage{i}.py") for i in (1, 2, 3))
     assert (s1.train.batch_size, s1.optim.lr, s1.optim.warmup_ratio) == (128, 2e-5, 0.03)
     assert (s2.train.batch_size, s2.optim.lr) == (64, 2e-6)
     assert load_config("configs/nextchat_13b_stage1.py").model.llm.hidden_size == 5120

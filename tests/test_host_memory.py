@@ -68,7 +68,7 @@ def test_kept_memory_is_not_faulted_in_again(glibc_faults):
 @pytest.mark.skipif(glibc is not None and glibc < (2, 35), reason="glibc.malloc.hugetlb needs glibc >= 2.35")
 @pytest.mark.skipif(host_memory._thp_mode() not in ("madvise", "always"), reason="the kernel's THP are off")
 def test_huge_pages_are_the_default_and_fault_in_by_the_2mib(glibc_faults):
-    state, temp, faults = _faults_per_call("hugepages")
+    state, _, faults = _faults_per_call("hugepages")
     assert state == "hugepages in effect: GLIBC_TUNABLES sets glibc.malloc.hugetlb=1"  # after re-executing
     # 16 faults of 2 MiB would do for the block, but the kernel falls back to 4 KiB pages where it finds no free
     # 2 MiB page: 561 against 8,195 faults per call under the parallel suite, so a 4x margin, not 20x.

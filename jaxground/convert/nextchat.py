@@ -58,7 +58,7 @@ def vision_config_from_shapes(shapes: dict, prefix: str, **overrides) -> ClipVis
     head dim 64 (true of every OpenAI CLIP) unless `num_heads` is given."""
     width, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
     positions = shapes[prefix + "embeddings.position_embedding.weight"][0] - 1
-    side = int(round(positions**0.5))
+    side = round(positions**0.5)
     layers = len({m.group(1) for k in shapes if (m := re.fullmatch(re.escape(prefix) + r"encoder\.layers\.(\d+)\..*", k))})
     fields = dict(image_size=side * patch, patch_size=patch, hidden_size=width, num_layers=layers,
                   intermediate_size=shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0],

@@ -50,7 +50,7 @@ def _safetensors(path: Path) -> TensorStream:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             yield key, (lambda k=key: to_numpy(f.get_tensor(k)))
 
 
@@ -102,7 +102,7 @@ def keys_and_shapes(source) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     out[key] = tuple(f.get_slice(key).get_shape())
         else:
             for key, load in _pickle(file):

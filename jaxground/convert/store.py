@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Self
 
 import jax
 import numpy as np
@@ -132,7 +133,7 @@ class StoreWriter:
         self.written_bytes = 0
         self.written = 0
 
-    def __enter__(self) -> StoreWriter:
+    def __enter__(self) -> Self:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
@@ -271,7 +272,7 @@ def _describe(source) -> dict[str, tuple[tuple[int, ...], str]]:
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     s = f.get_slice(key)
                     out[key] = (tuple(s.get_shape()), names.get(s.get_dtype(), s.get_dtype().lower()))
         else:

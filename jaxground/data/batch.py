@@ -14,8 +14,8 @@ Boxes are normalised xyxy in [0, 1] relative to the padded square image.
 
 from __future__ import annotations
 
-from flax import struct
 import jax
+from flax import struct
 
 
 @struct.dataclass

@@ -21,6 +21,7 @@ All placement is gather/where over static shapes: jittable, no data-dependent Py
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +37,14 @@ from jaxground.models.mask_head import MaskHead
 from jaxground.models.projector import Projector
 from jaxground.models.sam.config import SamConfig
 from jaxground.models.sam.sam import Sam
-from jaxground.ops.losses import (IGNORE, cycle_loss, detection_loss, supervised_positions, target_cross_entropy,
-                                   token_cross_entropy)
+from jaxground.ops.losses import (
+    IGNORE,
+    cycle_loss,
+    detection_loss,
+    supervised_positions,
+    target_cross_entropy,
+    token_cross_entropy,
+)
 from jaxground.ops.mask_losses import seg_loss
 from jaxground.tokens import TokenIds
 

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from jaxground import checkpoint, parallel
-from jaxground.train import state as st, step as stp
+from jaxground.train import state as st
+from jaxground.train import step as stp
 from jaxground.train.metrics import MetricsWriter, Progress
 
 

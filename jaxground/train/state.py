@@ -57,7 +57,7 @@ def trainable_paths(model_state: nnx.State, trainable: PathFilter) -> list[str]:
 
 def make_schedule(optim, steps: int) -> optax.Schedule:
     """Linear warmup over `warmup_ratio` of `steps`, then cosine decay to `min_lr_ratio * lr`."""
-    warmup = int(round(optim.warmup_ratio * steps))
+    warmup = round(optim.warmup_ratio * steps)
     return optax.warmup_cosine_decay_schedule(
         0.0, optim.lr, warmup, max(steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio
     )

@@ -15,11 +15,11 @@ import ml_collections
 from flax import nnx
 
 from jaxground.data.batch import Batch
-from jaxground.eval.metrics import rec_sums, rec_summary
+from jaxground.eval.metrics import rec_summary, rec_sums
 from jaxground.models.clip import ClipVisionConfig
 from jaxground.models.llama import LlamaConfig
-from jaxground.models.sam.config import SamConfig
 from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss, resize_mask_logits
+from jaxground.models.sam.config import SamConfig
 from jaxground.ops.losses import DET_PRESETS, count_supervised
 from jaxground.ops.mask_metrics import res_scores, res_sums
 from jaxground.train.loop import Task

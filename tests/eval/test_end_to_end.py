@@ -239,8 +239,8 @@ def test_init_from_accepts_training_and_converted_checkpoints(setup):
     from_run = dict(nnx.to_flat_state(checkpoint.load_model(root / "run", abstract, shardings)))
     from_conv = dict(nnx.to_flat_state(checkpoint.load_model(root / "converted", abstract, shardings)))
     assert from_run.keys() == from_conv.keys() and len(from_run) > 10
-    for k in from_run:
-        np.testing.assert_array_equal(np.asarray(from_run[k].get_value()), np.asarray(from_conv[k].get_value()))
+    for k, v in from_run.items():
+        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(from_conv[k].get_value()))
     partial = dict(nnx.to_flat_state(checkpoint.load_model(root / "converted", abstract, shardings,
                                                            fresh=("mask_head",))))
     assert partial.keys() == from_conv.keys()  # present parts still load when they may be fresh

@@ -37,11 +37,12 @@ def test_prompt_turn_references():
         prompt_turn("and [2]?", 2)
 
 
-class WordTokenizer:
-    words = {10: "a", 11: "cat", 12: "on", 13: "mat", 14: "."}
+WORDS = {10: "a", 11: "cat", 12: "on", 13: "mat", 14: "."}
 
+
+class WordTokenizer:
     def decode(self, ids, skip_special_tokens=True):
-        return " ".join(self.words[i] for i in ids)
+        return " ".join(WORDS[i] for i in ids)
 
 
 def test_answer_text_numbers_objects_after_the_inputs():

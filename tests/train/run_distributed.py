@@ -8,17 +8,19 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).parent))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import toy  # noqa: E402
-from jaxground import distributed, parallel  # noqa: E402
-from jaxground.train import state as st, step as stp  # noqa: E402
-from test_step import OPTIM, TRAINABLE  # noqa: E402
+import toy
+from test_step import OPTIM, TRAINABLE
+
+from jaxground import distributed, parallel
+from jaxground.train import state as st
+from jaxground.train import step as stp
 
 
 def main():

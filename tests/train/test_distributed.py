@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_step import flat, run_steps  # noqa: E402
+from test_step import flat, run_steps
 
-from jaxground import distributed  # noqa: E402
+from jaxground import distributed
 
 HERE = Path(__file__).parent
 

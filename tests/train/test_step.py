@@ -11,10 +11,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 sys.path.insert(0, str(Path(__file__).parent))
-import toy  # noqa: E402
+import toy
 
-from jaxground import parallel  # noqa: E402
-from jaxground.train import state as st, step as stp  # noqa: E402
+from jaxground import parallel
+from jaxground.train import state as st
+from jaxground.train import step as stp
 
 OPTIM = ConfigDict(dict(lr=1e-2, warmup_ratio=0.0, min_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                         weight_decay=0.01, clip_norm=1.0))

@@ -1,8 +1,8 @@
 """The toy task wired into the training loop, with a test-sized config."""
 
+import toy
 from flax import nnx
 
-import toy
 from jaxground.train import defaults, loop
 
 
