@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=30, help="timed batches per setting (after 2 warm-up)")
+    parser.add_argument("--read-threads", type=int, default=0,
+                        help="Grain's record-reading threads per process (0: the tiny config's; Grain's own is 16)")
 
 
 def _rate(iterator, batches: int, batch_size: int) -> float:
@@ -64,7 +66,8 @@ def run(args) -> int:
 
             data = str(Path(tmp) / "shapes")
             write_dataset(data, train=2000, val=10, test=10)
-        cfg = pipeline_config(batch_size=args.batch_size)
+        cfg = pipeline_config(batch_size=args.batch_size, read_threads=args.read_threads,
+                              read_buffer=500 if args.read_threads else 0)
         cfg.datasets.shapes.path = data
         rates = {}
         for workers in (0, args.workers):
@@ -74,6 +77,7 @@ def run(args) -> int:
             del it
         rates[f"torch DataLoader, {args.workers} workers"] = _torch_rate(cfg, args.workers, args.batches,
                                                                          args.batch_size)
+    print(f"batch {args.batch_size}, Grain reading threads {args.read_threads}")
     for name, r in rates.items():
         print(f"{name:32s} {r:8.0f} samples/s")
     grain_n, torch_n = rates[f"grain, {args.workers} workers"], rates[f"torch DataLoader, {args.workers} workers"]

@@ -367,45 +367,85 @@ def _pad(x: np.ndarray, n: int, value) -> np.ndarray:
 
 # ---------------------------------------------------------------- the iterator
 
+class Uniform(grain.MapTransform):
+    """`SampleMaker`'s output -> one row structure for every sample, so the workers can batch: a good sample
+    gains `skip` and `reason` = "", a bad one becomes an all-invalid pad row carrying its skip message and
+    reason. Batching in the workers moves one set of arrays per batch through shared memory instead of one per
+    sample (Grain with 2 workers, batch 32: 1,249 against 266 samples/s)."""
+
+    def __init__(self, template: dict):
+        self.pad = {k: np.zeros_like(v) for k, v in template.items()}
+        self.pad["labels"] = np.full_like(template["labels"], IGNORE)
+
+    def map(self, element: dict) -> dict:
+        if "skip" in element:
+            return {**self.pad, "skip": element["skip"], "reason": element["reason"]}
+        return {**self.pad, **element, "skip": "", "reason": ""}
+
+
 class DataIterator:
-    """Batches of `Batch`-named numpy arrays. `get_state()`/`set_state()` (JSON bytes) resume exactly;
-    `skipped` counts bad samples by reason (`BadSample.reason`, or the exception's type name)."""
+    """Batches of `Batch`-named numpy arrays, `batch_size` good samples each (evaluation pads its last batch
+    with `valid=False` rows). Grain delivers `Uniform` rows batched in its workers; bad rows are dropped here,
+    counted, and the good ones re-batched. `get_state()`/`set_state()` (JSON bytes) resume exactly: the
+    loader's state before the batch in hand and how many of its rows were taken. `skipped` counts bad samples
+    by reason (`BadSample.reason`, or the exception's type name)."""
 
     def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict):
         self._loader, self._it = loader, iter(loader)
         self.batch_size, self.training, self.strict = batch_size, training, strict
-        self._template = template  # one padded sample: the shapes and dtypes of an all-invalid pad row
+        self._pad = Uniform(template).pad  # the shapes and dtypes of an all-invalid pad row
         self.skipped: Counter = Counter()
         self.examples: list[str] = []  # the first few skip messages, for the summary line
         self._done = False
+        self._held, self._taken = None, 0  # the loader's batch in hand and how many of its rows are used
+        self._state = self._it.get_state()  # the loader's state before `_held`
 
     def __iter__(self):
         return self
 
+    def _next_held(self) -> bool:
+        """Fetches the loader's next batch into `_held`; False when the loader is exhausted."""
+        state = self._it.get_state()
+        try:
+            held = next(self._it)
+        except StopIteration:
+            return False
+        self._held, self._taken, self._state = held, 0, state
+        return True
+
     def __next__(self) -> dict:
         if self._done:
             raise StopIteration
-        rows, skipped_here = [], 0
-        while len(rows) < self.batch_size:
-            try:
-                el = next(self._it)
-            except StopIteration:
-                self._done = True
-                self._log_summary()
-                if not rows or self.training:
-                    raise
-                break
-            if "skip" in el:
-                self._skip(el["skip"], el["reason"])
+        pieces, have, skipped_here = [], 0, 0
+        while have < self.batch_size:
+            if self._held is None or self._taken == len(self._held["skip"]):
+                if not self._next_held():
+                    self._done = True
+                    self._log_summary()
+                    if not have or self.training:
+                        raise StopIteration
+                    break
+            rows = np.arange(self._taken, len(self._held["skip"]))
+            bad = self._held["skip"][rows] != ""
+            good = rows[~bad]
+            if len(good) > self.batch_size - have:  # stop at the last row this batch takes
+                good = good[: self.batch_size - have]
+                rows = rows[rows <= good[-1]]
+                bad = bad[: len(rows)]
+            for i in rows[bad]:
+                self._skip(str(self._held["skip"][i]), str(self._held["reason"][i]))
                 skipped_here += 1
                 if skipped_here > 100 * self.batch_size:  # a config error, not a few bad samples
                     raise BadSample(f"no usable sample in the last {skipped_here}: {self.summary()}; "
                                     f"e.g. {self.examples[0]}")
-            else:
-                rows.append(el)
-        valid = len(rows)
-        rows += [self._pad_row()] * (self.batch_size - valid)
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            pieces.append({k: v[good] for k, v in self._held.items() if k not in ("skip", "reason")})
+            have += len(good)
+            self._taken = int(rows[-1]) + 1
+        out = {k: np.concatenate([p[k] for p in pieces]) for k in self._pad}
+        if have < self.batch_size:
+            out = {k: np.concatenate([v, np.repeat(self._pad[k][None], self.batch_size - have, 0)])
+                   for k, v in out.items()}
+        return out
 
     def _skip(self, message: str, reason: str) -> None:
         if self.strict:
@@ -413,11 +453,6 @@ class DataIterator:
         self.skipped[reason] += 1
         if len(self.examples) < 3:
             self.examples.append(message)
-
-    def _pad_row(self) -> dict:
-        row = {k: np.zeros_like(v) for k, v in self._template.items()}
-        row["labels"] = np.full_like(self._template["labels"], IGNORE)
-        return row
 
     def _log_summary(self) -> None:
         if self.skipped:
@@ -428,12 +463,17 @@ class DataIterator:
         return f"skipped {sum(self.skipped.values())} bad samples {dict(self.skipped)}"
 
     def get_state(self) -> bytes:
-        state = {"loader": self._it.get_state().decode(), "skipped": dict(self.skipped), "done": self._done}
+        state = {"loader": self._state.decode(), "taken": self._taken if self._held is not None else 0,
+                 "skipped": dict(self.skipped), "done": self._done}
         return json.dumps(state).encode()
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)
         self._it.set_state(s["loader"].encode())
+        self._held, self._taken, self._state = None, 0, s["loader"].encode()
+        if s["taken"]:  # the batch that was in hand, again; its first rows were used before
+            self._next_held()
+            self._taken = s["taken"]
         self.skipped, self._done = Counter(s["skipped"]), s["done"]
 
 
@@ -479,11 +519,13 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
 
         if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; we have no absl main
             flags.FLAGS.mark_as_parsed()
-    loader = grain.DataLoader(data_source=mixture, sampler=sampler, operations=[maker],
+    template = _template(cfg, encoder)
+    batcher = grain.Batch(cfg.batch_size, drop_remainder=False)  # re-batched to good samples by DataIterator
+    loader = grain.DataLoader(data_source=mixture, sampler=sampler, operations=[maker, Uniform(template), batcher],
                               worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size,
                               read_options=grain.ReadOptions(num_threads=cfg.read_threads,
                                                              prefetch_buffer_size=cfg.read_buffer))
-    return DataIterator(loader, cfg.batch_size, training, cfg.strict, _template(cfg, encoder))
+    return DataIterator(loader, cfg.batch_size, training, cfg.strict, template)
 
 
 def _template(cfg, encoder) -> dict:

@@ -1,3 +1,5 @@
+import json
+
 import ml_collections
 import numpy as np
 import pytest
@@ -219,6 +221,43 @@ def test_strict_mode_names_file_and_index(shapes_dir, tmp_path):
     it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record", strict=True), training=False)
     with pytest.raises(BadSample, match=r"bad\.array_record#1 \(corrupt_image\)"):
         list(it)
+
+
+def _assert_same_batches(got, want):
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_path):
+    # 2 good records of 7: the loader's batches (of 2) mostly hold bad rows, so a batch of good samples takes
+    # rows from several of them and the state is often taken part-way through one
+    _bad_records(tmp_path / "bad.array_record")
+    cfg = _records_cfg(shapes_dir, tmp_path / "bad.array_record")
+    it = _pipe(cfg)
+    states, batches = [], []
+    for _ in range(6):
+        states.append(it.get_state())
+        batches.append(next(it))
+    assert all(b["valid"].all() for b in batches) and sum(it.skipped.values()) >= 6 * 2 * 5 // 2
+    assert any(json.loads(s)["taken"] for s in states)  # some states fall inside a loader batch
+    for i in (1, 3):
+        again = _pipe(cfg)
+        again.set_state(states[i])
+        _assert_same_batches([next(again) for _ in range(6 - i)], batches[i:])
+        assert again.skipped == it.skipped
+
+
+def test_workers_batch_in_their_processes_and_resume(shapes_dir):
+    cfg = _cfg(shapes_dir, workers=2, read_threads=0, read_buffer=0)
+    it = _pipe(cfg)
+    next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    assert all(w["valid"].all() and w["images"].shape[0] == 4 for w in want)
+    again = _pipe(cfg)
+    again.set_state(state)
+    _assert_same_batches([next(again) for _ in range(3)], want)
 
 
 def test_pipeline_config_overrides_replace_whole_sections():
