@@ -418,13 +418,13 @@ class DataIterator:
             raise StopIteration
         pieces, have, skipped_here = [], 0, 0
         while have < self.batch_size:
-            if self._held is None or self._taken == len(self._held["skip"]):
-                if not self._next_held():
-                    self._done = True
-                    self._log_summary()
-                    if not have or self.training:
-                        raise StopIteration
-                    break
+            used_up = self._held is None or self._taken == len(self._held["skip"])
+            if used_up and not self._next_held():
+                self._done = True
+                self._log_summary()
+                if not have or self.training:
+                    raise StopIteration
+                break
             rows = np.arange(self._taken, len(self._held["skip"]))
             bad = self._held["skip"][rows] != ""
             good = rows[~bad]
