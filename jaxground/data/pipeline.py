@@ -471,7 +471,8 @@ class DataIterator:
         s = json.loads(state)
         self._it.set_state(s["loader"].encode())
         self._held, self._taken, self._state = None, 0, s["loader"].encode()
-        if s["taken"]:  # the batch that was in hand, again; its first rows were used before
+        if s.get("taken"):  # the batch that was in hand, again; its first rows were used before (absent: saved
+            # by the per-record iterator before 2026-12-02, whose loader state is already past its last row)
             self._next_held()
             self._taken = s["taken"]
         self.skipped, self._done = Counter(s["skipped"]), s["done"]
