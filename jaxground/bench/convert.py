@@ -40,7 +40,7 @@ def write_checkpoint(directory: Path, layers: int, hidden: int, intermediate: in
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    heads = hidden // 128
+    heads = max(1, hidden // 128)  # head width 128 as in LLaMA-7B; one head below that
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
               "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 4096,
@@ -85,6 +85,11 @@ def measure(argv: list[str]) -> tuple[float, int]:
 
 def run(args) -> int:
     print(f"machine: {machine()}", flush=True)
+    if min(args.layers, args.hidden, args.intermediate, args.vocab) < 1:
+        raise SystemExit("--layers, --hidden, --intermediate and --vocab must be >= 1")
+    heads = max(1, args.hidden // 128)
+    if args.hidden % heads or (args.hidden // heads) % 2:
+        raise SystemExit(f"--hidden {args.hidden} does not split into {heads} heads of even width (RoPE)")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jaxground-bench-convert-"))
     src, out = work / "llama", work / "converted"
     try:

@@ -1,0 +1,63 @@
+"""Every `jaxground bench` command runs end to end at a tiny size and prints its figures; where a command
+checks that both frameworks computed the same thing, that check holds. Speed is not tested (see README,
+Performance)."""
+
+import re
+
+import pytest
+
+from jaxground.cli import main
+from jaxground.data.shapes import write_dataset
+
+TINY_LLAMA = ["--layers", "1", "--hidden", "64", "--heads", "2", "--vocab", "128", "--repeats", "1"]
+
+
+def _run(capsys, *argv) -> str:
+    assert main(["bench", *argv]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    return out
+
+
+def _floats(pattern: str, text: str) -> list[float]:
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in\n{text}"
+    return [float(g) for g in m.groups()]
+
+
+def test_forward(capsys):
+    out = _run(capsys, "forward", "--batch", "2", "--seq", "8", *TINY_LLAMA)
+    assert _floats(r"max \|logit diff\| ([\d.e+-]+)", out)[0] < 1e-4
+
+
+def test_generate_both(capsys):
+    out = _run(capsys, "generate", "--what", "both", "--batches", "2", "--prompt", "6", "--new-tokens", "3",
+               *TINY_LLAMA, "--rec-samples", "3", "--rec-batch", "2", "--torch-threads", "1")
+    assert "same tokens 100%" in out
+    assert _floats(r"boxes max \|diff\| ([\d.e+-]+)", out)[0] < 1e-4
+
+
+def test_sam(capsys):
+    out = _run(capsys, "sam", "--preset", "tiny", "--batch", "1", "--iters", "1")
+    assert "jit on the split state" in out and "nnx.jit on the module" in out
+    assert _floats(r"max \|diff\| ([\d.e+-]+)", out)[0] < 1e-4
+
+
+def test_pipeline(capsys, tmp_path):
+    write_dataset(tmp_path / "shapes", train=64, val=4, test=4)
+    out = _run(capsys, "pipeline", "--data", str(tmp_path / "shapes"), "--workers", "0", "--batch-size", "4",
+               "--batches", "2")
+    assert _floats(r"grain / torch with 0 workers: ([\d.]+)x", out)[0] > 0
+
+
+def test_convert(capsys, tmp_path):
+    out = _run(capsys, "convert", "--layers", "1", "--hidden", "64", "--intermediate", "128", "--vocab", "128",
+               "--workdir", str(tmp_path))
+    assert "within target" in out or "over target" in out
+
+
+@pytest.mark.slow
+def test_train_tiny_losses_agree(capsys):
+    out = _run(capsys, "train", "--size", "tiny", "--batch", "2", "--repeats", "1", "--no-torch-compile")
+    jax_loss, torch_loss = _floats(r"first-step loss JAX ([\d.]+) vs torch ([\d.]+)", out)
+    assert abs(jax_loss - torch_loss) < 1e-4
