@@ -68,6 +68,17 @@ def test_greedy_matches_hf(pair):
     assert min(out.lengths) < n and max(out.lengths) == n
 
 
+def test_loop_head_is_the_lm_head(pair):
+    # the decoding loop's head for 2-63 rows on CPU multiplies by a [V,D] copy of the kernel (README, Evaluation
+    # and prediction): same logits; one row or 64 keep `llm.head`; the tests above run it (4 rows, 2 x 3 beams)
+    _, llm = pair
+    h = jax.random.normal(jax.random.key(0), (16, 32))
+    head = jax.jit(lambda h: gen._loop_head(llm, h.shape[0])(h))
+    assert jax.default_backend() != "cpu" or gen._loop_head(llm, 16) != llm.head
+    np.testing.assert_allclose(np.asarray(head(h)), np.asarray(llm.head(h)), rtol=1e-5, atol=1e-5)
+    assert gen._loop_head(llm, 1) == llm.head and gen._loop_head(llm, 64) == llm.head
+
+
 def test_beam_matches_hf_without_eos(pair):
     hf, llm = pair
     ids, mask = prompts(seed=3, lengths=(4, 6))
