@@ -166,7 +166,7 @@ def _loop_head(llm: Llama, rows: int):
     backends keep `llm.head`."""
     if jax.default_backend() != "cpu" or llm.cfg.tie_embeddings or not 2 <= rows < 64:
         return llm.head
-    kernel_t = jax.lax.optimization_barrier(llm.lm_head.kernel.value.T)  # barrier: XLA keeps the copy
+    kernel_t = jax.lax.optimization_barrier(llm.lm_head.kernel[...].T)  # barrier: XLA keeps the copy
     dtype = llm.lm_head.dtype
 
     def head(hidden):
