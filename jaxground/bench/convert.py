@@ -34,13 +34,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-torch", action="store_true", help="do not time the torch reference load")
 
 
+def _heads(hidden: int) -> int:
+    """Attention heads of the generated checkpoint: width 128 as in LLaMA-7B, one head below that."""
+    return max(1, hidden // 128)
+
+
 def write_checkpoint(directory: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> tuple[int, int]:
     """A float32 HF LLaMA directory, one safetensors shard per layer; returns (total bytes, largest tensor bytes)."""
     import torch
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
-    heads = max(1, hidden // 128)  # head width 128 as in LLaMA-7B; one head below that
+    heads = _heads(hidden)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
               "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 4096,
@@ -87,7 +92,7 @@ def run(args) -> int:
     print(f"machine: {machine()}", flush=True)
     if min(args.layers, args.hidden, args.intermediate, args.vocab) < 1:
         raise SystemExit("--layers, --hidden, --intermediate and --vocab must be >= 1")
-    heads = max(1, args.hidden // 128)
+    heads = _heads(args.hidden)
     if args.hidden % heads or (args.hidden // heads) % 2:
         raise SystemExit(f"--hidden {args.hidden} does not split into {heads} heads of even width (RoPE)")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jaxground-bench-convert-"))

@@ -166,7 +166,8 @@ def _loop_head(llm: Llama, rows: int):
     backends keep `llm.head`."""
     if jax.default_backend() != "cpu" or llm.cfg.tie_embeddings or not 2 <= rows < 64:
         return llm.head
-    kernel_t = jax.lax.optimization_barrier(llm.lm_head.kernel[...].T)  # barrier: XLA keeps the copy
+    # the barrier keeps the copy a [V,D] array (a guard: a transpose of a transpose may be folded back)
+    kernel_t = jax.lax.optimization_barrier(llm.lm_head.kernel[...].T)
     dtype = llm.lm_head.dtype
 
     def head(hidden):
