@@ -102,7 +102,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul rate in FLOP/s: a jitted [n,n] @ [n,n] in JAX (the MFU denominator)."""
+    """The float32 rate of a jitted [n,n] @ [n,n] in JAX, FLOP/s."""
     import jax
     import jax.numpy as jnp
 
@@ -114,7 +114,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 
 def torch_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """The same float32 matmul in torch eager, FLOP/s: tells how much of a gap is the GEMM library's."""
+    """The same float32 matmul in torch eager, FLOP/s."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)

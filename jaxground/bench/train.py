@@ -8,7 +8,7 @@ loss function under `torch.compile`. Its weights are converted to the JAX model 
 
 Prints per config: samples/s of both, their ratio, the first-step loss of both (same computation check) and
 the JAX step's model-FLOP utilisation (`_common.step_flops` / step time) against this machine's float32
-matmul rate, measured in the same run by a large jitted matmul.
+matmul peak: the faster of a large jitted JAX matmul and the same matmul in torch, measured in the same run.
 """
 
 from __future__ import annotations
@@ -310,10 +310,13 @@ def run(args) -> int:
 
     from jaxground.bench._common import machine, matmul_peak, torch_matmul_rate
 
-    peak = matmul_peak()
+    # the machine's peak is what its faster GEMM library reaches: on some hosts torch's is well ahead of JAX's
+    rates = {"JAX": matmul_peak(), "torch": torch_matmul_rate()}
+    best = max(rates, key=rates.get)
+    peak = rates[best]
     print(f"machine: {machine()}; JAX {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}; "
-          f"float32 matmul peak (jitted 2048^3 JAX matmul, the MFU denominator): {peak / 1e9:.1f} GFLOP/s; "
-          f"the same matmul in torch: {torch_matmul_rate() / 1e9:.1f} GFLOP/s")
+          f"float32 2048^3 matmul: JAX (jitted) {rates['JAX'] / 1e9:.1f} GFLOP/s, torch {rates['torch'] / 1e9:.1f} GFLOP/s; "
+          f"peak, the MFU denominator: {peak / 1e9:.1f} GFLOP/s ({best}'s)")
     print("| model | params | batch x T | JAX step s | JAX samples/s | MFU | torch eager s | torch samples/s | "
           "torch.compile s | JAX / eager | JAX / compile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

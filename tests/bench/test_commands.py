@@ -61,3 +61,6 @@ def test_train_tiny_losses_agree(capsys):
     out = _run(capsys, "train", "--size", "tiny", "--batch", "2", "--repeats", "1", "--no-torch-compile")
     jax_loss, torch_loss = _floats(r"first-step loss JAX ([\d.]+) vs torch ([\d.]+)", out)
     assert abs(jax_loss - torch_loss) < 1e-4
+    jax_rate, torch_rate, peak = _floats(
+        r"JAX \(jitted\) ([\d.]+) GFLOP/s, torch ([\d.]+) GFLOP/s; peak, the MFU denominator: ([\d.]+)", out)
+    assert peak == max(jax_rate, torch_rate)
