@@ -101,7 +101,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
             f"JAXGROUND_MALLOC={host_memory.requested()} ({host_memory.state})")
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def jax_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     """The float32 rate of a jitted [n,n] @ [n,n] in JAX, FLOP/s."""
     import jax
     import jax.numpy as jnp

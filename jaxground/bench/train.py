@@ -308,10 +308,10 @@ def run(args) -> int:
     import jax
     import torch
 
-    from jaxground.bench._common import machine, matmul_peak, torch_matmul_rate
+    from jaxground.bench._common import jax_matmul_rate, machine, torch_matmul_rate
 
     # the machine's peak is what its faster GEMM library reaches: on some hosts torch's is well ahead of JAX's
-    rates = {"JAX": matmul_peak(), "torch": torch_matmul_rate()}
+    rates = {"JAX": jax_matmul_rate(), "torch": torch_matmul_rate()}
     best = max(rates, key=rates.get)
     peak = rates[best]
     print(f"machine: {machine()}; JAX {jax.devices()[0].platform} x{jax.device_count()}, torch threads {torch.get_num_threads()}; "

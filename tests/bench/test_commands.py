@@ -64,3 +64,7 @@ def test_train_tiny_losses_agree(capsys):
     jax_rate, torch_rate, peak = _floats(
         r"JAX \(jitted\) ([\d.]+) GFLOP/s, torch ([\d.]+) GFLOP/s; peak, the MFU denominator: ([\d.]+)", out)
     assert peak == max(jax_rate, torch_rate)
+    # MFU = step FLOPs / step time / that peak, within the printed figures' rounding
+    step_s, mfu = _floats(r"\| tiny \| [^|]+\| [^|]+\| ([\d.]+) \| [\d.]+ \| ([\d.]+)% \|", out)
+    (gflop,) = _floats(r"tiny: JAX ([\d.]+) GFLOP/step", out)
+    assert mfu == pytest.approx(100 * gflop / step_s / peak, rel=0.1)
