@@ -25,15 +25,6 @@ COMMANDS = {
 }
 
 
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            return None
-        raise
-
-
 def _bench_names() -> list[str]:
     from jaxground import bench
 
@@ -57,14 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if name == "bench":
         names = _bench_names()
         if not rest or rest[0] in ("-h", "--help") or rest[0] not in names:
-            print(f"usage: {prog} NAME [options]\n\nbenchmarks: {', '.join(names) or '(none built yet)'}")
+            print(f"usage: {prog} NAME [options]\n\nbenchmarks: {', '.join(names)}")
             return 0 if rest and rest[0] in ("-h", "--help") else 2
         module_name, prog, rest = f"jaxground.bench.{rest[0]}", f"{prog} {rest[0]}", rest[1:]
 
-    module = _load(module_name)
-    if module is None or not hasattr(module, "run"):
-        print(f"jaxground {name}: not built yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)

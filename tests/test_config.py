@@ -1,6 +1,7 @@
 """Run configs: every shipped config loads and builds its model config; bad configs fail before training with
 an error naming the problem."""
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,17 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     write_dataset(out, train=24, val=4, test=8, size=32, max_objects=2)
     return out
+
+
+def test_cli_routes_every_command_and_refuses_unknown_ones(capsys):
+    modules = [m for name, (m, _) in cli.COMMANDS.items() if name != "bench"]
+    modules += [f"jaxground.bench.{name}" for name in cli._bench_names()]
+    for module in map(importlib.import_module, modules):  # each imports and has both entry points
+        assert callable(module.add_arguments) and callable(module.run), module.__name__
+    assert cli.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["nosuch"])
+    assert e.value.code == 2
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
+    assert cli.main(["bench", "nosuch"]) == 2
+    assert "benchmarks: convert, forward, generate, pipeline, plan, sam, train" in capsys.readouterr().out
