@@ -1,5 +1,5 @@
 """Run configs: every shipped config loads and builds its model config; bad configs fail before training with
-an error naming the problem."""
+an error naming the problem; the CLI routes every command and refuses unknown ones."""
 
 import importlib
 from pathlib import Path
