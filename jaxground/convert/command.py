@@ -124,7 +124,11 @@ def convert(sources: list, out: str | Path, *, dtype: str = "float32", select_la
 
 
 def run(args) -> int:
-    out = convert(args.sources, args.out, dtype=args.dtype, select_layer=args.select_layer, seed=args.seed,
-                  overwrite=args.overwrite)
+    try:
+        out = convert(args.sources, args.out, dtype=args.dtype, select_layer=args.select_layer, seed=args.seed,
+                      overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
+        print(f"jaxground convert: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0

@@ -9,6 +9,8 @@ the source values (float32 always; bfloat16 for bfloat16 sources). Shards are wr
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,13 +58,20 @@ def to_torch(entry: dict, array: np.ndarray):
     return t.to(_torch_dtype(entry["dtype"]))
 
 
-def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 30, progress=None) -> list[Path]:
-    """Writes `out/model-0000K-of-0000N.safetensors` (+ `model.safetensors.index.json` when sharded) from a
-    `jaxground convert` output. Arrays are read one shard at a time."""
-    from orbax.checkpoint.experimental import v1 as ocp
-    from safetensors.torch import save_file
+def _weight_files(directory: Path) -> list[Path]:
+    """The files of an earlier export in `directory`: HF would load a stale `model.safetensors` before an index."""
+    return sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("model.safetensors.index.json"))
 
-    from jaxground.convert.store import MODEL_DIR, _nest, read_config, read_layout
+
+def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 30, progress=None,
+           overwrite: bool = False) -> list[Path]:
+    """Writes `out/model-0000K-of-0000N.safetensors` (+ `model.safetensors.index.json` when sharded) from a
+    `jaxground convert` output. Arrays are read one shard at a time into a hidden directory in `out` and moved
+    into place at the end, so a crash leaves no half set. Other files in `out` (config.json, tokenizer) stay; weight files
+    of an earlier export are refused, or replaced with `overwrite`."""
+    from orbax.checkpoint.experimental import v1 as ocp
+
+    from jaxground.convert.store import MODEL_DIR, read_config, read_layout
 
     checkpoint, out = Path(checkpoint), Path(out)
     read_config(checkpoint)  # a clear error when this is not a converted checkpoint
@@ -77,7 +86,33 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
         current.append(entry)
         size += n
     shards.append(current)
+    stale = _weight_files(out) if out.is_dir() else []
+    if stale and not overwrite:
+        raise FileExistsError(f"{out} already holds exported weights ({stale[0].name}); choose another --out "
+                              "(or pass --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".export.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        names = _write_shards(checkpoint, staging, layout, meta, shards, progress)
+        for f in stale:
+            f.unlink()
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names if name.endswith(".safetensors")]
+
+
+def _write_shards(checkpoint: Path, out: Path, layout: list[dict], meta: dict, shards: list[list[dict]],
+                  progress) -> list[str]:
+    """Writes the safetensors shards (+ index when more than one) into `out`; returns the file names."""
+    from orbax.checkpoint.experimental import v1 as ocp
+    from safetensors.torch import save_file
+
+    from jaxground.convert.store import MODEL_DIR, _nest
+
     files, weight_map, done = [], {}, 0
     for k, shard in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -89,7 +124,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
             arrays = _flat_meta(ocp.load(checkpoint / MODEL_DIR, _nest(_targets(abstract))))
         tensors = {e["key"]: to_torch(e, np.asarray(arrays[e["path"]])) for e in shard}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
-        files.append(out / name)
+        files.append(name)
         weight_map.update(dict.fromkeys(tensors, name))
         done += len(shard)
         del arrays, tensors
@@ -98,6 +133,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                      indent=2))
+        files.append("model.safetensors.index.json")
     return files
 
 

@@ -125,6 +125,10 @@ class StoreWriter:
         self.out = Path(out).absolute()
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out} exists; choose another --out (or pass --overwrite)")
+        if self.out.exists() and not (self.out / CONFIG_FILE).is_file():
+            # --overwrite deletes the old directory: only ever one this command wrote
+            raise FileExistsError(f"{self.out} exists and is not a converted checkpoint (no {CONFIG_FILE}); "
+                                  "--overwrite replaces only those")
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self.flush_bytes = flush_bytes
         self.overwrite = overwrite

@@ -6,8 +6,9 @@ exactly once whatever the batch size. Sums are returned (not means) so batches c
 
 Definitions (as the NExT-Chat authors compute them):
 - REC Acc@0.5: share of samples whose predicted box has IoU > 0.5 (strict) with the ground truth; mIoU is
-  the mean IoU (`ops.boxes.iou`: a degenerate box scores 0, never NaN). Runners score pixel boxes: IoU is
-  invariant to the uniform scale and shift that maps the padded square to pixels.
+  the mean IoU (`ops.boxes.iou`: a degenerate box scores 0, never NaN). Runners score the raw prediction in
+  the padded square's [0, 1] coordinates, unclamped: IoU is invariant to the uniform scale and shift that maps
+  them to pixels, so this equals scoring the unclamped pixel box.
 - Visual7W pointing: the predicted box picks the candidate it overlaps most (IoU); accuracy is the share
   of samples whose pick is the answer candidate.
 """
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxground.ops.boxes import iou as box_iou
+from jaxground.ops.mask_metrics import res_scores
 
 
 def rec_sums(pred, gt, valid, threshold: float = 0.5) -> dict:
@@ -53,14 +55,8 @@ def pointing_summary(sums: Mapping) -> dict:
 
 
 def res_summary(sums: Mapping) -> dict:
-    """From {"intersection", "union", "iou", "count"} sums: cIoU = ΣI / ΣU, gIoU = mean per-sample IoU."""
-    n = float(sums["count"])
-    union = float(sums["union"])
-    return {
-        "ciou": float(sums["intersection"]) / union if union > 0 else 1.0,
-        "giou": float(sums["iou"]) / max(n, 1.0),
-        "count": int(n),
-    }
+    """From {"intersection", "union", "iou", "count"} sums: `ops.mask_metrics.res_scores` and the count."""
+    return {**res_scores(sums), "count": int(sums["count"])}
 
 
 class Sums:

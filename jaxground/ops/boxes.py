@@ -1,11 +1,10 @@
-"""Box formats, areas, IoU and GIoU: pure jnp functions over `[..., 4]` boxes.
+"""Box areas, IoU and GIoU: pure jnp functions over `[..., 4]` boxes.
 
-Boxes are normalised `xyxy` (x1, y1, x2, y2) unless a name says `cxcywh`. Axes: N, M box counts.
+Boxes are normalised `xyxy` (x1, y1, x2, y2); broadcast `a[:, None]` against `b[None]` for all pairs.
 
-Clamping: only `clamp_boxes` clamps coordinates to [0, 1]. The format conversions, `area`, `iou`, `giou`
-and the pairwise versions never clamp: the box decoder F has no output sigmoid, so a prediction outside
-[0, 1] must still get the gradient that pulls it back, and the values match DETR's / HF's definitions.
-Evaluation clamps predictions with `clamp_boxes` before scoring.
+No clamping: the box decoder F has no output sigmoid, so a prediction outside [0, 1] must still get the
+gradient that pulls it back, and the values match DETR's / HF's definitions. Evaluation scores the raw
+prediction too (the part outside the image counts against it).
 
 Robustness: an inverted box (x2 < x1 or y2 < y1) has zero area, every division is guarded by `EPS`, so
 degenerate, zero-area, inverted and identical boxes all give finite values and finite gradients.
@@ -19,21 +18,7 @@ import jax.numpy as jnp
 EPS = 1e-7
 
 
-def xyxy_to_cxcywh(boxes: jax.Array) -> jax.Array:
-    """[..., 4] (x1, y1, x2, y2) -> [..., 4] (cx, cy, w, h); no clamping."""
-    x1, y1, x2, y2 = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)
 
-
-def cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-    """[..., 4] (cx, cy, w, h) -> [..., 4] (x1, y1, x2, y2); no clamping."""
-    cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-    return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
-
-
-def clamp_boxes(boxes: jax.Array) -> jax.Array:
-    """[..., 4] xyxy with every coordinate clamped to [0, 1] (the normalised padded square image)."""
-    return jnp.clip(boxes, 0.0, 1.0)
 
 
 def _side(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -69,13 +54,3 @@ def giou(a: jax.Array, b: jax.Array) -> jax.Array:
         jnp.minimum(a[..., 1], b[..., 1]), jnp.maximum(a[..., 3], b[..., 3])
     )
     return inter / jnp.maximum(union, EPS) - (enclosing - union) / jnp.maximum(enclosing, EPS)
-
-
-def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[N, 4] x [M, 4] xyxy -> [N, M] IoU."""
-    return iou(a[:, None, :], b[None, :, :])
-
-
-def pairwise_giou(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[N, 4] x [M, 4] xyxy -> [N, M] generalised IoU."""
-    return giou(a[:, None, :], b[None, :, :])

@@ -37,11 +37,6 @@ def res_sums(pred: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax.
     }
 
 
-def add_sums(a: dict, b: dict) -> dict:
-    """Accumulates two `res_sums` results."""
-    return {k: a[k] + b[k] for k in a}
-
-
 def res_scores(sums: dict) -> dict[str, float]:
     """cIoU and gIoU from accumulated sums (cIoU of an all-empty split is 1, gIoU of no masks is 0)."""
     union, count = float(sums["union"]), float(sums["count"])

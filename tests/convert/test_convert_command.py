@@ -40,12 +40,32 @@ class _Payload:
         return (Path.touch, (Path(self.target),))
 
 
-def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path):
+def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": _Payload(str(marker))}, tmp_path / "evil.pth")
     with pytest.raises(UnsafeCheckpointError, match="refused to load"):
-        main(["convert", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "out")])
+        convert([tmp_path / "evil.pth"], tmp_path / "out", quiet=True)
+    assert main(["convert", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "out")]) == 2
+    assert "refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxground convert: ") and "missing" in err and "Traceback" not in err
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(llama_dir, tmp_path, capsys):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("not a checkpoint")
+    assert main(["convert", str(llama_dir), "--out", str(keep), "--overwrite"]) == 2
+    assert "not a converted checkpoint" in capsys.readouterr().err
+    assert (keep / "mine.txt").read_text() == "not a checkpoint"
+    assert main(["convert", str(llama_dir), "--out", str(tmp_path / "out")]) == 0
+    assert main(["convert", str(llama_dir), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    load_converted(tmp_path / "out")
 
 
 def test_every_bad_key_in_one_error_before_writing(llama_dir, tmp_path):

@@ -1,7 +1,7 @@
 """A tiny checkpoint in the released NExT-Chat layout (HF LlamaForCausalLM + HF CLIPVisionModel + official SAM +
 the MLPs under their official names) -> jaxground, compared with a PyTorch reference forward written here:
 CLIP layer -2 without CLS -> projector -> `<im_patch>` slots, loc_encoder at `<boxes>`, LLaMA, loc_decoder at `<at>`,
-seg_prompt_mlp + SAM box prompt -> SAM mask decoder. float32; logits and boxes within 1e-4, masks within 1e-3."""
+seg_prompt_mlp + SAM box prompt -> SAM mask decoder. float32; logits and boxes within 1e-4, masks within 1e-5."""
 
 import dataclasses
 import importlib.util
@@ -51,9 +51,6 @@ def torch_parts():
         sam=ref.official_sam(SAM),
     )
     ref.perturb(parts["sam"], scale=0.1)
-    with torch.no_grad():  # keep F's boxes inside the image: jaxground's SAM prompt encoder clips, torch does not
-        parts["loc_decoder"][2].weight.mul_(0.1)
-        parts["loc_decoder"][2].bias.copy_(torch.tensor([0.2, 0.25, 0.7, 0.8]))
     with torch.no_grad():  # HF zero-inits biases / unit norms: perturb so that a mapping bug cannot hide
         for name in ("llama", "clip"):
             for p in parts[name].parameters():
@@ -164,8 +161,9 @@ def test_released_full_checkpoint_with_sam(torch_parts, tmp_path):
     out = jax_forward(model, ids, labels, image, boxes)
     assert np.abs(np.asarray(out.logits) - logits).max() <= 1e-4
     assert np.abs(np.asarray(out.pred_boxes[0, :2]) - pred).max() <= 1e-4
+    assert (pred < 0).any()  # F's random boxes reach outside the image: SAM must encode them unclipped, as torch
     got = masks_of(model, out.trigger_states[:, :2], out.pred_boxes[:, :2], sam_image)
-    assert np.abs(np.asarray(got[0]) - masks).max() <= 1e-3
+    assert np.abs(np.asarray(got[0]) - masks).max() <= 1e-5  # measured 1e-6
 
 
 def test_compose_vicuna_clip_sam(torch_parts, tmp_path):

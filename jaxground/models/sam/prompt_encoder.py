@@ -2,7 +2,8 @@
 
 Axis legend: B images, Q prompts per image, N points per prompt, Y/X rows/columns, C prompt_dim.
 Prompts are in SAM input pixel coordinates (the padded `img_size` square); boxes are xyxy.
-Boxes are clipped to [0, img_size] (a box outside the image is pulled onto its border, never an error).
+Boxes outside the image are encoded as they are, like the official encoder does (the released NExT-Chat feeds
+it F's unconstrained boxes), so converted weights give the same masks for them.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class PromptEncoder(nnx.Module):
     def embed_boxes(self, boxes: jax.Array) -> jax.Array:
         """boxes [B, Q, 4] xyxy pixels -> [B, Q, 2, C] corner tokens."""
         s = self.cfg.img_size
-        corners = jnp.clip(boxes.astype(jnp.float32), 0.0, s).reshape(*boxes.shape[:-1], 2, 2) + 0.5
+        corners = boxes.astype(jnp.float32).reshape(*boxes.shape[:-1], 2, 2) + 0.5
         return self._pe(corners / s) + self.point_embed[...][2:4]
 
     def embed_masks(self, masks: jax.Array) -> jax.Array:
