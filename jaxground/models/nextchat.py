@@ -253,7 +253,7 @@ class NextChat(nnx.Module):
 
 def nextchat_loss(
     out: NextChatOutput, batch: Batch, *, w_l1: float, w_giou: float, w_cycle: float = 1.0,
-    w_seg: float = 1.0, seg_preset: str = "released", w_patch: float = 0.0, w_attr: float = 0.0,
+    w_seg: float = 1.0, seg_preset: str = "focal", w_patch: float = 0.0, w_attr: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = CE + L_det + w_cycle * L_cyc (+ w_seg * L_seg when the output has masks and the batch has
     ground truth; + w_patch * L_patch when it has patch logits and `batch.patch_target`) -> (total, parts).
@@ -295,7 +295,7 @@ def patch_loss(logits: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Ar
     target mask), averaged over the patches of rows that have a target (target >= 0) and are valid."""
     rows = valid & (target[:, 0] >= 0)
     t = jnp.clip(target, 0.0, 1.0)
-    bce = jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    bce = optax.sigmoid_binary_cross_entropy(logits, t)
     return jnp.sum(bce.mean(-1) * rows) / jnp.maximum(rows.sum(), 1)
 
 

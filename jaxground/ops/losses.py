@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxground.ops import boxes as box_ops
 
@@ -44,9 +45,8 @@ def target_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arr
     """Cross-entropy of logits f32[B,K,V] against aligned targets int[B,K] (-100 = ignored), no shift ->
     (mean over counted targets (0 if none), number counted int32[]). Computed in float32."""
     counted = targets != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
-    return _masked_mean(-picked, counted), jnp.sum(counted, dtype=jnp.int32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(counted, targets, 0))
+    return _masked_mean(nll, counted), jnp.sum(counted, dtype=jnp.int32)
 
 
 def supervised_positions(labels: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

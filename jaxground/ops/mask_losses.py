@@ -4,11 +4,12 @@ Axis legend: B images, Q masks per image, Y/X rows/columns. Inputs: `logits [B, 
 in {0, 1}, `mask_valid [B, Q]` (False = padding), `iou_pred [B, Q]`. Every loss is computed per mask, zeroed on
 padding, summed and divided by the number of real masks (max(count, 1): an all-padding batch gives 0).
 
-Forms follow the official NExT-Chat `sam_loss.py`:
+Forms follow the official NExT-Chat `sam_loss.py`, whose active `SamLoss.forward` is the `released` preset (LISA's
+form at half its weights) and whose commented-out one is `focal`:
 - focal (NExT-Chat's form, alpha 0.8, gamma 2): `alpha * (1 - exp(-bce))**gamma * bce` where `bce` is the mask's
   *mean* pixel BCE (a per-mask focal weight, not per pixel);
 - dice (smooth 1): `1 - (2 sum(p t) + 1) / (sum p + sum t + 1)`, p = sigmoid(logits);
-- LISA dice (scale 1000, eps 1e-6) and mean-pixel BCE for the `lisa` preset;
+- LISA dice (scale 1000, eps 1e-6) and mean-pixel BCE for the `lisa` and `released` presets;
 - IoU-MSE: `(iou_pred - iou(logits > 0, target))**2`.
 The official code normalises focal/dice per image over that image's masks; per mask is the same with one mask
 per image and does not weight an image by its mask count.
@@ -20,10 +21,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PRESETS = {
-    "released": {"focal": 20.0, "dice": 1.0, "iou_mse": 1.0, "bce": 0.0, "lisa_dice": 0.0},
+    # SAM-style fine-tuning loss (DESIGN.md's stage 3); commented out in the official sam_loss.py
+    "focal": {"focal": 20.0, "dice": 1.0, "iou_mse": 1.0, "bce": 0.0, "lisa_dice": 0.0},
+    # LISA's weights as written
     "lisa": {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0, "bce": 2.0, "lisa_dice": 0.5},
+    # what the official SamLoss.forward computes: LISA's form, but its `num_masks` counts every mask twice
+    # (the sum of prediction counts, then each ground-truth count added again), which halves both weights
+    "released": {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0, "bce": 1.0, "lisa_dice": 0.25},
 }
 
 
@@ -32,9 +39,8 @@ def _flat(x: jax.Array) -> jax.Array:
 
 
 def mean_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """[B, Q] mean pixel binary cross-entropy with logits (stable form)."""
-    x, t = _flat(logits), _flat(targets)
-    return jnp.mean(jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))), axis=-1)
+    """[B, Q] mean pixel binary cross-entropy with logits."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(_flat(logits), _flat(targets)), axis=-1)
 
 
 def focal(logits: jax.Array, targets: jax.Array, alpha: float = 0.8, gamma: float = 2.0) -> jax.Array:
@@ -79,7 +85,7 @@ def seg_loss(
     targets: jax.Array,
     iou_pred: jax.Array,
     mask_valid: jax.Array,
-    preset: str | dict = "released",
+    preset: str | dict = "focal",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the mask losses -> (total, {name: unweighted mean}). `preset`: name or weight dict."""
     if logits.shape != targets.shape or logits.ndim != 4:

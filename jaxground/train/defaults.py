@@ -57,9 +57,10 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
     )
 
 
-def loss(det: str = "released", w_cycle: float = 1.0, seg: str = "released") -> ConfigDict:
+def loss(det: str = "released", w_cycle: float = 1.0, seg: str = "focal") -> ConfigDict:
     """Loss presets: `det` in ops.losses.DET_PRESETS ("paper" 1:0.4 or "released" 2:0.2 for L1:GIoU),
-    `seg` in ops.mask_losses.PRESETS (stage 3)."""
+    `seg` in ops.mask_losses.PRESETS (stage 3: "focal" as DESIGN.md, "lisa", or "released" as the official
+    code runs)."""
     return ConfigDict({"det": det, "w_cycle": w_cycle, "seg": seg})
 
 
