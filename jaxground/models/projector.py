@@ -22,7 +22,8 @@ class Projector(nnx.Module):
             raise ValueError(f"projector kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         kw = {"rngs": rngs, "dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(param_dtype)}
-        self.fc1 = linear(in_dim, out_dim, (None, "embed"), **kw)
+        # two layers: column- then row-parallel, so the hidden activation stays split over `tensor`
+        self.fc1 = linear(in_dim, out_dim, ("embed", "mlp") if kind == "mlp2x_gelu" else (None, "embed"), **kw)
         if kind == "mlp2x_gelu":
             self.fc2 = linear(out_dim, out_dim, ("mlp", "embed"), **kw)
 
