@@ -192,7 +192,9 @@ def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[st
 
     from jaxground.convert.store import load_converted
 
-    model, _ = load_converted(path)
+    # read straight into the mesh's shards (a 7B model never sits whole on one device)
+    mesh = next((s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)), None)
+    model, _ = load_converted(path, mesh=mesh)
     saved = nnx.state(model)
     have = _shapes(saved)
 

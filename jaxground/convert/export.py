@@ -73,7 +73,7 @@ def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 3
 
     from jaxground.convert.store import MODEL_DIR, read_config, read_layout
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = Path(checkpoint).absolute(), Path(out)  # Orbax reads only absolute paths
     read_config(checkpoint)  # a clear error when this is not a converted checkpoint
     layout = read_layout(checkpoint)
     meta = _flat_meta(ocp.metadata(checkpoint / MODEL_DIR).metadata)

@@ -208,16 +208,17 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
     `config_overrides` replace top-level fields of the saved config (e.g. `freeze_vision=False`)."""
     from orbax.checkpoint.experimental import v1 as ocp
 
+    from jaxground.parallel import RULES, state_shardings
+
+    directory = Path(directory).absolute()  # Orbax reads only absolute paths
     kind, cfg = read_config(directory)
     if config_overrides:
         cfg = dataclasses.replace(cfg, **config_overrides)
-    model = nnx.eval_shape(model_factory(kind, cfg))
+    with nnx.logical_axis_rules(RULES):  # also under a mesh set by the caller (the training loop)
+        model = nnx.eval_shape(model_factory(kind, cfg))
+        state = nnx.state(model)
     variables = stored_variables(model)
     if mesh is not None:
-        from jaxground.parallel import RULES, state_shardings
-
-        with nnx.logical_axis_rules(RULES):
-            state = nnx.state(model)
         shardings = {".".join(map(str, p)): s.get_value() if isinstance(s, nnx.Variable) else s
                      for p, s in nnx.to_flat_state(state_shardings(state, mesh))}
     else:
@@ -225,12 +226,12 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
         shardings = dict.fromkeys(variables, device)
     abstract = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p])
                 for p, v in variables.items()}
-    saved = _flatten(ocp.metadata(Path(directory) / MODEL_DIR).metadata)
+    saved = _flatten(ocp.metadata(directory / MODEL_DIR).metadata)
     missing, extra = sorted(abstract.keys() - saved.keys()), sorted(saved.keys() - abstract.keys())
     if missing or extra:
         raise ValueError(f"{directory} does not fit its config's model: missing {missing[:10]}"
                          f"{'...' if len(missing) > 10 else ''}, unexpected {extra[:10]}")
-    arrays = _flatten(ocp.load(Path(directory) / MODEL_DIR, _nest(abstract)))
+    arrays = _flatten(ocp.load(directory / MODEL_DIR, _nest(abstract)))
     for path, var in variables.items():
         var.set_value(arrays[path])
     return model, cfg

@@ -86,18 +86,19 @@ def test_released_nextchat_exports_its_own_layout(tmp_path):
     assert_bit_exact(exported, state)
 
 
-def test_export_keeps_other_files_and_refuses_stale_weights(tmp_path, capsys):
+def test_export_keeps_other_files_and_refuses_stale_weights(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(HFLlamaConfig(**LLAMA))
     hf.save_pretrained(tmp_path / "src")
-    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "jax")]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    assert main(["convert", "src", "--out", "jax"]) == 0
     out = tmp_path / "torch"
     out.mkdir()
     (out / "config.json").write_text("{}")  # an HF directory the weights go into
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
-    assert main(["export", "--checkpoint", str(tmp_path / "jax"), "--out", str(out)]) == 2
+    assert main(["export", "--checkpoint", "jax", "--out", "torch"]) == 2
     assert "already holds exported weights" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(tmp_path / "jax"), "--out", str(out), "--overwrite"]) == 0
+    assert main(["export", "--checkpoint", "jax", "--out", "torch", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert_bit_exact(load_file(str(out / "model.safetensors")), {k: v.contiguous() for k, v in hf.state_dict().items()})
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

@@ -244,3 +244,24 @@ def test_init_from_accepts_training_and_converted_checkpoints(setup):
     partial = dict(nnx.to_flat_state(checkpoint.load_model(root / "converted", abstract, shardings,
                                                            fresh=("mask_head",))))
     assert partial.keys() == from_conv.keys()  # present parts still load when they may be fresh
+
+
+def test_init_from_converted_under_the_training_mesh_and_a_relative_path(setup, monkeypatch):
+    """As the training loop calls it: inside `jax.set_mesh`, NamedShardings, the path relative to the cwd."""
+    import jax
+    from flax import nnx
+
+    from jaxground import checkpoint
+    from jaxground.parallel import make_mesh, state_shardings
+
+    root, _, model = setup
+    mesh = make_mesh((1, -1, 1))
+    abstract = nnx.state(nnx.eval_shape(lambda: model))
+    monkeypatch.chdir(root)
+    with jax.set_mesh(mesh):
+        loaded = dict(nnx.to_flat_state(checkpoint.load_model("converted", abstract, state_shardings(abstract, mesh))))
+    want = dict(nnx.to_flat_state(nnx.state(model)))
+    assert loaded.keys() == want.keys()
+    for k, v in loaded.items():
+        assert v.get_value().sharding.mesh == mesh
+        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(want[k].get_value()))
