@@ -108,7 +108,7 @@ def grounding_mixture(*, with_llava: bool) -> dict:
         "refcocog": dataset("refcoco", f"{DATA_ROOT}/refcocog", "train", 1.0, COCO_IMAGES),
         "flickr30k": dataset("flickr", f"{DATA_ROOT}/flickr30k", "train", 1.0, f"{DATA_ROOT}/flickr30k/images"),
         "vg": dataset("vg", f"{DATA_ROOT}/vg/region_descriptions.json", "train", 0.5, f"{DATA_ROOT}/vg/images"),
-        "v7w": dataset("v7w", f"{DATA_ROOT}/v7w", "train", 0.5, f"{DATA_ROOT}/v7w/images"),
+        "v7w": dataset("v7w", f"{DATA_ROOT}/v7w/dataset_v7w_pointing.json", "train", 0.5, f"{DATA_ROOT}/v7w/images"),
     }
     if with_llava:
         mix["llava"] = dataset("llava", f"{DATA_ROOT}/llava/llava_instruct_150k.json", "train", 1.0, COCO_IMAGES)

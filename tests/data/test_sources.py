@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,12 @@ def test_readers_feed_the_pipeline(tmp_path, shapes_dir):
     assert batch["valid"].all() and batch["target_mask"].sum() == 1
     # expand2square pads 40x30 to 40x40 (5 px above): the box moves down by 5 px.
     np.testing.assert_allclose(batch["target_boxes"][batch["target_mask"]], [[1 / 40, 7 / 40, 30 / 40, 25 / 40]])
+
+
+def test_paper_mixture_points_each_reader_at_what_it_reads():
+    """File readers get a file path and directory readers a directory (README: Data sources)."""
+    from jaxground.train.defaults import grounding_mixture
+
+    reads_file = {"refcoco": False, "refcoco_jsonl": True, "flickr": False, "vg": True, "v7w": True, "llava": True}
+    for name, ds in grounding_mixture(with_llava=True).items():
+        assert Path(ds["path"]).suffix in ((".json", ".jsonl") if reads_file[ds["kind"]] else ("",)), (name, ds["path"])
