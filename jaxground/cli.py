@@ -24,6 +24,8 @@ COMMANDS = {
     "bench": ("jaxground.bench", "benchmarks against the PyTorch reference, printed (`bench NAME`)"),
 }
 
+TORCH_EXTRA = ("torch", "segment_anything")  # the `torch` extra: bench, export, .pth/.bin conversion
+
 
 def _bench_names() -> list[str]:
     from jaxground import bench
@@ -52,11 +54,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if rest and rest[0] in ("-h", "--help") else 2
         module_name, prog, rest = f"jaxground.bench.{rest[0]}", f"{prog} {rest[0]}", rest[1:]
 
-    module = importlib.import_module(module_name)
-    sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
-    module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(sub_parser)
+        args = sub_parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        if e.name not in TORCH_EXTRA:
+            raise
+        print(f"{prog} needs PyTorch ({e.name} is not installed): pip install -e '.[torch]' "
+              "(bash launch/test.sh sets up .venv with it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state sharded),
 `tensor` (Megatron-style model parallel). Model code only ever names *logical* axes; `RULES` maps them.
-The mesh uses Auto axis types (classic jit-with-shardings; see DESIGN.md "Traps").
+The mesh uses Auto axis types (classic jit-with-shardings): `jax.make_mesh`'s default Explicit types make
+`with_sharding_constraint` refuse the mesh and a sharded embedding lookup fail with a duplicate-spec error.
 """
 
 from __future__ import annotations

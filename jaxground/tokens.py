@@ -1,5 +1,5 @@
 """Ids of NExT-Chat's added tokens. They are appended after the base vocabulary: 32000..32004 for LLaMA
-(DESIGN.md), `base_vocab + 0..4` for the small BPE tokenizer of the synthetic default. Models and data take a
+(as the released NExT-Chat), `base_vocab + 0..4` for the small BPE tokenizer of the synthetic default. Models and data take a
 `TokenIds` instead of hard-coding numbers."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ runs with fewer devices). Meshes are compiled one at a time, on the first N simu
 Memory per device comes from `compiled.memory_analysis()`: arguments (parameters + optimizer state + batch),
 temporaries, and outputs not aliased to donated arguments; parameters and optimizer state are split by
 their sharded sizes. FLOPs per step are analytic matmul FLOPs (`step_flops`), because `cost_analysis()`
-counts a scanned layer once (DESIGN.md, Traps).
+counts a scanned layer's body once.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Axes: B batch, T tokens (max_len), Q boxes (max_boxes), Hc/Wc CLIP image size, Hs/Ws SAM image size,
 Hm/Wm ground-truth mask size.
 
-Token conventions (DESIGN.md): `labels` are aligned with `input_ids` (HF style: the loss shifts them),
+Token conventions (the released NExT-Chat's): `labels` are aligned with `input_ids` (HF style: the loss shifts them),
 -100 where not a target; `<at>` in an assistant turn is a target, `<boxes>` never is.
 Boxes are normalised xyxy in [0, 1] relative to the padded square image.
 - `boxes[b, q]` is the q-th `<boxes>` token of sample b (every `<boxes>`, questions and answers): the

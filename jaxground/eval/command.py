@@ -1,4 +1,4 @@
-"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,pope,reg,v7w] [--out DIR]
+"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,pope,reg,v7w,count] [--out DIR]
 [--max-new-tokens N] [key=value ...]`
 
 Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`

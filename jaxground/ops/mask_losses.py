@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 PRESETS = {
-    # SAM-style fine-tuning loss (DESIGN.md's stage 3); commented out in the official sam_loss.py
+    # SAM-style fine-tuning loss, the default; commented out in the official sam_loss.py
     "focal": {"focal": 20.0, "dice": 1.0, "iou_mse": 1.0, "bce": 0.0, "lisa_dice": 0.0},
     # LISA's weights as written
     "lisa": {"focal": 0.0, "dice": 0.0, "iou_mse": 0.0, "bce": 2.0, "lisa_dice": 0.5},

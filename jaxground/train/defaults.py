@@ -59,14 +59,14 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
 
 def loss(det: str = "released", w_cycle: float = 1.0, seg: str = "focal") -> ConfigDict:
     """Loss presets: `det` in ops.losses.DET_PRESETS ("paper" 1:0.4 or "released" 2:0.2 for L1:GIoU),
-    `seg` in ops.mask_losses.PRESETS (stage 3: "focal" as DESIGN.md, "lisa", or "released" as the official
+    `seg` in ops.mask_losses.PRESETS (stage 3: "focal" (SAM-style, default), "lisa", or "released" as the official
     code runs)."""
     return ConfigDict({"det": det, "w_cycle": w_cycle, "seg": seg})
 
 
 def llama(size: str, **overrides) -> ConfigDict:
     """LLaMA-2 / Vicuna shapes; `dtype` bfloat16 compute over float32 master weights, layers scanned and
-    rematerialised (the settings that fit 7B on 16 GiB chips with FSDP, DESIGN.md)."""
+    rematerialised (the settings that fit 7B on 16 GiB chips with FSDP; README, Performance)."""
     shapes = {
         "7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32),
         "13b": dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40),

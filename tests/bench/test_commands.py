@@ -68,3 +68,10 @@ def test_train_tiny_losses_agree(capsys):
     step_s, mfu = _floats(r"\| tiny \| [^|]+\| [^|]+\| ([\d.]+) \| [\d.]+ \| ([\d.]+)% \|", out)
     (gflop,) = _floats(r"tiny: JAX ([\d.]+) GFLOP/step", out)
     assert mfu == pytest.approx(100 * gflop / step_s / peak, rel=0.1)
+
+
+def test_without_torch_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as in a .venv without the torch extra
+    assert main(["bench", "train", "--size", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "needs PyTorch" in err and ".[torch]" in err and "Traceback" not in err
