@@ -11,6 +11,7 @@ optimizer covered other parameters.
 from __future__ import annotations
 
 import base64
+import sys
 from pathlib import Path
 
 import jax
@@ -186,6 +187,28 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
     return out.model
 
 
+def load_models(sources, abstract_model, shardings, *, fresh: tuple[str, ...] = ()):
+    """`load_model` over several sources merged in order, a later one winning where two hold the same array
+    (e.g. stage 3: the composed stage-0 conversion for SAM, then the stage-2 run for everything it trained).
+    Each source may hold any part of the model; together with the `fresh` prefixes they must cover it."""
+    from flax import nnx
+
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if len(sources) == 1:
+        return load_model(sources[0], abstract_model, shardings, fresh=fresh)
+    merged = None
+    for source in sources:
+        part = load_model(source, abstract_model, shardings, fresh=("",))
+        merged = part if merged is None else nnx.merge_state(merged, part)
+    have = _shapes(merged)
+    missing = [k for k in sorted(_shapes(abstract_model)) if k not in have and not (fresh and k.startswith(fresh))]
+    if missing:
+        raise CheckpointMismatch(f"{', '.join(map(str, sources))} together lack {len(missing)} arrays of this model "
+                                 f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); add a source "
+                                 "that holds them, or list their prefix in train.fresh")
+    return merged
+
+
 def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[str, ...]):
     """`load_model` for a `jaxground convert` output: read it, check it like a training checkpoint, place it."""
     from flax import nnx
@@ -196,6 +219,12 @@ def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[st
     mesh = next((s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)), None)
     model, _ = load_converted(path, mesh=mesh)
     saved = nnx.state(model)
+    in_model = _shapes(abstract_model).keys()
+    skipped = sorted(_shapes(saved).keys() - in_model)
+    if skipped:  # e.g. the SAM of a composed stage-0 conversion, for stage 1 (which has none)
+        saved, _ = nnx.split_state(saved, lambda p, _: "/".join(map(str, p)) in in_model, ...)
+        print(f"{path}: skipped {len(skipped)} arrays this model does not have (under "
+              f"{', '.join(sorted({k.split('/')[0] for k in skipped}))})", file=sys.stderr)
     have = _shapes(saved)
 
     def keep(var_path, _):

@@ -3,11 +3,11 @@
 # other hosts itself). Installs the checkout on each worker first unless --no-install.
 #
 #   bash launch/tpu_vm.sh --tpu NAME --zone ZONE [--project P] [--repo URL] [--ref BRANCH] [--dir DIR] \
-#       [--data-path GCS_OR_LOCAL] [--no-install] -- --config configs/nextchat_7b_stage1.py --workdir gs://... k=v
+#       [--data-path GCS_OR_LOCAL] [--no-install] -- --config configs/nextchat_7b_stage1.py --workdir /mnt/bucket/runs/... k=v
 #
 # The paper-scale configs read datasets under `data/` of the checkout (jaxground/train/defaults.py DATA_ROOT);
 # --data-path DIR links `data` to DIR on every worker (a local disk copy or a mounted bucket, the same path on
-# all workers).
+# all workers). The workdir must be one file system path seen by every worker (a bucket mounted with gcsfuse).
 set -euo pipefail
 TPU="" ZONE="" PROJECT="" REPO="" REF="main" DIR="jaxground" DATA_PATH="" INSTALL=1
 while [ $# -gt 0 ]; do

@@ -1,4 +1,4 @@
-"""`jaxground train --config configs/X.py [--workdir DIR] [--init-from CKPT] [key=value ...]`
+"""`jaxground train --config configs/X.py [--workdir DIR] [--init-from CKPT ...] [key=value ...]`
 
 Trains on every device of every process (multi-host: start the same command on each host; TPU VMs and
 SLURM are detected, or pass --coordinator/--num-processes/--process-id). Resumes from the latest
@@ -16,8 +16,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="configs/*.py with get_config()")
     parser.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, tb/, eval.json "
                         "(default: runs/<config name>)")
-    parser.add_argument("--init-from", default=None, help="a run's workdir or checkpoint: start from its model "
-                        "weights (fresh optimizer), e.g. stage 3 from stage 1")
+    parser.add_argument("--init-from", action="append", default=None,
+                        help="a run's workdir or checkpoint, or a `jaxground convert` output: start from its model "
+                        "weights (fresh optimizer), e.g. stage 3 from stage 1; repeat to merge several in order "
+                        "(a later one wins where two hold the same array)")
     parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
@@ -36,7 +38,12 @@ def run(args) -> int:
     from jaxground.train import loop
     from jaxground.train.task import TaskConfigError, make_task
 
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    if "://" in workdir or any("://" in p for p in args.init_from or ()):
+        print("jaxground train: --workdir and --init-from take file system paths; for a bucket, mount it "
+              "(e.g. gcsfuse) and pass the mount path")
+        return 2
+    workdir = Path(workdir)
     try:  # everything the config names is built (and checked) here, before any training
         config = load_config(args.config, args.overrides)
         task = make_task(config)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -100,7 +100,7 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None,
+def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[str] | None = None,
         hooks: Iterable[Callable[[int, st.TrainState, dict], None]] = ()) -> Result:
     workdir = Path(workdir)
     tc = config.train
@@ -124,11 +124,12 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | None = None
         else:
             _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)
             if init_from:
-                loaded = checkpoint.load_model(init_from, abstract.model, shardings.model, fresh=tuple(tc.fresh))
+                loaded = checkpoint.load_models(init_from, abstract.model, shardings.model, fresh=tuple(tc.fresh))
                 state = dataclasses.replace(state, model=nnx.merge_state(state.model, loaded))
                 n_fresh = len(nnx.to_flat_state(state.model)) - len(nnx.to_flat_state(loaded))
-                _log(f"initialised the model from {init_from}" + (f" ({n_fresh} new arrays under {list(tc.fresh)})"
-                                                                  if n_fresh else ""))
+                names = init_from if isinstance(init_from, str) else " + ".join(map(str, init_from))
+                _log(f"initialised the model from {names}" + (f" ({n_fresh} new arrays under {list(tc.fresh)})"
+                                                              if n_fresh else ""))
         n_train = len(st.trainable_paths(abstract.model, trainable))
         _log(f"mesh {dict(mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es); "
              f"{n_train} trainable arrays")

@@ -72,3 +72,9 @@ def test_stage_mask_keeps_vision_tower_frozen(tmp_path, shapes_dir, capsys):
         moved["vision" if path[0] == "vision" else "other"].append(not same)
     assert moved["vision"] and not any(moved["vision"])
     assert sum(moved["other"]) > 0.8 * len(moved["other"])
+
+
+def test_bucket_urls_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", "gs://bucket/run"]) == 2
+    assert "mount it" in capsys.readouterr().out and not any(tmp_path.iterdir())
