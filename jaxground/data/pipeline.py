@@ -25,8 +25,9 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `read_threads`, `read_buffer` | Grain's record-reading threads and read-ahead per process (its defaults 16 and 500 suit remote storage; 0 and 0 read in the calling thread, fastest for local records on few cores) |
 
 Bad input (unreadable image, a box outside its image or with x1 <= x0, a sample past `max_len`, too many boxes,
-`<boxes>` count not matching its boxes) is skipped and counted in `DataIterator.skipped` (one summary line is
-logged when an epoch of evaluation ends), or raises `BadSample` naming the file and index in strict mode.
+`<boxes>` count not matching its boxes) is skipped and counted in `DataIterator.skipped` (training writes the
+count as `data_skipped` with the metrics of every logged step; evaluation logs one summary line when its epoch
+ends), or raises `BadSample` naming the file and index in strict mode.
 """
 
 from __future__ import annotations

@@ -168,6 +168,9 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
                         hook(step, current, metrics)
                 if step % tc.log_every == 0 or step == tc.steps:
                     metrics["lr"] = float(st.make_schedule(config.optim, tc.steps)(step - 1))
+                    skipped = getattr(task.train_batches, "skipped", None)  # bad samples so far (this process)
+                    if skipped:
+                        metrics["data_skipped"] = float(sum(skipped.values()))
                     _log(progress.line(step, metrics))
                     writer.write(step, metrics)
                 if eval_step is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and step < tc.steps:

@@ -127,3 +127,15 @@ def test_restore_onto_another_mesh(tmp_path):
     got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.model)}
     for k in saved:
         np.testing.assert_array_equal(saved[k], got[k], err_msg=k)
+
+
+def test_skipped_samples_are_logged_with_the_metrics(tmp_path):
+    """A loader's bad-sample count (`DataIterator.skipped`) reaches metrics.jsonl at every logged step."""
+    from collections import Counter
+
+    c = toy_run.config(steps=3)
+    t = toy_run.task(c.train.batch_size)
+    t.train_batches.skipped = Counter({"unreadable record": 2})
+    loop.fit(t, c, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data_skipped"] for r in rows if r["split"] == "train"] == [2.0, 2.0, 2.0]
