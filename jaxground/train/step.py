@@ -3,7 +3,9 @@
 Generic over the model and the task: `loss_fn(model, batch) -> (total, parts)` and
 `eval_fn(model, batch) -> sums` take the merged NNX module and a dict of global arrays (axis 0 = batch B).
 Gradient accumulation scans over `micro_steps` slices of the batch: row r goes to micro-step r % M, so each
-device's rows stay on that device.
+device's rows stay on that device. Loss and gradient are the mean over the M micro-batches of each one's loss,
+as HF Trainer's accumulation in the released code: for losses that are means over a varying count (tokens,
+boxes) that is not the full-batch mean unless every micro-batch counts the same.
 """
 
 from __future__ import annotations

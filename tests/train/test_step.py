@@ -110,3 +110,36 @@ def test_batch_not_dividing_mesh():
     mesh = parallel.make_mesh((2, 2, 2))
     with pytest.raises(parallel.MeshError, match="batch 6"):
         parallel.check_batch(6, mesh)
+
+
+def test_accumulation_averages_the_micro_batch_means():
+    """With a masked mean over unequal counts (NExT-Chat's CE over supervised tokens), `micro_steps=M` takes the
+    mean of the M micro-batch losses, as the released code's HF Trainer accumulation does; not the full-batch
+    token mean."""
+    import jax.numpy as jnp
+    import optax
+
+    def masked_ce(model, batch):
+        logits, _ = model(batch["x"], batch["ids"])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][..., None], -1)[..., 0]
+        return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"]), {}
+
+    batch = toy.make_batch(0, 4)
+    batch["mask"] = np.ones((4, toy.T), np.float32)
+    batch["mask"][1::2, 1:] = 0  # micro-step 1 (rows 1, 3) counts 2 tokens, micro-step 0 (rows 0, 2) 12
+    model = toy.Toy(nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx, everything = optax.sgd(1.0), st.PathFilter([".*"])
+    step = jax.jit(stp.make_train_step(graphdef, masked_ce, tx, everything, micro_steps=2))
+    new, metrics = step(st.init_state(params, tx, everything), batch)
+
+    def grad_on(rows):
+        return jax.grad(lambda p: masked_ce(nnx.merge(graphdef, p), {k: v[rows] for k, v in batch.items()})[0])(params)
+
+    micro_mean = jax.tree.map(lambda a, b: (a + b) / 2, grad_on([0, 2]), grad_on([1, 3]))
+    full = grad_on([0, 1, 2, 3])
+    moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, new.model)  # sgd(1): the gradient
+    flat_moved, flat_micro, flat_full = (jax.tree.leaves(t) for t in (moved, micro_mean, full))
+    for m, g in zip(flat_moved, flat_micro):
+        np.testing.assert_allclose(m, g, atol=1e-6)
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(flat_micro, flat_full)) > 1e-3
