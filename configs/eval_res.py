@@ -4,8 +4,10 @@ teacher-forced "<at> <boxes>" answer, as the authors evaluate it (`res`), plus t
     jaxground eval --config configs/eval_res.py --checkpoint CONVERTED_OR_WORKDIR \
         paths.refcoco=/data/refcoco paths.coco_images=/data/coco/train2014
 
-Ground-truth masks come from the refs' COCO polygons and are compared with the predicted mask over the padded
-square at `data.mask_size` (not at original image pixels).
+Ground-truth masks come from the refs' COCO polygons and are compared with the predicted mask on the padded
+square's grid at `data.mask_size` = 256 (SAM's own logit grid for 1024 inputs), counting only the pixels inside
+the image (`mask_region`: SAM's postprocessing crops the padding). The authors score at original image pixels
+after SAM's upsampling; this grid is coarser for images larger than 256 px.
 """
 
 import importlib.util
@@ -22,4 +24,5 @@ def get_config() -> ConfigDict:
     c = _eval.load("nextchat_7b_stage3")
     datasets = _eval.refcoco_datasets(c)
     c.eval = _eval.eval_section(datasets, ("res", "rec"), batch_size=16)
+    c.data.mask_size = 256
     return c

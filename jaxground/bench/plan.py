@@ -128,7 +128,7 @@ def abstract_batch(config, cfg, batch: int, seq: int, mesh):
     if cfg.sam is not None:
         s, hm = config.data.sam_size, config.data.mask_size
         shapes |= {"sam_images": ((batch, s, s, 3), jnp.float32), "masks": ((batch, q, hm, hm), jnp.float32),
-                   "mask_valid": ((batch, q), jnp.bool_)}
+                   "mask_valid": ((batch, q), jnp.bool_), "mask_region": ((batch, hm, hm), jnp.bool_)}
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
             for k, (shape, dtype) in shapes.items()}
 

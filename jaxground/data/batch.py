@@ -32,5 +32,6 @@ class Batch:
     sam_images: jax.Array | None = None  # float32[B,Hs,Ws,3], SAM-normalised (stage 3)
     masks: jax.Array | None = None  # float32[B,Q,Hm,Wm] in {0,1}, per trigger (stage 3)
     mask_valid: jax.Array | None = None  # bool[B,Q]
+    mask_region: jax.Array | None = None  # bool[B,Hm,Wm], the image's pixels of the padded square (RES scoring)
     patch_target: jax.Array | None = None  # float32[B,P] share of each patch in the first target's mask, -1 = none
     patch_attr: jax.Array | None = None  # int32[B,P] class of the object on each patch (shapes.patch_class), -1 = none

@@ -16,7 +16,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `turns` | up to this many items of the chosen task as successive turns about the same image (more box targets per image; 1 = one question per sample, as released; turns that would pass `max_len` are dropped) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
-| `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks and SAM images |
+| `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks (with `mask_region`, the image's pixels of the padded square) and SAM images |
 | `patch_targets` | 0 (default) or the CLIP patch size: adds `patch_target` [P], the share of each patch inside the first answer box's object mask (-1 without one), for the tiny default's patch aid (`model.patch_head`, `loss.w_patch`) |
 | `patch_attributes` | 0 (default) or the CLIP patch size: adds `patch_attr` [P], per patch the `shapes.patch_class` (shape, size) of the object covering most of it (>= 1/4), 0 for background (< 5% covered), -1 otherwise, for the tiny default's attribute aid (`model.attr_classes`, `loss.w_attr`); synthetic shapes only (others get -1) |
 | `max_objects` | curriculum: keep only images with at most this many objects (0 = all) |
@@ -46,7 +46,13 @@ import numpy as np
 from jaxground.data import templates
 from jaxground.data.conversation import IGNORE, SHORT_SYSTEM, BadSample, ConversationEncoder
 from jaxground.data.records import Example, RecordSource
-from jaxground.data.transforms import boxes_to_square, clip_image, masks_to_square, polygons_to_mask
+from jaxground.data.transforms import (
+    boxes_to_square,
+    clip_image,
+    image_region,
+    masks_to_square,
+    polygons_to_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +312,7 @@ class SampleMaker(grain.RandomMapTransform):
             out["patch_attr"] = self._patch_attr(ex, cfg.image_size, cfg.patch_attributes)
         if cfg.with_masks:
             out["masks"], out["mask_valid"] = self._masks(ex, enc.target_objects, h, w)
+            out["mask_region"] = image_region(h, w, cfg.mask_size)
         if cfg.with_sam:
             from jaxground.data import sam_transforms
 
@@ -548,6 +555,7 @@ def _template(cfg, encoder) -> dict:
         t["patch_attr"] = np.full((S // cfg.patch_attributes) ** 2, -1, np.int32)
     if cfg.with_masks:
         t["masks"], t["mask_valid"] = np.zeros((Q, cfg.mask_size, cfg.mask_size), np.float32), np.zeros(Q, bool)
+        t["mask_region"] = np.zeros((cfg.mask_size, cfg.mask_size), bool)
     if cfg.with_sam:
         t["sam_images"] = np.zeros((cfg.sam_size, cfg.sam_size, 3), np.float32)
     return t

@@ -52,6 +52,14 @@ def masks_to_square(masks: np.ndarray, size: int) -> np.ndarray:
     return padded[:, idx][:, :, idx].astype(np.float32)
 
 
+def image_region(height: int, width: int, size: int) -> np.ndarray:
+    """bool[size,size]: the pixels of the padded square (sampled as `masks_to_square` does) inside the image."""
+    side, left, top = square_offsets(height, width)
+    centres = np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
+    rows, cols = (centres >= top) & (centres < top + height), (centres >= left) & (centres < left + width)
+    return rows[:, None] & cols[None, :]
+
+
 def clip_image(image: np.ndarray, size: int) -> np.ndarray:
     """uint8[H,W,3] -> float32[size,size,3]: expand2square, bicubic resize, CLIP normalisation."""
     square = expand2square(image)

@@ -29,15 +29,18 @@ def rec_teacher_forced_step(model, batch: dict) -> dict:
 
 def res_step(model, batch: dict) -> dict:
     """RES: the teacher-forced forward pass with SAM images; the first trigger's mask (logits > 0, resized to
-    the ground truth's [Hm,Wm] over the padded square) against `masks[:, 0]` -> cIoU/gIoU sums, IoU [B]."""
+    the ground truth's [Hm,Wm] over the padded square) against `masks[:, 0]`, both cut to the image's pixels
+    (`mask_region`: prediction in the padding is not scored, as SAM's postprocessing crops it) -> cIoU/gIoU
+    sums, IoU [B]."""
     b = Batch(**batch)
     if b.sam_images is None or b.masks is None:
         raise ValueError("RES needs a batch with sam_images and masks (data.with_sam and data.with_masks)")
     out = model(b)
     if out.mask_logits is None:
         raise ValueError("RES needs a model with a mask head (model.sam)")
-    pred = resize_mask_logits(out.mask_logits[:, :1], b.masks.shape[-2:]) > 0  # [B,1,Hm,Wm]
-    gt = b.masks[:, :1] > 0.5
+    region = True if b.mask_region is None else b.mask_region[:, None]  # [B,1,Hm,Wm]
+    pred = (resize_mask_logits(out.mask_logits[:, :1], b.masks.shape[-2:]) > 0) & region
+    gt = (b.masks[:, :1] > 0.5) & region
     valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
     return {"sums": res_sums(pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
             "box": out.pred_boxes[:, 0]}

@@ -85,8 +85,9 @@ def rec_eval(model: NextChat, batch: dict) -> dict:
     valid = b.target_mask & b.valid[:, None]  # a target whose trigger is missing scores IoU 0
     sums = rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
     if out.mask_logits is not None and b.masks is not None:
-        pred = resize_mask_logits(out.mask_logits, b.masks.shape[-2:]) > 0
-        res = res_sums(pred, b.masks > 0.5, b.mask_valid & valid)
+        region = True if b.mask_region is None else b.mask_region[:, None]  # scored inside the image only
+        pred = (resize_mask_logits(out.mask_logits, b.masks.shape[-2:]) > 0) & region
+        res = res_sums(pred, (b.masks > 0.5) & region, b.mask_valid & valid)
         sums |= {f"mask_{k}": v for k, v in res.items()}
     return sums
 

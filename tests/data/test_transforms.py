@@ -7,6 +7,7 @@ from jaxground.data.transforms import (
     boxes_to_square,
     clip_image,
     expand2square,
+    image_region,
     masks_to_square,
     polygons_to_mask,
     square_offsets,
@@ -60,3 +61,8 @@ def test_clip_image_normalises_and_resizes():
 def test_polygon_mask_matches_its_box():
     m = polygons_to_mask([[2, 3, 10, 3, 10, 8, 2, 8]], 12, 14)
     np.testing.assert_array_equal(_bbox(m), [2, 3, 11, 9])  # PIL fills the outline pixels inclusively
+
+
+@pytest.mark.parametrize("h,w,size", [(30, 50, 50), (50, 30, 24), (40, 40, 16), (31, 52, 256)])
+def test_image_region_is_the_square_of_an_all_ones_mask(h, w, size):
+    np.testing.assert_array_equal(image_region(h, w, size), masks_to_square(np.ones((1, h, w), bool), size)[0] > 0)

@@ -110,3 +110,31 @@ def test_count_answers_parsed_and_scored():
     assert [(r["pred_count"], r["label_count"]) for r in out] == [(2, 2), (1, 3), (None, 0)]
     with pytest.raises(ValueError, match="does not open with a number"):
         score_count([{"answer": "Two", "reference": "Yes."}])
+
+
+def test_res_step_scores_only_inside_the_image():
+    """A predicted mask that also fills the padding of the square is not charged for it (`mask_region`)."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from jaxground.eval.steps import res_step
+
+    b, s = 2, 8
+    region = np.zeros((b, s, s), bool)
+    region[:, :, 2:6] = True  # a tall image centred in its square: columns 2..5
+    gt = region[:, None].astype(np.float32)  # the object fills the image
+    batch = {"images": np.zeros((b, 4, 4, 3), np.float32), "input_ids": np.zeros((b, 3), np.int32),
+             "attention_mask": np.ones((b, 3), bool), "labels": np.zeros((b, 3), np.int32),
+             "boxes": np.zeros((b, 1, 4), np.float32), "box_mask": np.zeros((b, 1), bool),
+             "target_boxes": np.zeros((b, 1, 4), np.float32), "target_mask": np.ones((b, 1), bool),
+             "valid": np.ones(b, bool), "sam_images": np.zeros((b, 4, 4, 3), np.float32), "masks": gt,
+             "mask_valid": np.ones((b, 1), bool), "mask_region": region}
+
+    def model(_):  # predicts the whole square, padding included
+        return SimpleNamespace(mask_logits=jnp.ones((b, 1, s, s)), pred_boxes=jnp.zeros((b, 1, 4)))
+
+    out = res_step(model, batch)
+    np.testing.assert_allclose(np.asarray(out["iou"]), [1.0, 1.0])
+    out = res_step(model, {k: v for k, v in batch.items() if k != "mask_region"})
+    np.testing.assert_allclose(np.asarray(out["iou"]), [0.5, 0.5])  # without the region the padding counts

@@ -131,7 +131,7 @@ def test_accumulation_averages_the_micro_batch_means():
     graphdef, params = nnx.split(model)
     tx, everything = optax.sgd(1.0), st.PathFilter([".*"])
     step = jax.jit(stp.make_train_step(graphdef, masked_ce, tx, everything, micro_steps=2))
-    new, metrics = step(st.init_state(params, tx, everything), batch)
+    new, _ = step(st.init_state(params, tx, everything), batch)
 
     def grad_on(rows):
         return jax.grad(lambda p: masked_ce(nnx.merge(graphdef, p), {k: v[rows] for k, v in batch.items()})[0])(params)
