@@ -157,8 +157,11 @@ class Mixture:
         self._sources = [sources[n] for n in self._names]
         total = sum(len(s) for s in self._sources)
         w = np.array([weights[n] for n in self._names], np.float64)
-        if total == 0 or not (w > 0).any():
-            raise ValueError("the data mixture is empty (no records or no positive weight)")
+        if total == 0:
+            raise ValueError(f"no samples in {', '.join(self._names)}: an evaluation task counts only the items "
+                             "of that task (e.g. the synthetic shapes have no `v7w` items), training every record")
+        if not (w > 0).any():
+            raise ValueError(f"no dataset has a positive weight: {dict(zip(self._names, w.tolist()))}")
         counts = np.floor(w / w.sum() * total).astype(np.int64)
         counts[np.argmax(w)] += total - counts.sum()
         rng = np.random.default_rng(seed)

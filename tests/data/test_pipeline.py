@@ -264,3 +264,10 @@ def test_pipeline_config_overrides_replace_whole_sections():
     cfg = pipeline_config(task_weights={"rec": 1.0}, datasets={"mine": {"kind": "records", "path": "x"}})
     assert dict(cfg.task_weights) == {"rec": 1.0}  # not merged with the default task mixture
     assert list(cfg.datasets) == ["mine"]  # the default `shapes` dataset is gone
+
+
+def test_empty_mixture_names_its_datasets():
+    with pytest.raises(ValueError, match="no samples in a, b"):
+        Mixture({"a": ListSource([]), "b": ListSource([])}, {"a": 1.0, "b": 1.0}, 0)
+    with pytest.raises(ValueError, match="positive weight"):
+        Mixture({"a": ListSource([1])}, {"a": 0.0}, 0)
