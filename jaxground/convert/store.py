@@ -216,9 +216,10 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
         cfg = dataclasses.replace(cfg, **config_overrides)
     with nnx.logical_axis_rules(RULES):  # also under a mesh set by the caller (the training loop)
         model = nnx.eval_shape(model_factory(kind, cfg))
-        state = nnx.state(model)
     variables = stored_variables(model)
     if mesh is not None:
+        with nnx.logical_axis_rules(RULES):
+            state = nnx.state(model)
         shardings = {".".join(map(str, p)): s.get_value() if isinstance(s, nnx.Variable) else s
                      for p, s in nnx.to_flat_state(state_shardings(state, mesh))}
     else:

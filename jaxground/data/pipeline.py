@@ -159,7 +159,7 @@ class Mixture:
         w = np.array([weights[n] for n in self._names], np.float64)
         if total == 0:
             raise ValueError(f"no samples in {', '.join(self._names)}: an evaluation task counts only the items "
-                             "of that task (e.g. the synthetic shapes have no `v7w` items), training every record")
+                             "of that task (e.g. the synthetic shapes have no `v7w` items); training counts every record")
         if not (w > 0).any():
             raise ValueError(f"no dataset has a positive weight: {dict(zip(self._names, w.tolist()))}")
         counts = np.floor(w / w.sum() * total).astype(np.int64)

@@ -47,15 +47,19 @@ def masks_to_square(masks: np.ndarray, size: int) -> np.ndarray:
     padded[:, top : top + h, left : left + w] = masks
     if side == size:
         return padded.astype(np.float32)
-    # Nearest sampling at pixel centres, the same rule for every mask.
-    idx = np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
+    idx = _nearest(side, size)
     return padded[:, idx][:, :, idx].astype(np.float32)
+
+
+def _nearest(side: int, size: int) -> np.ndarray:
+    """int[size]: the source pixel of each output pixel (nearest sampling at pixel centres) for side -> size."""
+    return np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
 
 
 def image_region(height: int, width: int, size: int) -> np.ndarray:
     """bool[size,size]: the pixels of the padded square (sampled as `masks_to_square` does) inside the image."""
     side, left, top = square_offsets(height, width)
-    centres = np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
+    centres = _nearest(side, size)
     rows, cols = (centres >= top) & (centres < top + height), (centres >= left) & (centres < left + width)
     return rows[:, None] & cols[None, :]
 

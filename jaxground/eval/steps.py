@@ -8,6 +8,7 @@ and read the first trigger, as the authors evaluate REC, RES and Visual7W.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxground.data.batch import Batch
@@ -27,20 +28,26 @@ def rec_teacher_forced_step(model, batch: dict) -> dict:
     return {"sums": sums, "pred": pred, "target": b.target_boxes[:, 0]}
 
 
+def scored_masks(mask_logits: jax.Array, b: Batch) -> tuple[jax.Array, jax.Array]:
+    """Predicted masks [B,Q',h,w] logits -> (prediction, ground truth) bool[B,Q',Hm,Wm]: logits > 0 resized to
+    the ground truth's grid over the padded square, both cut to the image's pixels (`mask_region`: prediction in
+    the padding is not scored, as SAM's postprocessing crops it)."""
+    q = mask_logits.shape[1]
+    region = True if b.mask_region is None else b.mask_region[:, None]
+    pred = (resize_mask_logits(mask_logits, b.masks.shape[-2:]) > 0) & region
+    return pred, (b.masks[:, :q] > 0.5) & region
+
+
 def res_step(model, batch: dict) -> dict:
-    """RES: the teacher-forced forward pass with SAM images; the first trigger's mask (logits > 0, resized to
-    the ground truth's [Hm,Wm] over the padded square) against `masks[:, 0]`, both cut to the image's pixels
-    (`mask_region`: prediction in the padding is not scored, as SAM's postprocessing crops it) -> cIoU/gIoU
-    sums, IoU [B]."""
+    """RES: the teacher-forced forward pass with SAM images; the first trigger's mask against `masks[:, 0]`
+    (`scored_masks`) -> cIoU/gIoU sums, IoU [B]."""
     b = Batch(**batch)
     if b.sam_images is None or b.masks is None:
         raise ValueError("RES needs a batch with sam_images and masks (data.with_sam and data.with_masks)")
     out = model(b)
     if out.mask_logits is None:
         raise ValueError("RES needs a model with a mask head (model.sam)")
-    region = True if b.mask_region is None else b.mask_region[:, None]  # [B,1,Hm,Wm]
-    pred = (resize_mask_logits(out.mask_logits[:, :1], b.masks.shape[-2:]) > 0) & region
-    gt = (b.masks[:, :1] > 0.5) & region
+    pred, gt = scored_masks(out.mask_logits[:, :1], b)  # [B,1,Hm,Wm]
     valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
     return {"sums": res_sums(pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
             "box": out.pred_boxes[:, 0]}

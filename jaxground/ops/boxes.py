@@ -18,9 +18,6 @@ import jax.numpy as jnp
 EPS = 1e-7
 
 
-
-
-
 def _side(lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Length of [lo, hi]; 0 when inverted."""
     return jnp.maximum(hi - lo, 0.0)

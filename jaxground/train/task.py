@@ -16,9 +16,10 @@ from flax import nnx
 
 from jaxground.data.batch import Batch
 from jaxground.eval.metrics import rec_summary, rec_sums
+from jaxground.eval.steps import scored_masks
 from jaxground.models.clip import ClipVisionConfig
 from jaxground.models.llama import LlamaConfig
-from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss, resize_mask_logits
+from jaxground.models.nextchat import NextChat, NextChatConfig, nextchat_loss
 from jaxground.models.sam.config import SamConfig
 from jaxground.ops.losses import DET_PRESETS, count_supervised
 from jaxground.ops.mask_metrics import res_scores, res_sums
@@ -85,9 +86,7 @@ def rec_eval(model: NextChat, batch: dict) -> dict:
     valid = b.target_mask & b.valid[:, None]  # a target whose trigger is missing scores IoU 0
     sums = rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
     if out.mask_logits is not None and b.masks is not None:
-        region = True if b.mask_region is None else b.mask_region[:, None]  # scored inside the image only
-        pred = (resize_mask_logits(out.mask_logits, b.masks.shape[-2:]) > 0) & region
-        res = res_sums(pred, (b.masks > 0.5) & region, b.mask_valid & valid)
+        res = res_sums(*scored_masks(out.mask_logits, b), b.mask_valid & valid)
         sums |= {f"mask_{k}": v for k, v in res.items()}
     return sums
 
