@@ -59,8 +59,8 @@ def train(stage: int, *, steps: int, batch_size: int, micro_steps: int = 1, log_
 
 def loss(det: str = "released", w_cycle: float = 1.0, seg: str = "focal") -> ConfigDict:
     """Loss presets: `det` in ops.losses.DET_PRESETS ("paper" 1:0.4 or "released" 2:0.2 for L1:GIoU),
-    `seg` in ops.mask_losses.PRESETS (stage 3: "focal" (SAM-style, default), "lisa", or "released" as the official
-    code runs)."""
+    `seg` in ops.mask_losses.NAMES (stage 3: "focal" (the official terms, averaged over masks; default), "lisa",
+    or "released" (the official forward as written, its scale growing with the batch's mask count))."""
     return ConfigDict({"det": det, "w_cycle": w_cycle, "seg": seg})
 
 

@@ -29,7 +29,7 @@ def test_hand_values():
     np.testing.assert_allclose(L.mask_iou(x, jnp.zeros_like(t)), [[1.0]])  # both empty
 
 
-@pytest.mark.parametrize("preset", ["focal", "lisa", "released"])
+@pytest.mark.parametrize("preset", ["focal", "lisa"])
 def test_against_numpy_with_padding(preset):
     rng = np.random.default_rng(0)
     x = rng.normal(0, 3, (2, 3, 8, 8)).astype(np.float32)
@@ -42,7 +42,7 @@ def test_against_numpy_with_padding(preset):
     terms = np.array([_np_terms(x[b, q].astype(np.float64), t[b, q]) for b, q in rows])
     bce, foc, dice, lisa, _ = terms.mean(0)
     mse = np.mean([(iou_pred[b, q] - terms[i, 4]) ** 2 for i, (b, q) in enumerate(rows)])
-    want = {"focal": 20 * foc + dice + mse, "lisa": 2 * bce + 0.5 * lisa, "released": bce + 0.25 * lisa}[preset]
+    want = {"focal": 20 * foc + dice + mse, "lisa": 2 * bce + 0.5 * lisa}[preset]
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
     # padded masks do not count: garbage there changes nothing
     x2 = x.copy()
@@ -52,41 +52,59 @@ def test_against_numpy_with_padding(preset):
 
 
 def test_released_is_what_the_official_forward_computes():
-    """The official `SamLoss.forward` written out in torch (per image: its masks' summed mean-pixel BCE and LISA
-    dice, weights 2 and 0.5, divided by a `num_masks` that counts each mask twice)."""
+    """The official `SamLoss` (NExT-Chat `mllm/models/sam/sam_loss.py`) written out in torch: its forward loops over
+    the masks ([1, H, W] each) and passes `num_masks` positionally into the focal's alpha and the dice's smoothing."""
     import torch
     import torch.nn.functional as F
 
+    def focal(x, t, alpha, gamma=2):
+        bce = F.binary_cross_entropy_with_logits(x.reshape(-1), t.reshape(-1), reduction="mean")
+        return alpha * (1 - torch.exp(-bce)) ** gamma * bce
+
+    def dice(x, t, smooth):
+        p = torch.clamp(torch.sigmoid(x), 0, 1).reshape(-1)
+        return 1 - (2 * (p * t.reshape(-1)).sum() + smooth) / (p.sum() + t.reshape(-1).sum() + smooth)
+
+    def calc_iou(x, t):
+        p = x >= 0.5
+        inter = torch.sum(p * t, dim=(1, 2))
+        return inter / (torch.sum(p, dim=(1, 2)) + torch.sum(t, dim=(1, 2)) - inter + 1e-7)
+
     rng = np.random.default_rng(1)
-    counts = [1, 2, 1]  # masks per image; padded to 2 for jaxground
+    counts = [1, 2, 1]  # masks per image, padded to 2 for jaxground
     x = rng.normal(0, 3, (3, 2, 8, 8)).astype(np.float32)
     t = (rng.random((3, 2, 8, 8)) > 0.5).astype(np.float32)
+    t[2, 0] = 0  # an empty ground truth
+    iou_pred = rng.random((3, 2)).astype(np.float32)
     valid = np.arange(2)[None] < np.array(counts)[:, None]
-    preds, gts = [torch.from_numpy(x[i, :n]) for i, n in enumerate(counts)], [torch.from_numpy(t[i, :n])
-                                                                               for i, n in enumerate(counts)]
-    num_masks, bce, dice = sum(len(p) for p in preds), 0.0, 0.0
-    for p, g in zip(preds, gts):
-        bce = bce + F.binary_cross_entropy_with_logits(p, g, reduction="none").flatten(1).mean(1).sum()
-        q = p.sigmoid().flatten(1) / 1000
-        dice = dice + (1 - (2 * (q * g.flatten(1)).sum(-1) + 1e-6) / (q.sum(-1) + (g.flatten(1) / 1000).sum(-1)
-                                                                      + 1e-6)).sum()
-        num_masks += g.shape[0]
-    want = 2 * bce / num_masks + 0.5 * dice / num_masks
-    total, _ = L.seg_loss(jnp.asarray(x), jnp.asarray(t), jnp.zeros((3, 2)), jnp.asarray(valid), "released")
-    np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+    rows = [(b, q) for b in range(3) for q in range(counts[b])]
+    preds = [torch.from_numpy(x[b, q][None]) for b, q in rows]
+    gts = [torch.from_numpy(t[b, q][None]) for b, q in rows]
+    ious = [torch.from_numpy(iou_pred[b, q][None]) for b, q in rows]
+    n = sum(len(p) for p in preds)
+    want_focal = sum(focal(p, g, n) for p, g in zip(preds, gts))
+    want_dice = sum(dice(p, g, n) for p, g in zip(preds, gts))
+    want_iou = sum(F.mse_loss(i, calc_iou(p, g), reduction="sum") / n for p, g, i in zip(preds, gts, ious))
+    total, parts = L.seg_loss(jnp.asarray(x), jnp.asarray(t), jnp.asarray(iou_pred), jnp.asarray(valid), "released")
+    np.testing.assert_allclose(float(parts["focal"]), float(want_focal), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["dice"]), float(want_dice), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["iou_mse"]), float(want_iou), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(20 * want_focal + want_dice + want_iou), rtol=1e-5)
 
 
 def test_no_nan_extremes_and_gradients():
     x = jnp.array([[[[1e4, -1e4], [0.0, 50.0]]], [[[-1e4, -1e4], [-1e4, -1e4]]]])
     t = jnp.array([[[[0.0, 1.0], [1.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
     iou = jnp.zeros((2, 1))
-    for preset in L.PRESETS:
+    for preset in L.NAMES:
         for valid in (jnp.ones((2, 1), bool), jnp.zeros((2, 1), bool)):
             val, grad = jax.value_and_grad(lambda x, v=valid, p=preset: L.seg_loss(x, t, iou, v, p)[0])(x)
             assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
 
 
 def test_shape_errors():
+    with pytest.raises(ValueError, match="unknown mask-loss preset"):
+        L.seg_loss(jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1)), jnp.ones((1, 1), bool), "sam")
     with pytest.raises(ValueError, match="must both be"):
         L.seg_loss(
             jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 4, 5)), jnp.zeros((1, 1)), jnp.ones((1, 1), bool)
