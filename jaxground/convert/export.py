@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxground.convert.sam import conv_transpose2d, flatten
+from jaxground.convert.sam import conv_transpose2d, flatten, qkv_bias, qkv_kernel
 from jaxground.convert.table import conv2d, identity, transpose
 
 # forward transform -> (name, inverse on the JAX-side array); the result is reshaped to the recorded torch shape
@@ -26,6 +26,8 @@ _TRANSFORMS: dict[Callable, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     conv2d: ("conv2d", lambda x: x.transpose(3, 2, 0, 1)),  # [kh, kw, in, out] -> [out, in, kh, kw]
     conv_transpose2d: ("conv_transpose2d", lambda x: x.transpose(2, 3, 0, 1)),  # -> [in, out, kh, kw]
     flatten: ("flatten", lambda x: x),
+    qkv_kernel: ("qkv_kernel", lambda x: x.reshape(x.shape[0], -1).T),  # [D, 3, D] -> [3D, D]
+    qkv_bias: ("qkv_bias", lambda x: x),
 }
 INVERSES = {name: inverse for name, inverse in _TRANSFORMS.values()}
 

@@ -25,6 +25,16 @@ def conv_transpose2d(x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 0, 1)
 
 
+def qkv_kernel(x: np.ndarray) -> np.ndarray:
+    """Fused torch qkv weight [3D, D] -> kernel [D, 3, D] (q, k, v on the middle axis)."""
+    return x.T.reshape(x.shape[1], 3, -1)
+
+
+def qkv_bias(x: np.ndarray) -> np.ndarray:
+    """Fused torch qkv bias [3D] -> [3, D]."""
+    return x.reshape(3, -1)
+
+
 def flatten(x: np.ndarray) -> np.ndarray:
     """[1, C] embedding table -> [C] vector (or one row of a stacked table)."""
     return x.reshape(-1)
@@ -57,7 +67,8 @@ def image_encoder_rules(src: str, dst: str) -> list[Rule]:
         Rule(s + r"pos_embed", d + "pos_embed"),
         *_norm(b + _alt("norm1", "layer_norm1"), db + "norm1"),
         *_norm(b + _alt("norm2", "layer_norm2"), db + "norm2"),
-        *_linear(b + r"attn\.qkv", db + "attn.qkv"),
+        Rule(b + r"attn\.qkv\.weight", db + "attn.qkv.kernel", qkv_kernel),
+        Rule(b + r"attn\.qkv\.bias", db + "attn.qkv.bias", qkv_bias),
         *_linear(b + r"attn\.proj", db + "attn.proj"),
         Rule(b + r"attn\.rel_pos_h", db + "attn.rel_pos_h"),
         Rule(b + r"attn\.rel_pos_w", db + "attn.rel_pos_w"),

@@ -32,7 +32,16 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, size: int, *, rngs: nnx.Rngs):
         self.num_heads, self.size = num_heads, size
         head_dim = dim // num_heads
-        self.qkv = linear(dim, 3 * dim, ("embed", "heads"), rngs=rngs)
+        # kernel [D, 3, D]: q, k and v each keep their own head axis, so a tensor-parallel shard holds whole heads of
+        # all three (a fused [D, 3D] sharded over 3D would split across q/k/v and make XLA gather the activations)
+        self.qkv = nnx.Einsum(
+            "...d,dte->...te",
+            (dim, 3, dim),
+            (3, dim),
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), ("embed", None, "heads")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "heads")),
+            rngs=rngs,
+        )
         self.proj = linear(dim, dim, ("heads", "embed"), rngs=rngs)
         self.rel_pos_h = zeros_param((2 * size - 1, head_dim), (None, None))
         self.rel_pos_w = zeros_param((2 * size - 1, head_dim), (None, None))
@@ -40,7 +49,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, y, w, d = x.shape
         n = self.num_heads
-        qkv = self.qkv(x).reshape(b, y, w, 3, n, d // n)
+        qkv = self.qkv(x).reshape(b, y, w, 3, n, d // n)  # [B, Y, X, 3, D] -> per-head
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, Y, X, N, H]
         scale = (d // n) ** -0.5
         attn = jnp.einsum("BYXNH,BKLNH->BNYXKL", q * scale, k)
