@@ -24,7 +24,7 @@ def test_vit_block_gathers_no_activations_over_tensor():
         state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
         assert state["attn"]["qkv"]["kernel"].sharding.spec == jax.P("fsdp", None, "tensor")
         x = jax.device_put(jnp.ones((4, GRID, GRID, 64)), jax.NamedSharding(mesh, jax.P("fsdp")))
-        loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)  # noqa: E731
+        loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)
         hlo = jax.jit(jax.grad(loss)).lower(state, x).compile().as_text()
     gathered = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)
     assert gathered, "expected the fsdp parameter gathers"
