@@ -224,6 +224,8 @@ def _beam_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: i
     the best running score normalised at the current length)."""
     logp, forced = _step_logp(s, cfg)
     box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
+    # recorded before the finished set is built: a hypothesis whose last token is this forced <boxes> keeps its box
+    s = _record_trigger(s, forced, box)
     rows, vocab = logp.shape
     b, k = rows // w, 2 * w
     cand, flat = jax.lax.top_k((s.scores[:, None] + logp).reshape(b, w * vocab), k)  # [B,2W]
@@ -270,7 +272,6 @@ def _beam_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: i
     token = jnp.take_along_axis(token, sel, 1).reshape(-1)
     s = _gather_rows(s, parent)
     forced, box = forced[parent], box[parent]
-    s = _record_trigger(s, forced, box)
     best = scores[:, 0] / n_gen.astype(jnp.float32) ** cfg.length_penalty
     worst = jnp.where(finished.flag.reshape(b, w), jnp.min(finished.scores.reshape(b, w), axis=1, keepdims=True),
                       _MASKED)
