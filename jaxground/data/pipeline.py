@@ -1,4 +1,4 @@
-"""Grain pipelines: datasets -> weighted mixture -> seeded shuffle -> per-host shard -> sample transform
+"""Grain pipelines: datasets -> weighted mixture -> per-epoch shuffle -> dealt to hosts -> sample transform
 (decode, choose a task and phrasing, tokenize, CLIP/SAM transforms, pad to static shapes) -> batches of numpy
 arrays named exactly like the `Batch` fields (`Batch(**batch)` works).
 
@@ -36,6 +36,7 @@ import dataclasses
 import io
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -149,13 +150,17 @@ class PerItem:
 
 
 class Mixture:
-    """Weighted mixture: an epoch of `sum(len)` records, dataset d contributing a share `w_d / sum(w)` of them
-    (cycling through its records when that is more than it has). Yields (dataset name, Example or error text)."""
+    """The datasets of a weighted mixture as one Grain data source: dataset d's record j is key `offsets[d] + j`,
+    and one more key past them is the padding of an evaluation (yields ("", None)); otherwise yields (dataset
+    name, Example or error text). An epoch has `sum(len)` slots, dataset d filling a share `w_d / sum(w)` of them:
+    whole passes over its records, then a subset drawn anew every epoch (`epoch_keys`), so a down-weighted
+    dataset shows different records each epoch."""
 
     def __init__(self, sources: dict, weights: dict, seed: int):
         self._names = list(sources)
         self._sources = [sources[n] for n in self._names]
-        total = sum(len(s) for s in self._sources)
+        sizes = [len(s) for s in self._sources]
+        total = sum(sizes)
         w = np.array([weights[n] for n in self._names], np.float64)
         if total == 0:
             raise ValueError(f"no samples in {', '.join(self._names)}: an evaluation task counts only the items "
@@ -164,34 +169,85 @@ class Mixture:
             raise ValueError(f"no dataset has a positive weight: {dict(zip(self._names, w.tolist()))}")
         counts = np.floor(w / w.sum() * total).astype(np.int64)
         counts[np.argmax(w)] += total - counts.sum()
-        rng = np.random.default_rng(seed)
-        table = []
-        for d, (src, n) in enumerate(zip(self._sources, counts)):
-            if n and not len(src):
-                raise ValueError(f"dataset {self._names[d]!r} has weight {w[d]} but no records")
-            # Whole passes in record order, then a seeded subset (in order) for the remainder: an unweighted
-            # evaluation set is read in order; the sampler does the shuffling for training.
-            full, rest = divmod(int(n), max(len(src), 1))
-            idx = np.concatenate([np.arange(len(src))] * full + [np.sort(rng.permutation(len(src))[:rest])])
-            table.append(np.stack([np.full(n, d), idx], 1))
-        self._table = np.concatenate(table).astype(np.int64)
-        # Grain checks a restored iterator against repr(source): name what decides the record order.
-        self._repr = (f"Mixture(names={self._names}, sizes={[len(s) for s in self._sources]}, "
-                      f"counts={counts.tolist()}, seed={seed})")
+        for name, n, size in zip(self._names, counts, sizes):
+            if n and not size:
+                raise ValueError(f"dataset {name!r} has weight {weights[name]} but no records")
+        self.counts, self.seed = counts, seed
+        self._offsets = np.cumsum([0] + sizes)
+        self.pad_key = int(total)
+        # Grain checks a restored iterator against repr(source): name what decides the records.
+        self._repr = f"Mixture(names={self._names}, sizes={sizes}, counts={counts.tolist()}, seed={seed})"
 
     def __repr__(self) -> str:
         return self._repr
 
     def __len__(self) -> int:
-        return len(self._table)
+        return self.pad_key + 1
 
-    def __getitem__(self, i: int):
-        d, j = self._table[i]
-        name = self._names[d]
+    def epoch_keys(self, epoch: int) -> np.ndarray:
+        """int64[sum(counts)]: the keys of one epoch, dataset by dataset, each dataset's records in order (an
+        evaluation reads them so); the partial pass's subset comes from `default_rng((seed, d, epoch))`."""
+        keys = []
+        for d, n in enumerate(self.counts):
+            size = int(self._offsets[d + 1] - self._offsets[d])
+            if not n:
+                continue
+            full, rest = divmod(int(n), size)
+            part = np.sort(np.random.default_rng((self.seed, d, epoch)).permutation(size)[:rest])
+            keys.append(self._offsets[d] + np.concatenate([np.arange(size)] * full + [part]))
+        return np.concatenate(keys).astype(np.int64)
+
+    def __getitem__(self, key: int):
+        if key == self.pad_key:
+            return "", None
+        d = int(np.searchsorted(self._offsets, key, side="right") - 1)
+        name, j = self._names[d], int(key - self._offsets[d])
         try:
-            return name, self._sources[d][int(j)]
+            return name, self._sources[d][j]
         except Exception as e:  # noqa: BLE001 - a corrupt record must not kill the loader: a counted skip
             return name, f"{name}[{j}]: unreadable record ({type(e).__name__}: {e})"
+
+
+class MixtureSampler:
+    """A Grain sampler over a `Mixture`'s epochs. Global index i is slot `i % L` of epoch `i // L`; host h of n
+    reads the slots h, h + n, ... (Grain's DataLoader asks for `i * n + h`). Training shuffles each epoch's
+    keys (seeded by the epoch) before they are dealt out, so every host sees a random part of every dataset, and
+    drops the last `L % n` of them so hosts stay in step; evaluation keeps the order and pads L up to a multiple
+    of n with the mixture's padding key. Each record's generator is Grain's: Philox keyed by seed + i."""
+
+    def __init__(self, mixture: Mixture, *, shuffle: bool, process_count: int, num_epochs: int | None):
+        self._mixture, self._shuffle, self._num_epochs = mixture, shuffle, num_epochs
+        n = int(mixture.counts.sum())
+        self._length = n - n % process_count if shuffle else -(-n // process_count) * process_count
+        if not self._length:
+            raise ValueError(f"{n} records cannot be dealt to {process_count} hosts")
+        self._cache: dict = {}
+        self._repr = (f"MixtureSampler({mixture!r}, shuffle={shuffle}, process_count={process_count}, "
+                      f"num_epochs={num_epochs})")
+
+    def __repr__(self) -> str:
+        return self._repr
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._num_epochs is None else self._num_epochs * self._length
+
+    def _keys(self, epoch: int) -> np.ndarray:
+        keys = self._cache.get(epoch)
+        if keys is None:
+            keys = self._mixture.epoch_keys(epoch)
+            if self._shuffle:
+                keys = np.random.default_rng((self._mixture.seed, epoch)).permutation(keys)
+            self._cache = {e: k for e, k in self._cache.items() if e == epoch - 1} | {epoch: keys}
+        return keys
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        epoch, slot = divmod(index, self._length)
+        keys = self._keys(epoch)
+        key = int(keys[slot]) if slot < len(keys) else self._mixture.pad_key
+        rng = np.random.Generator(np.random.Philox(key=self._mixture.seed + index))
+        return grain.RecordMetadata(index=index, record_key=key, rng=rng)
 
 
 def _object_counts(source) -> np.ndarray | None:
@@ -262,6 +318,8 @@ class SampleMaker(grain.RandomMapTransform):
 
     def random_map(self, element, rng: np.random.Generator):
         name, ex = element
+        if ex is None:  # an evaluation's padding slot: an invalid row, not a skip
+            return {"skip": "", "reason": "padding"}
         try:
             if isinstance(ex, str):
                 raise BadSample(ex, "unreadable record")
@@ -388,8 +446,8 @@ def _empty_row(template: dict) -> dict:
 class Uniform(grain.MapTransform):
     """`SampleMaker`'s output -> one row structure for every sample, so the workers can batch: a good sample
     gains `skip` and `reason` = "", a bad one becomes an all-invalid pad row carrying its skip message and
-    reason. Batching in the workers moves one set of arrays per batch through shared memory instead of one per
-    sample (`bench pipeline`, 2 workers, batch 32: 921-1,046 against 264 samples/s)."""
+    reason (an evaluation's padding slot keeps an empty message: it stays, as an invalid row). Batching in the
+    workers moves one set of arrays per batch through shared memory instead of one per sample (`bench pipeline`, 2 workers, batch 32: 921-1,046 against 264 samples/s)."""
 
     def __init__(self, template: dict):
         self.pad = _empty_row(template)
@@ -528,10 +586,8 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
     weights = {n: (e.weight if training else len(sources[n])) for n, e in cfg.datasets.items()}
     mixture = Mixture(sources, weights, cfg.seed)
     maker = SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
-    sampler = grain.IndexSampler(
-        len(mixture), shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=training),
-        shuffle=training, num_epochs=num_epochs if num_epochs is not None else (None if training else 1),
-        seed=cfg.seed)
+    sampler = MixtureSampler(mixture, shuffle=training, process_count=process_count,
+                             num_epochs=num_epochs if num_epochs is not None else (None if training else 1))
     if cfg.workers:
         from absl import flags
 
@@ -540,6 +596,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
     template = _template(cfg, encoder)
     batcher = grain.Batch(cfg.batch_size, drop_remainder=False)  # re-batched to good samples by DataIterator
     loader = grain.DataLoader(data_source=mixture, sampler=sampler, operations=[maker, Uniform(template), batcher],
+                              shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=training),
                               worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size,
                               read_options=grain.ReadOptions(num_threads=cfg.read_threads,
                                                              prefetch_buffer_size=cfg.read_buffer))

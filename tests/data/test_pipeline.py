@@ -6,7 +6,14 @@ import pytest
 
 from jaxground.data.batch import Batch
 from jaxground.data.conversation import IGNORE, BadSample
-from jaxground.data.pipeline import ListSource, Mixture, build_source, make_pipeline, pipeline_config
+from jaxground.data.pipeline import (
+    ListSource,
+    Mixture,
+    MixtureSampler,
+    build_source,
+    make_pipeline,
+    pipeline_config,
+)
 from jaxground.data.records import Example, png_bytes, write_records
 
 
@@ -169,6 +176,26 @@ def test_hosts_get_disjoint_shards(shapes_dir):
     assert len(rows[0]) == len(rows[1]) == 5 and not set(rows[0]) & set(rows[1])
 
 
+def test_eval_on_more_hosts_than_divide_it_reads_every_record_in_step(shapes_dir):
+    cfg = _cfg(shapes_dir)
+    cfg.datasets.shapes.split = "val"  # 10 records on 4 hosts: 3 rows each, the last 2 padding
+    cfg.batch_size = 2
+    hosts = [list(_pipe(cfg, training=False, index=i, count=4)) for i in range(4)]
+    assert [len(h) for h in hosts] == [2] * 4  # lockstep: the same number of batches everywhere
+    valid = [b["images"][r].tobytes() for h in hosts for b in h for r in np.flatnonzero(b["valid"])]
+    assert len(valid) == len(set(valid)) == 10
+
+
+def test_training_hosts_each_see_every_dataset():
+    mix = Mixture({"a": ListSource(list(range(10))), "b": ListSource(list(range(10)))}, {"a": 1.0, "b": 1.0}, 0)
+    sampler = MixtureSampler(mix, shuffle=True, process_count=2, num_epochs=None)
+    for host in range(2):  # Grain's DataLoader asks host h for the global indices i * 2 + h
+        names = [mix[sampler[i * 2 + host].record_key][0] for i in range(10)]
+        assert 2 <= names.count("a") <= 8, names  # not one dataset's contiguous block per host
+    epoch0 = {sampler[i * 2].record_key for i in range(10)}
+    assert epoch0 != {sampler[20 + i * 2].record_key for i in range(10)}  # dealt anew every epoch
+
+
 def test_curriculum_filter_and_mixture_weights(shapes_dir):
     cfg = _cfg(shapes_dir)
     src = build_source(cfg.datasets.shapes, max_objects=1)
@@ -180,8 +207,22 @@ def test_curriculum_filter_and_mixture_weights(shapes_dir):
     middle = build_source(ml_collections.ConfigDict(entry | {"min_objects": 2, "max_objects": 3}), max_objects=1)
     assert len(middle) == sum(2 <= c <= 3 for c in counts)  # the entry's bound wins over the section's
     mix = Mixture({"a": ListSource(list(range(30))), "b": ListSource(list(range(10)))}, {"a": 1.0, "b": 3.0}, 0)
-    names = [mix[i][0] for i in range(len(mix))]
-    assert len(mix) == 40 and names.count("b") == 30 and names.count("a") == 10
+    names = [mix[int(k)][0] for k in mix.epoch_keys(0)]
+    assert len(names) == 40 and names.count("b") == 30 and names.count("a") == 10
+
+
+def test_down_weighted_dataset_shows_new_records_every_epoch():
+    mix = Mixture({"a": ListSource(list(range(1000))), "b": ListSource(list(range(1000)))}, {"a": 1.0, "b": 0.1}, 0)
+    sampler = MixtureSampler(mix, shuffle=True, process_count=1, num_epochs=None)
+    n = int(mix.counts.sum())
+    seen = []
+    for epoch in range(5):
+        records = [mix[sampler[epoch * n + i].record_key] for i in range(n)]
+        seen.append({r for name, r in records if name == "b"})
+        assert len(seen[-1]) == mix.counts[1] == 181  # each epoch a subset of b, without repeats
+    assert len(set().union(*seen)) > 600  # 5 independent draws of 181 of 1000 cover ~600
+    again = MixtureSampler(mix, shuffle=True, process_count=1, num_epochs=None)  # deterministic
+    assert [again[3 * n + i].record_key for i in range(50)] == [sampler[3 * n + i].record_key for i in range(50)]
 
 
 def _bad_records(path):
@@ -239,7 +280,7 @@ def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_
     for _ in range(6):
         states.append(it.get_state())
         batches.append(next(it))
-    assert all(b["valid"].all() for b in batches) and sum(it.skipped.values()) >= 6 * 2 * 5 // 2
+    assert all(b["valid"].all() for b in batches) and sum(it.skipped.values()) >= 5 * 5  # 12 good: 6 epochs
     assert any(json.loads(s)["taken"] for s in states)  # some states fall inside a loader batch
     for i in (1, 3):
         again = _pipe(cfg)
