@@ -25,7 +25,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `read_threads`, `read_buffer` | Grain's record-reading threads and read-ahead per process (its defaults 16 and 500 suit remote storage; 0 and 0 read in the calling thread, fastest for local records on few cores) |
 
 Bad input (unreadable image, a box outside its image or with x1 <= x0, a sample past `max_len`, too many boxes,
-`<boxes>` count not matching its boxes) is skipped and counted in `DataIterator.skipped` (training writes the
+`<boxes>` count not matching its boxes) is skipped (an invalid row in evaluation) and counted in `DataIterator.skipped` (training writes the
 count as `data_skipped` with the metrics of every logged step; evaluation logs one summary line when its epoch
 ends), or raises `BadSample` naming the file and index in strict mode.
 """
@@ -459,9 +459,9 @@ class Uniform(grain.MapTransform):
 
 
 class DataIterator:
-    """Batches of `Batch`-named numpy arrays, `batch_size` good samples each (evaluation pads its last batch
-    with `valid=False` rows). Grain delivers `Uniform` rows batched in its workers; bad rows are dropped here,
-    counted, and the good ones re-batched. `get_state()`/`set_state()` (JSON bytes) resume exactly: the
+    """Batches of `Batch`-named numpy arrays. Grain delivers `Uniform` rows batched in its workers. Training: bad
+    rows are dropped here, counted, and the good ones re-batched, `batch_size` good samples a batch. Evaluation:
+    bad rows are counted and kept as `valid=False` rows, short batches padded with more. `get_state()`/`set_state()` (JSON bytes) resume exactly: the
     loader's state before the batch in hand and how many of its rows were taken. `skipped` counts bad samples
     by reason (`BadSample.reason`, or the exception's type name)."""
 
@@ -491,6 +491,8 @@ class DataIterator:
     def __next__(self) -> dict:
         if self._done:
             raise StopIteration
+        if not self.training:
+            return self._next_eval()
         pieces, have, skipped_here = [], 0, 0
         while have < self.batch_size:
             used_up = self._held is None or self._taken == len(self._held["skip"])
@@ -521,6 +523,19 @@ class DataIterator:
             out = {k: np.concatenate([v, np.repeat(self._pad[k][None], self.batch_size - have, 0)])
                    for k, v in out.items()}
         return out
+
+    def _next_eval(self) -> dict:
+        """The loader's next batch as it is, bad rows left in as invalid ones: every host then runs the same
+        number of batches (a jitted evaluation steps all hosts together)."""
+        if not self._next_held():
+            self._done = True
+            self._log_summary()
+            raise StopIteration
+        held, short = self._held, self.batch_size - len(self._held["skip"])
+        for i in np.flatnonzero(held["skip"] != ""):
+            self._skip(str(held["skip"][i]), str(held["reason"][i]))
+        self._taken = len(held["skip"])
+        return {k: np.concatenate([held[k], np.repeat(self._pad[k][None], short, 0)]) for k in self._pad}
 
     def _skip(self, message: str, reason: str) -> None:
         if self.strict:

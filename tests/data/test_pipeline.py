@@ -251,10 +251,19 @@ def _records_cfg(shapes_dir, path, strict=False):
 def test_bad_input_is_skipped_and_counted(shapes_dir, tmp_path):
     _bad_records(tmp_path / "bad.array_record")
     it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record"), training=False)
-    batches = list(it)
-    assert len(batches) == 1 and batches[0]["valid"].all()
+    batches = list(it)  # evaluation keeps bad samples as invalid rows: 7 records in batches of 2
+    assert [b["valid"].tolist() for b in batches] == [[True, False], [False, False], [False, False], [True, False]]
     assert it.skipped == {"UnidentifiedImageError": 1, "box outside image": 1, "bad box": 1, "too long": 1,
                           "<boxes>/box mismatch": 1}, it.skipped
+
+
+def test_eval_hosts_with_different_bad_samples_run_the_same_batches(shapes_dir, tmp_path):
+    _bad_records(tmp_path / "bad.array_record")
+    cfg = _records_cfg(shapes_dir, tmp_path / "bad.array_record")
+    cfg.batch_size = 1  # host 0 reads 2 good records of 4, host 1 none of 3 (and one padding slot)
+    hosts = [list(_pipe(cfg, training=False, index=i, count=2)) for i in range(2)]
+    assert [len(h) for h in hosts] == [4, 4]
+    assert [sum(int(b["valid"].sum()) for b in h) for h in hosts] == [2, 0]
 
 
 def test_strict_mode_names_file_and_index(shapes_dir, tmp_path):
