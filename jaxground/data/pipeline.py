@@ -156,19 +156,19 @@ class Mixture:
     whole passes over its records, then a subset drawn anew every epoch (`epoch_keys`), so a down-weighted
     dataset shows different records each epoch."""
 
-    def __init__(self, sources: dict, weights: dict, seed: int):
+    def __init__(self, sources: dict, weights: dict | None, seed: int):
+        """`weights` None: every record once (evaluation)."""
         self._names = list(sources)
         self._sources = [sources[n] for n in self._names]
         sizes = [len(s) for s in self._sources]
         total = sum(sizes)
-        w = np.array([weights[n] for n in self._names], np.float64)
+        w = np.array(sizes if weights is None else [weights[n] for n in self._names], np.float64)
         if total == 0:
             raise ValueError(f"no samples in {', '.join(self._names)}: an evaluation task counts only the items "
                              "of that task (e.g. the synthetic shapes have no `v7w` items); training counts every record")
         if not (w > 0).any():
             raise ValueError(f"no dataset has a positive weight: {dict(zip(self._names, w.tolist()))}")
-        counts = np.floor(w / w.sum() * total).astype(np.int64)
-        counts[np.argmax(w)] += total - counts.sum()
+        counts = np.array(sizes, np.int64) if weights is None else _largest_remainder(w / w.sum() * total, total)
         for name, n, size in zip(self._names, counts, sizes):
             if n and not size:
                 raise ValueError(f"dataset {name!r} has weight {weights[name]} but no records")
@@ -206,6 +206,13 @@ class Mixture:
             return name, self._sources[d][j]
         except Exception as e:  # noqa: BLE001 - a corrupt record must not kill the loader: a counted skip
             return name, f"{name}[{j}]: unreadable record ({type(e).__name__}: {e})"
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to `total`, each the floor of its share or one more (the largest fractions)."""
+    counts = np.floor(shares).astype(np.int64)
+    counts[np.argsort(counts - shares, kind="stable")[: total - counts.sum()]] += 1
+    return counts
 
 
 class MixtureSampler:
@@ -597,9 +604,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
     sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
     if cfg.task:
         sources = {n: PerItem(s, cfg.task) for n, s in sources.items()}
-    # Evaluation reads every record once: the mixture weights are the dataset sizes.
-    weights = {n: (e.weight if training else len(sources[n])) for n, e in cfg.datasets.items()}
-    mixture = Mixture(sources, weights, cfg.seed)
+    mixture = Mixture(sources, {n: e.weight for n, e in cfg.datasets.items()} if training else None, cfg.seed)
     maker = SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
     sampler = MixtureSampler(mixture, shuffle=training, process_count=process_count,
                              num_epochs=num_epochs if num_epochs is not None else (None if training else 1))

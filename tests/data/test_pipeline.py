@@ -211,6 +211,14 @@ def test_curriculum_filter_and_mixture_weights(shapes_dir):
     assert len(names) == 40 and names.count("b") == 30 and names.count("a") == 10
 
 
+def test_mixture_counts_round_to_the_shares():
+    sizes = {"a": ListSource(list(range(2))), "b": ListSource(list(range(47)))}
+    assert Mixture(sizes, None, 0).counts.tolist() == [2, 47]  # evaluation: every record once
+    three = {n: ListSource(list(range(k))) for n, k in zip("abc", (6, 2, 2))}
+    mix = Mixture(three, {"a": 6.1, "b": 2.6, "c": 1.3}, 0)  # shares 6.1, 2.6, 1.3 of 10
+    assert mix.counts.tolist() == [6, 3, 1]
+
+
 def test_down_weighted_dataset_shows_new_records_every_epoch():
     mix = Mixture({"a": ListSource(list(range(1000))), "b": ListSource(list(range(1000)))}, {"a": 1.0, "b": 0.1}, 0)
     sampler = MixtureSampler(mix, shuffle=True, process_count=1, num_epochs=None)
@@ -219,8 +227,8 @@ def test_down_weighted_dataset_shows_new_records_every_epoch():
     for epoch in range(5):
         records = [mix[sampler[epoch * n + i].record_key] for i in range(n)]
         seen.append({r for name, r in records if name == "b"})
-        assert len(seen[-1]) == mix.counts[1] == 181  # each epoch a subset of b, without repeats
-    assert len(set().union(*seen)) > 600  # 5 independent draws of 181 of 1000 cover ~600
+        assert len(seen[-1]) == mix.counts[1] == 182  # each epoch a subset of b, without repeats
+    assert len(set().union(*seen)) > 600  # 5 independent draws of 182 of 1000 cover ~600
     again = MixtureSampler(mix, shuffle=True, process_count=1, num_epochs=None)  # deterministic
     assert [again[3 * n + i].record_key for i in range(50)] == [sampler[3 * n + i].record_key for i in range(50)]
 
