@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object (per request) instead of text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-triggers", type=int, default=8, help="most answer objects given a box (and mask); "
+                        "an <at> beyond them is printed as [?]")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
@@ -156,8 +158,8 @@ def _run(args) -> int:
     from jaxground.infer.predict import PredictError, mask_function, predict
 
     requests = _requests(args)
-    if args.max_new_tokens < 1 or args.num_beams < 1:
-        raise PredictError("--max-new-tokens and --num-beams must be >= 1")
+    if min(args.max_new_tokens, args.num_beams, args.max_triggers) < 1:
+        raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -168,7 +170,8 @@ def _run(args) -> int:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     ids = encoder.ids
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
-                           num_beams=args.num_beams, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes)
+                           num_beams=args.num_beams, max_triggers=args.max_triggers, eos_id=ids.eos, pad_id=ids.pad,
+                           at_id=ids.at, boxes_id=ids.boxes)
     for req in requests:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
         try:

@@ -4,8 +4,9 @@ boxes in image pixels and, with a mask head, masks at image size.
 Axes: B batch, T prompt tokens, Q trigger slots, D model width, H/W original image size.
 
 Input boxes are referred to in the prompt as `[0]`, `[1]`, ... (as in the authors' demo); each reference
-becomes `<at> <boxes>` whose `<boxes>` embedding is G(box). In the answer, every `<at> <boxes>` becomes `[k]`
-numbered after the input boxes, and box k is F(t) of that trigger mapped from the padded square to pixels.
+becomes `<at> <boxes>` whose `<boxes>` embedding is G(box). In the answer, every `<at> <boxes>` with a recorded
+trigger becomes `[k]` numbered after the input boxes, and box k is F(t) of that trigger mapped from the padded
+square to pixels; an `<at>` without a box (the last token, or beyond max_triggers) becomes `[?]`.
 """
 
 from __future__ import annotations
@@ -131,21 +132,28 @@ def generate_nextchat(model, images, input_ids, attention_mask, boxes, box_mask,
                                 locator=(model.loc_encoder, model.loc_decoder), rng=rng)
 
 
-def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int) -> str:
-    """Generated ids (up to eos) -> text with each `<at> <boxes>` as `[k]`."""
+UNBOXED = "[?]"  # an <at> without a box: the last generated token (no <boxes> forced after it), or beyond max_triggers
+
+
+def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects: int) -> str:
+    """Generated ids (up to eos) -> text with each `<at> <boxes>` of the `num_objects` recorded triggers as `[k]`
+    and any other `<at>` as `UNBOXED`. Generation records the first max_triggers `<at>` that a forced `<boxes>`
+    follows, in order."""
+    tokens = tokens.tolist()
     pieces, k, run = [], first_ref, []
 
     def flush():
         if run:
             pieces.append(tokenizer.decode(run, skip_special_tokens=True).strip())
             run.clear()
-    for t in tokens.tolist():
+    for i, t in enumerate(tokens):
         if t == ids.eos:
             break
         if t == ids.at:
             flush()
-            pieces.append(f"[{k}]")
-            k += 1
+            boxed = i + 1 < len(tokens) and tokens[i + 1] == ids.boxes and k < first_ref + num_objects
+            pieces.append(f"[{k}]" if boxed else UNBOXED)
+            k += boxed
         elif t != ids.boxes:
             run.append(t)
     flush()
@@ -180,7 +188,7 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
         masks = np.asarray(mask_fn(out.trigger_states, out.boxes))[0, :n]
     return Prediction(
-        text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px)),
+        text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px), n),
         boxes=boxes_to_pixels(np.asarray(out.boxes[0, :n]), h, w),
         first_ref=len(boxes_px),
         masks=masks,

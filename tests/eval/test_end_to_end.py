@@ -173,6 +173,22 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
             assert im.size == (40, 24)
 
 
+@pytest.mark.parametrize("extra", [["--max-new-tokens", "4"], ["--max-new-tokens", "5", "--max-triggers", "1"]])
+def test_predict_numbers_only_objects_with_a_box(setup, capsys, extra):
+    """The rigged model answers <at> <boxes> <pad> <at> <boxes> ...: an <at> as the last token (no <boxes> forced
+    after it) or beyond --max-triggers has no box, so it is printed as [?], and every [k] has its object."""
+    root, args, _ = setup
+    path = root / "img.png"
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(path)
+    code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--image", str(path), "--prompt", "what is [0]?", "--box", "8,4,30,20", "--json", *extra, *args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    answer = json.loads(captured.out)
+    assert answer["answer"] == "[1] [?]"
+    assert [o["ref"] for o in answer["objects"]] == [1]
+
+
 def test_predict_list_answers_every_line_with_one_load(setup, capsys):
     root, args, _ = setup
     paths = []

@@ -48,7 +48,17 @@ class WordTokenizer:
 def test_answer_text_numbers_objects_after_the_inputs():
     ids = TokenIds.after(100)
     tokens = np.array([10, 11, ids.at, ids.boxes, 12, 10, 13, ids.at, ids.boxes, 14, ids.eos, 10])
-    assert answer_text(tokens, WordTokenizer(), ids, first_ref=1) == "a cat [1] on a mat [2]."
+    assert answer_text(tokens, WordTokenizer(), ids, 1, num_objects=2) == "a cat [1] on a mat [2]."
+
+
+def test_answer_text_numbers_only_objects_with_a_box():
+    """Generation records no box for an <at> that ends the answer (no <boxes> forced after it) nor beyond
+    max_triggers: such an <at> is [?], and no [k] is printed without its box."""
+    ids = TokenIds.after(100)
+    trailing = np.array([10, 11, ids.at, ids.boxes, 12, ids.at])
+    assert answer_text(trailing, WordTokenizer(), ids, 0, num_objects=1) == "a cat [0] on [?]"
+    beyond = np.array([ids.at, ids.boxes, ids.at, ids.boxes, 14, ids.eos])
+    assert answer_text(beyond, WordTokenizer(), ids, 0, num_objects=1) == "[0] [?]."
 
 
 def test_draw_boxes_and_masks():
