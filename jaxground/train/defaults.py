@@ -111,5 +111,7 @@ def grounding_mixture(*, with_llava: bool) -> dict:
         "v7w": dataset("v7w", f"{DATA_ROOT}/v7w/dataset_v7w_pointing.json", "train", 0.5, f"{DATA_ROOT}/v7w/images"),
     }
     if with_llava:
-        mix["llava"] = dataset("llava", f"{DATA_ROOT}/llava/llava_instruct_150k.json", "train", 1.0, COCO_IMAGES)
+        # the json names images `000000033471.jpg`, train2014 holds `COCO_train2014_000000033471.jpg`
+        mix["llava"] = dataset("llava", f"{DATA_ROOT}/llava/llava_instruct_150k.json", "train", 1.0, COCO_IMAGES) | {
+            "coco_prefix": True}
     return mix

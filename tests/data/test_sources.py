@@ -99,11 +99,28 @@ def test_pope_and_llava(tmp_path):
     (ex,) = _read("pope", f)
     assert ex.tasks["pope"] == [{"object": "dog", "answer": "no", "question": "Is there a dog in the image?"}]
     g = tmp_path / "llava.json"
-    g.write_text(json.dumps([{"id": "1", "image": "b.jpg", "conversations": [
+    g.write_text(json.dumps([{"id": "1", "image": "000000033471.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dog."}]},
         {"id": "2", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
     (ex,) = _read("llava", g)
     assert ex.tasks["conv"][0]["turns"] == [["user", "<image>\nWhat is it?"], ["assistant", "A dog."]]
+    assert ex.image_path == "000000033471.jpg"
+    (ex,) = sources.read("llava", {"path": str(g), "split": "train", "coco_prefix": True})
+    assert ex.image_path == "COCO_train2014_000000033471.jpg"  # the file name in COCO's train2014
+
+
+def test_llava_finds_its_image_under_the_coco_file_name(tmp_path, shapes_dir):
+    from jaxground.train.defaults import grounding_mixture
+
+    _image(tmp_path / "train2014" / "COCO_train2014_000000033471.jpg")
+    g = tmp_path / "llava_instruct_150k.json"
+    g.write_text(json.dumps([{"id": "1", "image": "000000033471.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is the red circle?"}, {"from": "gpt", "value": "A circle."}]}]))
+    entry = grounding_mixture(with_llava=True)["llava"] | {"path": str(g), "image_root": str(tmp_path / "train2014")}
+    cfg = pipeline_config(num_image_tokens=4, image_size=16, max_len=80, batch_size=1,
+                          tokenizer=str(shapes_dir / "tokenizer"), strict=True, datasets={"llava": entry})
+    (batch,) = list(make_pipeline(cfg, training=False, process_index=0, process_count=1))
+    assert batch["valid"].all()
 
 
 def test_tfds_without_tensorflow_says_so(tmp_path):

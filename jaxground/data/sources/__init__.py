@@ -1,7 +1,8 @@
 """Readers of real datasets from local files (nothing is downloaded). Each returns a list of
 `records.Example` with pixel xyxy boxes, image paths relative to the entry's `image_root`, and task items.
 
-`read(kind, entry)`; `entry` has `path`, `split` and optionally `image_root` (a config `datasets` entry).
+`read(kind, entry)`; `entry` has `path`, `split`, optionally `image_root` (a config `datasets` entry) and the
+reader's `OPTIONS`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ READERS = {
 }
 
 
+# entry keys a reader takes besides path and split
+OPTIONS = {"llava": ("coco_prefix",)}
+
+
 class SourceError(ValueError):
     """A dataset that cannot be read: missing files, wrong layout, missing optional dependency."""
 
@@ -31,7 +36,8 @@ def read(kind: str, entry) -> list[Example]:
         raise SourceError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
     module, fn = READERS[kind]
     reader = getattr(importlib.import_module(f"jaxground.data.sources.{module}"), fn)
-    return reader(str(entry["path"]), str(entry.get("split", "train")))
+    options = {k: entry[k] for k in OPTIONS.get(kind, ()) if k in entry}
+    return reader(str(entry["path"]), str(entry.get("split", "train")), **options)
 
 
 def xywh_to_xyxy(x, y, w, h) -> list[float]:
