@@ -349,14 +349,16 @@ class SampleMaker(grain.RandomMapTransform):
         h, w = image.shape[:2]
         if (ex.width and ex.width != w) or (ex.height and ex.height != h):
             raise BadSample(f"{key}: image is {w}x{h} but the annotation says {ex.width}x{ex.height}", "image size")
-        _check_boxes(ex.boxes, h, w, key)
         boxes = np.clip(boxes_to_square(np.clip(ex.boxes, 0, [w, h, w, h]), h, w), 0.0, 1.0)
         turns = [templates.build_turns(ex, task, items[int(k)], rng, self.rec_answer) for k in picked]
         T, Q = cfg.max_len, cfg.max_boxes
         for k in range(len(turns), 0, -1):  # as many turns as fit in max_len (the first always counts)
-            enc = self.encoder.encode([t for pair in turns[:k] for t in pair], boxes, key)
+            kept = [t for pair in turns[:k] for t in pair]
+            enc = self.encoder.encode(kept, boxes, key)
             if len(enc.input_ids) <= T:
                 break
+        # only the boxes these turns show: one bad region must not cost an image its other regions
+        _check_boxes(ex.boxes[sorted({o for _, _, groups in kept for g in groups for o in g})], h, w, key)
         n = len(enc.input_ids)
         if n > T:
             raise BadSample(f"{key}: {n} tokens exceed max_len {T}", "too long")

@@ -274,6 +274,17 @@ def test_eval_hosts_with_different_bad_samples_run_the_same_batches(shapes_dir, 
     assert [sum(int(b["valid"].sum()) for b in h) for h in hosts] == [2, 0]
 
 
+def test_a_bad_box_skips_only_the_items_that_use_it(shapes_dir, tmp_path):
+    image = png_bytes(np.full((20, 30, 3), 128, np.uint8))
+    write_records(tmp_path / "two.array_record", [Example(
+        boxes=np.array([(2, 2, 10, 10), (2, 2, 40, 10)], np.float32), image=image, width=30, height=20,
+        names=["a", "b"], tasks={"rec": [{"expr": "the red circle", "obj": 0}, {"expr": "the blue circle", "obj": 1}]})])
+    cfg = _records_cfg(shapes_dir, tmp_path / "two.array_record")
+    cfg.task = "rec"  # each expression its own sample
+    it = _pipe(cfg, training=False)
+    assert [b["valid"].tolist() for b in it] == [[True, False]] and it.skipped == {"box outside image": 1}
+
+
 def test_strict_mode_names_file_and_index(shapes_dir, tmp_path):
     _bad_records(tmp_path / "bad.array_record")
     it = _pipe(_records_cfg(shapes_dir, tmp_path / "bad.array_record", strict=True), training=False)
