@@ -37,6 +37,7 @@ def config(size: str, stage: int) -> ConfigDict:
         system_prompt="A chat between a curious user and an artificial intelligence assistant. The assistant "
                       "gives helpful, detailed, and polite answers to the user's questions.",
         image_size=336,
+        pad_fill="white",  # NExT-Chat's Expand2square default, which its configs and released weights use
         num_image_tokens=576,
         max_len=1024,
         max_boxes=8,

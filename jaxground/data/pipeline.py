@@ -16,6 +16,7 @@ Config section (`pipeline_config()`; a run config puts it at `config.data`):
 | `turns` | up to this many items of the chosen task as successive turns about the same image (more box targets per image; 1 = one question per sample, as released; turns that would pass `max_len` are dropped) |
 | `max_len`, `max_boxes` | static padded lengths (T, Q); a longer sample is skipped |
 | `image_size`, `num_image_tokens` | CLIP input side; `<im_patch>` tokens per image |
+| `pad_fill` | the colour expand2square pads with: `mean` (CLIP mean, as LLaVA) or `white` (NExT-Chat's, so its released weights) |
 | `with_masks`, `mask_size`, `with_sam`, `sam_size` | stage 3 outputs: target masks (with `mask_region`, the image's pixels of the padded square) and SAM images |
 | `patch_targets` | 0 (default) or the CLIP patch size: adds `patch_target` [P], the share of each patch inside the first answer box's object mask (-1 without one), for the tiny default's patch aid (`model.patch_head`, `loss.w_patch`) |
 | `patch_attributes` | 0 (default) or the CLIP patch size: adds `patch_attr` [P], per patch the `shapes.patch_class` (shape, size) of the object covering most of it (>= 1/4), 0 for background (< 5% covered), -1 otherwise, for the tiny default's attribute aid (`model.attr_classes`, `loss.w_attr`); synthetic shapes only (others get -1) |
@@ -48,6 +49,7 @@ from jaxground.data import templates
 from jaxground.data.conversation import IGNORE, SHORT_SYSTEM, BadSample, ConversationEncoder
 from jaxground.data.records import Example, RecordSource
 from jaxground.data.transforms import (
+    PAD_FILLS,
     boxes_to_square,
     clip_image,
     image_region,
@@ -76,6 +78,7 @@ def pipeline_config(**overrides) -> ml_collections.ConfigDict:
         "max_len": 128,
         "max_boxes": 8,
         "image_size": 64,
+        "pad_fill": "mean",
         "num_image_tokens": 64,
         "with_masks": False,
         "patch_targets": 0,
@@ -313,6 +316,8 @@ class SampleMaker(grain.RandomMapTransform):
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
         if cfg.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {cfg.turns}")
+        if cfg.get("pad_fill", "mean") not in PAD_FILLS:
+            raise ValueError(f"data.pad_fill must be one of {sorted(PAD_FILLS)}, got {cfg.pad_fill!r}")
         self.rec_answer = cfg.get("rec_answer", "released")
         if self.rec_answer not in templates.REC_ANSWERS:
             raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {self.rec_answer!r}")
@@ -366,7 +371,7 @@ class SampleMaker(grain.RandomMapTransform):
             raise BadSample(f"{key}: {len(enc.boxes)} boxes / {len(enc.target_boxes)} targets exceed max_boxes {Q}",
                             "too many boxes")
         out = {
-            "images": clip_image(image, cfg.image_size),
+            "images": clip_image(image, cfg.image_size, cfg.get("pad_fill", "mean")),
             "input_ids": _pad(enc.input_ids, T, self.encoder.ids.pad),
             "attention_mask": np.arange(T) < n,
             "labels": _pad(enc.labels, T, IGNORE),

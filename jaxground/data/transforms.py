@@ -1,5 +1,6 @@
-"""CLIP-side image transforms: expand2square (pad to a centred square with the CLIP mean colour, as LLaVA and
-NExT-Chat do), bicubic resize, CLIP normalisation; boxes and masks follow the same geometry.
+"""CLIP-side image transforms: expand2square (pad to a centred square: `PAD_FILLS`, white as NExT-Chat's
+`Expand2square` defaults to and its configs use, or the CLIP mean colour as LLaVA pads), bicubic resize, CLIP
+normalisation; boxes and masks follow the same geometry.
 
 Pixel boxes are xyxy with exclusive right/bottom edges (a mask's bounding box is [x_min, y_min, x_max + 1,
 y_max + 1]), so padding shifts them exactly and normalising by the square side gives [0, 1] coordinates.
@@ -12,6 +13,7 @@ from PIL import Image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+PAD_FILLS = {"mean": tuple(int(v * 255) for v in CLIP_MEAN), "white": (255, 255, 255)}
 
 
 def square_offsets(height: int, width: int) -> tuple[int, int, int]:
@@ -20,7 +22,7 @@ def square_offsets(height: int, width: int) -> tuple[int, int, int]:
     return side, (side - width) // 2, (side - height) // 2
 
 
-def expand2square(image: np.ndarray, fill=tuple(int(v * 255) for v in CLIP_MEAN)) -> np.ndarray:
+def expand2square(image: np.ndarray, fill=PAD_FILLS["mean"]) -> np.ndarray:
     """uint8[H,W,3] -> uint8[S,S,3], S = max(H, W), the image centred on `fill`."""
     h, w = image.shape[:2]
     side, left, top = square_offsets(h, w)
@@ -64,9 +66,12 @@ def image_region(height: int, width: int, size: int) -> np.ndarray:
     return rows[:, None] & cols[None, :]
 
 
-def clip_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8[H,W,3] -> float32[size,size,3]: expand2square, bicubic resize, CLIP normalisation."""
-    square = expand2square(image)
+def clip_image(image: np.ndarray, size: int, fill: str = "mean") -> np.ndarray:
+    """uint8[H,W,3] -> float32[size,size,3]: expand2square on `PAD_FILLS[fill]`, bicubic resize, CLIP
+    normalisation."""
+    if fill not in PAD_FILLS:
+        raise ValueError(f"pad fill must be one of {sorted(PAD_FILLS)}, got {fill!r}")
+    square = expand2square(image, PAD_FILLS[fill])
     if square.shape[0] != size:
         square = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
     return (square.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD

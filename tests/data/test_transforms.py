@@ -40,13 +40,30 @@ def test_box_and_mask_stay_consistent(h, w):
         assert np.abs(b * 24 - _bbox(m)).max() <= 1.0
 
 
-def test_expand2square_centres_on_the_mean_colour():
+def test_expand2square_centres_on_the_mean_colour_by_default():
     image = np.full((20, 40, 3), 7, np.uint8)
     sq = expand2square(image)
     _, left, top = square_offsets(20, 40)
     assert sq.shape == (40, 40, 3) and (left, top) == (0, 10)
     assert (sq[10:30] == 7).all()
     np.testing.assert_array_equal(sq[0, 0], (CLIP_MEAN * 255).astype(np.uint8))
+
+
+def test_released_weight_configs_pad_white_like_nextchat():
+    from pathlib import Path
+
+    from jaxground.config import load_config
+
+    configs = Path(__file__).parents[2] / "configs"
+    for name in ("nextchat_7b_stage1", "nextchat_7b_stage2", "nextchat_7b_stage3", "nextchat_13b_stage1",
+                 "eval_refcoco", "eval_pope", "eval_res"):
+        assert load_config(configs / f"{name}.py").data.pad_fill == "white", name
+    assert load_config(configs / "tiny_shapes.py").data.pad_fill == "mean"
+    image = np.zeros((20, 40, 3), np.uint8)
+    white = clip_image(image, 40, "white")[0, 0]
+    np.testing.assert_allclose(white, (1 - CLIP_MEAN) / CLIP_STD, rtol=1e-6)
+    with pytest.raises(ValueError, match="pad fill"):
+        clip_image(image, 40, "grey")
 
 
 def test_clip_image_normalises_and_resizes():
