@@ -64,7 +64,8 @@ def test_flickr30k_entities(tmp_path):
         "<object><name>2</name><name>1</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>9</xmax><ymax>19</ymax>"
         "</bndbox></object><object><name>3</name><nobndbox>1</nobndbox></object></annotation>")
     (ex,) = _read("flickr", tmp_path)
-    np.testing.assert_array_equal(ex.boxes, [[1, 2, 10, 20], [3, 4, 9, 19]])
+    # 1-based inclusive VOC pixels: x0, y0 as the official reader's (all - 1), x1, y1 one past the last pixel
+    np.testing.assert_array_equal(ex.boxes, [[0, 1, 10, 20], [2, 3, 9, 19]])
     (item,) = ex.tasks["gcap"]
     assert item["caption"] == "A child <loc> in a pink dress <loc> climbs stairs ."
     assert item["groups"] == [[0, 1], [1]]

@@ -1,6 +1,7 @@
 """Flickr30K Entities: `{split}.txt` (image ids), `Sentences/{id}.txt` (phrases marked
-`[/EN#18/people A child]`) and `Annotations/{id}.xml` (boxes per entity id, VOC style). One Example per image;
-each sentence becomes a grounded caption (`gcap`) with `<loc>` after every phrase that has boxes."""
+`[/EN#18/people A child]`) and `Annotations/{id}.xml` (boxes per entity id, VOC style, 1-based inclusive: read
+as 0-based xyxy with exclusive right/bottom). One Example per image; each sentence becomes a grounded caption
+(`gcap`) with `<loc>` after every phrase that has boxes."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def _boxes(xml_path: Path):
         bb = obj.find("bndbox")
         if bb is None:  # scene / no-box entities
             continue
-        box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        boxes.append(box)
+        x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        # VOC pixels are 1-based and inclusive: 0-based with an exclusive right/bottom edge (the project's
+        # convention) is [xmin - 1, ymin - 1, xmax, ymax]; the official reader's [all - 1] is that box's
+        # last pixel, one less on the right and bottom
+        boxes.append([x0 - 1, y0 - 1, x1, y1])
         for name in obj.iter("name"):
             by_entity.setdefault(name.text, []).append(len(boxes) - 1)
     return np.asarray(boxes, np.float32).reshape(-1, 4), by_entity, w, h
