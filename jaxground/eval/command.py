@@ -30,14 +30,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxground.config import ConfigError, load_config
     from jaxground.eval.evaluate import evaluate, parse_tasks
-    from jaxground.infer.command import load_model
+    from jaxground.infer.command import load_encoder, load_model
 
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         config = load_config(args.config, args.overrides)
         tasks = parse_tasks(args.tasks or config.eval.get("tasks", ("rec",)))
-        model, encoder = load_model(config, args.checkpoint)
+        encoder, tokens = load_encoder(config)
+        model = load_model(config, args.checkpoint, tokens)
         results, rows = evaluate(model, encoder, config, tasks, max_new_tokens=args.max_new_tokens)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"jaxground eval: {e}", file=sys.stderr)

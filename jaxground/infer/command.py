@@ -50,10 +50,28 @@ def load_image(path: str):
         raise PredictError(f"cannot decode image {path}: {e}") from None
 
 
-def load_model(config, checkpoint: str):
-    """(NextChat with the checkpoint's weights, ConversationEncoder) from a run config and either a training
-    checkpoint (the model comes from `config.model`) or a `jaxground convert` output (the model comes from its
-    saved config; its token ids must be the tokenizer's)."""
+def load_encoder(config):
+    """(ConversationEncoder, TokenIds) of the run config's tokenizer."""
+    from jaxground.data.pipeline import make_encoder
+    from jaxground.train.task import data_config
+
+    return make_encoder(data_config(config, training=True))
+
+
+def context_length(config, checkpoint: str, tokens) -> int:
+    """The context (llm max_position) of the model `load_model` will build, read without loading weights."""
+    from jaxground.convert.store import CONFIG_FILE, read_config
+    from jaxground.train.task import model_config
+
+    if (Path(checkpoint) / CONFIG_FILE).is_file():
+        return read_config(checkpoint)[1].llm.max_position
+    return model_config(config, tokens).llm.max_position
+
+
+def load_model(config, checkpoint: str, tokens):
+    """NextChat with the checkpoint's weights from a run config and either a training checkpoint (the model
+    comes from `config.model`) or a `jaxground convert` output (the model comes from its saved config; its token
+    ids must be the tokenizer's `tokens`)."""
     import dataclasses
 
     import jax
@@ -61,11 +79,9 @@ def load_model(config, checkpoint: str):
 
     from jaxground import checkpoint as ckpt
     from jaxground.convert.store import CONFIG_FILE, load_converted
-    from jaxground.data.pipeline import make_encoder
     from jaxground.models.nextchat import NextChat
-    from jaxground.train.task import data_config, model_config
+    from jaxground.train.task import model_config
 
-    encoder, tokens = make_encoder(data_config(config, training=True))
     if (Path(checkpoint) / CONFIG_FILE).is_file():
         model, cfg = load_converted(checkpoint)
         if not isinstance(model, NextChat):
@@ -77,12 +93,12 @@ def load_model(config, checkpoint: str):
             raise ValueError(f"the converted model's image size {cfg.vision.image_size} and {cfg.vision.num_patches} "
                              f"patches differ from data.image_size {config.data.image_size} and "
                              f"data.num_image_tokens {config.data.num_image_tokens}")
-        return model, encoder
+        return model
     cfg = model_config(config, tokens)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = ckpt.load_model(checkpoint, abstract, jax.tree.map(lambda _: device, abstract))
-    return nnx.merge(graphdef, state), encoder
+    return nnx.merge(graphdef, state)
 
 
 def run(args) -> int:
@@ -102,6 +118,7 @@ class Request:
     prompt: str
     boxes: list  # float32[4] pixel boxes, referred to as [i]
     out: str | None
+    where: str  # prefix of its errors: "FILE:LINE: " for a --list line
 
 
 def _request(image_path: str, prompt: str, box_texts: list[str], out: str | None, where: str = "") -> Request:
@@ -121,7 +138,7 @@ def _request(image_path: str, prompt: str, box_texts: list[str], out: str | None
             raise PredictError(f"--out {out}: expected a .png path")
     except PredictError as e:
         raise PredictError(f"{where}{e}") from None
-    return Request(image_path, image, prompt, boxes, out)
+    return Request(image_path, image, prompt, boxes, out, where)
 
 
 def _requests(args) -> list[Request]:
@@ -151,6 +168,20 @@ def _requests(args) -> list[Request]:
     return out
 
 
+def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
+    """Refuses, before the model loads, a prompt the encoder rejects or that leaves no room for
+    max_new_tokens in the model's context."""
+    from jaxground.infer.generate import check_fits
+    from jaxground.infer.predict import PredictError, encode_prompt
+
+    for req in requests:
+        try:
+            enc = encode_prompt(encoder, req.prompt, req.boxes, *req.image.shape[:2])
+            check_fits(context, len(enc.input_ids), cfg)
+        except ValueError as e:
+            raise PredictError(f"{req.where}{e}") from None
+
+
 def _run(args) -> int:
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.draw import draw
@@ -162,22 +193,21 @@ def _run(args) -> int:
         raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        encoder, ids = load_encoder(config)
+        context = context_length(config, args.checkpoint, ids)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
-    try:
-        model, encoder = load_model(config, args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
-    ids = encoder.ids
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
                            num_beams=args.num_beams, max_triggers=args.max_triggers, eos_id=ids.eos, pad_id=ids.pad,
                            at_id=ids.at, boxes_id=ids.boxes)
+    _check_prompts(requests, encoder, context, cfg)
+    try:
+        model = load_model(config, args.checkpoint, ids)
+    except (FileNotFoundError, ValueError) as e:
+        raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     for req in requests:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
-        try:
-            pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn)
-        except ValueError as e:  # prompt longer than the context, unencodable prompt
-            raise PredictError(f"{req.image_path}: {e}" if args.list else str(e)) from None
+        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn)
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)

@@ -377,14 +377,14 @@ def generate_ids(
     """Text-only generation from left-padded token ids int32[B,T] (attention_mask bool[B,T])."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, bool)
-    check_fits(llm, input_ids.shape[1], cfg)
+    check_fits(llm.cfg.max_position, input_ids.shape[1], cfg)
     rng = jax.random.key(0) if rng is None else rng
     return _generate_ids_jit(llm, input_ids, attention_mask, rng, cfg)
 
 
-def check_fits(llm: Llama, prompt_len: int, cfg: GenerationConfig) -> None:
-    """Refuses, before any compute, a prompt that leaves no room for max_new_tokens in the context."""
-    limit = llm.cfg.max_position
+def check_fits(limit: int, prompt_len: int, cfg: GenerationConfig) -> None:
+    """Refuses, before any compute, a prompt that leaves no room for max_new_tokens in the model's context of
+    `limit` (llm max_position) tokens."""
     if prompt_len + cfg.max_new_tokens > limit:
         raise ValueError(
             f"prompt of {prompt_len} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's context "

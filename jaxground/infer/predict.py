@@ -160,6 +160,15 @@ def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects:
     return re.sub(r"\s+([.,;:!?])", r"\1", " ".join(p for p in pieces if p))
 
 
+def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int, width: int):
+    """The user turn of `prompt` with `[i]` -> `<at> <boxes>` of pixel box i -> the encoder's `Encoded`."""
+    from jaxground.data.transforms import boxes_to_square
+
+    text, groups = prompt_turn(prompt, len(boxes_px))
+    object_boxes = boxes_to_square(np.stack(boxes_px), height, width) if boxes_px else np.zeros((0, 4), np.float32)
+    return encoder.encode([("user", text, groups)], object_boxes, key="prompt")
+
+
 def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
             *, rng=None, mask_fn=None) -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
@@ -167,13 +176,11 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (`mask_function`: the SAM
     mask head).
     """
-    from jaxground.data.transforms import boxes_to_square, clip_image
+    from jaxground.data.transforms import clip_image
 
     h, w = image.shape[:2]
-    text, groups = prompt_turn(prompt, len(boxes_px))
-    object_boxes = boxes_to_square(np.stack(boxes_px), h, w) if boxes_px else np.zeros((0, 4), np.float32)
-    enc = encoder.encode([("user", text, groups)], object_boxes, key="prompt")
-    check_fits(model.llm, len(enc.input_ids), cfg)
+    enc = encode_prompt(encoder, prompt, boxes_px, h, w)
+    check_fits(model.llm.cfg.max_position, len(enc.input_ids), cfg)
     q = max(len(enc.boxes), 1)
     in_boxes = np.zeros((1, q, 4), np.float32)
     in_boxes[0, : len(enc.boxes)] = enc.boxes

@@ -3,6 +3,7 @@ saved as `jaxground train` saves checkpoints and as `jaxground convert` writes i
 shapes set, every task the shapes support (and Visual7W pointing on records made from them)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -212,6 +213,21 @@ def test_predict_list_answers_every_line_with_one_load(setup, capsys):
     with Image.open(root / "list_pred0.png") as im:
         assert im.size == (40, 24)
     assert not (root / "list_pred1.png").exists()
+
+
+def test_predict_list_refuses_a_long_prompt_before_the_model_loads(setup, capsys):
+    """The checkpoint does not exist, so only a check made before loading it can name the line."""
+    root, args, _ = setup
+    path = root / "img.png"
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(path)
+    tsv = root / "long.tsv"
+    tsv.write_text(f"{path}\twhat is it?\n{path}\t{'what is it? ' * 40}\n")
+    code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "no_such_run"),
+                     "--list", str(tsv), "--max-new-tokens", "4", *args])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert re.search(rf"{re.escape(str(tsv))}:2: prompt of \d+ tokens \+ max_new_tokens 4 exceeds the model's "
+                     r"context of 96 tokens", captured.err), captured.err
 
 
 def test_eval_visual7w_pointing_on_records(setup, capsys):
