@@ -98,10 +98,11 @@ def build_turns(example: Example, task: str, item: dict, rng: np.random.Generato
         word = _NUMBERS[len(objs)] if len(objs) < len(_NUMBERS) else str(len(objs))
         answer = f"{word.capitalize()}." if not objs else f"{word.capitalize()}: {LOC} ."
         return [("user", q.replace("<noun>", item["noun"]), []), ("assistant", answer, [objs] if objs else [])]
-    if task == "v7w":
-        cands = list(item["candidates"])
+    if task == "v7w":  # candidates in a per-sample order, as the official V7W_POINT shuffles them
+        answer = item["candidates"][item["answer"]]
+        cands = [item["candidates"][int(i)] for i in rng.permutation(len(item["candidates"]))]
         text = q.replace("<question>", item["question"]).replace("<cands>", " ".join([LOC] * len(cands)))
-        return [("user", text, [[c] for c in cands]), ("assistant", f"Answer: {LOC} .", [[cands[item["answer"]]]])]
+        return [("user", text, [[c] for c in cands]), ("assistant", f"Answer: {LOC} .", [[answer]])]
     if task == "vqa":
         return [("user", item["question"], []), ("assistant", item["answer"], [])]
     if task == "conv":

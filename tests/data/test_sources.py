@@ -10,6 +10,7 @@ from PIL import Image
 
 from jaxground.data import sources
 from jaxground.data.pipeline import make_pipeline, pipeline_config
+from jaxground.data.records import Example
 
 
 def _image(path, w=40, h=30):
@@ -92,6 +93,19 @@ def test_visual7w_pointing(tmp_path):
     assert ex.names[item["candidates"][item["answer"]]] == "o12"
     np.testing.assert_array_equal(ex.boxes[item["candidates"][item["answer"]]], [12, 1, 15, 5])
     assert _read("v7w", f, "train") == []
+
+
+def test_visual7w_candidates_come_in_a_per_sample_order():
+    from jaxground.data.templates import build_turns
+
+    ex = Example(boxes=np.zeros((4, 4), np.float32), tasks={})
+    item = {"question": "Which is the cup?", "candidates": [0, 1, 2, 3], "answer": 2}
+    orders = set()
+    for seed in range(20):
+        (_, _, shown), (_, _, answer) = build_turns(ex, "v7w", item, np.random.default_rng(seed))
+        assert sorted(g[0] for g in shown) == [0, 1, 2, 3] and answer == [[2]]
+        orders.add(tuple(g[0] for g in shown))
+    assert len(orders) > 5
 
 
 def test_pope_and_llava(tmp_path):

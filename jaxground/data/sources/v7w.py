@@ -1,7 +1,8 @@
 """Visual7W pointing: `dataset_v7w_pointing.json` = `{"images": [{"filename", "image_id", "split",
 "qa_pairs": [{"question", "answer": box_id, "multiple_choices": [box_id, ...]}]}], "boxes": [{"box_id", "x",
 "y", "width", "height", "name"}]}`. One Example per image; each QA pair is a `v7w` item whose candidates are
-the answer and the multiple choices, in a fixed order."""
+the answer and the multiple choices, sorted by box id (each sample shows them in its own order:
+`templates.build_turns`)."""
 
 from __future__ import annotations
 
