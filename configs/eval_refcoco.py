@@ -1,11 +1,12 @@
-"""REC on RefCOCO / RefCOCO+ / RefCOCOg (val, testA, testB; RefCOCOg val and test, umd) with the 7B model:
-teacher-forced as the authors evaluate it (`rec`), and by free generation (`rec_gen`).
+"""REC on RefCOCO / RefCOCO+ / RefCOCOg (val, testA, testB; RefCOCOg val and test, umd) with the 7B model,
+teacher-forced as the authors evaluate it (`rec`); `--tasks rec,rec_gen` adds free generation.
 
     jaxground eval --config configs/eval_refcoco.py --checkpoint CONVERTED_OR_WORKDIR \
-        paths.refcoco=/data/refcoco paths.coco_images=/data/coco/train2014
+        paths.refcoco=/data/refcoco paths.refcoco_plus=/data/refcoco+ paths.refcocog=/data/refcocog \
+        paths.coco_images=/data/coco/train2014
 
-Each `paths.*` key points at a local directory in the `refer` layout (refs(*).p + instances.json); change a
-path before use, or narrow the splits with `eval.tasks=...` / by editing `SPLITS`.
+Each of `paths.refcoco*` points at a local directory in the `refer` layout (refs(*).p + instances.json), every
+split of all three is evaluated; narrow the splits by editing `REFCOCO_SPLITS` in `_eval.py`.
 """
 
 import importlib.util

@@ -2,7 +2,8 @@
 teacher-forced "<at> <boxes>" answer, as the authors evaluate it (`res`), plus the box of the same pass (`rec`).
 
     jaxground eval --config configs/eval_res.py --checkpoint CONVERTED_OR_WORKDIR \
-        paths.refcoco=/data/refcoco paths.coco_images=/data/coco/train2014
+        paths.refcoco=/data/refcoco paths.refcoco_plus=/data/refcoco+ paths.refcocog=/data/refcocog \
+        paths.coco_images=/data/coco/train2014
 
 Ground-truth masks come from the refs' COCO polygons and are compared with the predicted mask on the padded
 square's grid at `data.mask_size` = 256 (SAM's own logit grid for 1024 inputs), counting only the pixels inside

@@ -1,5 +1,6 @@
-"""Every task the synthetic shapes support, on its test split, for the embedded default's stage-3 model
-(`bash launch/local.sh` trains it): REC teacher-forced and generated, RES (mask head), POPE, region captions.
+"""The synthetic shapes' test split for the embedded default's stage-3 model (`bash launch/local.sh` trains it):
+REC teacher-forced and generated, RES (mask head), POPE, region captions; the shapes' counting questions too
+with `--tasks rec,rec_gen,res,pope,reg,count`.
 
     jaxground eval --config configs/eval_shapes.py --checkpoint runs/tiny_shapes/stage3 paths.shapes=data/shapes
 """
