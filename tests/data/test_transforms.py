@@ -77,7 +77,30 @@ def test_clip_image_normalises_and_resizes():
 
 def test_polygon_mask_matches_its_box():
     m = polygons_to_mask([[2, 3, 10, 3, 10, 8, 2, 8]], 12, 14)
-    np.testing.assert_array_equal(_bbox(m), [2, 3, 11, 9])  # PIL fills the outline pixels inclusively
+    np.testing.assert_array_equal(_bbox(m), [2, 3, 10, 8])  # exclusive right/bottom, as boxes
+
+
+def test_polygon_mask_is_pycocotools_area():
+    """The official RES evaluation rasterises with pycocotools' frPyObjects: the rectangle exactly, random
+    polygons up to its sub-pixel boundary rule (PIL's outline fill differed in 21% of the pixels, +15% area)."""
+    from pycocotools import mask as coco
+
+    def reference(polys, h, w):
+        return coco.decode(coco.merge(coco.frPyObjects(polys, h, w))).astype(bool)
+
+    rect = [[5, 3, 20, 3, 20, 12, 5, 12]]
+    np.testing.assert_array_equal(polygons_to_mask(rect, 30, 40), reference(rect, 30, 40))
+    assert reference(rect, 30, 40).sum() == 135
+    rng = np.random.default_rng(0)
+    ours, theirs, differ = 0, 0, 0
+    for i in range(100):
+        n = rng.integers(3, 9)
+        angle, radius = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(3, 14, n)
+        poly = np.stack([rng.uniform(10, 30) + radius * np.cos(angle), rng.uniform(8, 22) + radius * np.sin(angle)], 1)
+        poly = [(np.round(poly) if i % 2 else poly).ravel().tolist()]
+        a, b = polygons_to_mask(poly, 30, 40), reference(poly, 30, 40)
+        ours, theirs, differ = ours + a.sum(), theirs + b.sum(), differ + (a ^ b).sum()
+    assert abs(ours / theirs - 1) < 0.01 and differ / theirs < 0.04
 
 
 @pytest.mark.parametrize("h,w,size", [(30, 50, 50), (50, 30, 24), (40, 40, 16), (31, 52, 256)])
