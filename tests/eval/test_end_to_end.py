@@ -29,9 +29,9 @@ def overrides(data_dir):
     ]
 
 
-def build_model(config):
-    """A random NextChat (weights drawn in NumPy: eager initialisers compile once per shape, ~40 s here) whose
-    greedy answer starts with a trigger: every token embedding gets a large first coordinate, the final norm
+def build_model(config, rigged=True, std=0.05):
+    """A random NextChat (weights drawn in NumPy: eager initialisers compile once per shape, ~40 s here); rigged,
+    its greedy answer starts with a trigger: every token embedding gets a large first coordinate, the final norm
     keeps only that coordinate, and the LM head reads it into `<at>` alone."""
     import jax
     import jax.numpy as jnp
@@ -48,9 +48,11 @@ def build_model(config):
 
     def fill(path, x):
         name = jax.tree_util.keystr(path)
-        value = rng.normal(0.0, 0.05, x.shape).astype(x.dtype)
+        value = rng.normal(0.0, std, x.shape).astype(x.dtype)
         if "scale" in name:  # norms start at one, as initialised
             value = np.ones(x.shape, x.dtype)
+        if not rigged:
+            return jnp.asarray(value)
         if name.startswith("['llm']['embed_tokens']"):
             value[:, 0] += 50.0
         elif name.startswith("['llm']['norm']"):
@@ -138,6 +140,36 @@ def test_eval_every_shapes_task(setup, capsys):
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "converted"),
                      "--out", str(out2), "--tasks", "rec", *args]) == 0
     assert json.loads((out2 / "eval.json").read_text())["rec"] == figures["rec"]
+
+
+def test_eval_predictions_do_not_depend_on_the_batch_size(setup):
+    """An unrigged random model answers every sample differently (its `<at>` logit scaled up so that some answers
+    hold a trigger and some none): the rows at batch size 1 and at 3 (the last batch padded) must be equal, so a
+    prediction paired with another sample's reference, or one changed by padding, fails."""
+    from jaxground.config import load_config
+    from jaxground.eval.evaluate import evaluate
+    from jaxground.infer.command import load_encoder
+
+    _, args, _ = setup
+    config = load_config("configs/eval_shapes.py", args)
+    encoder, tokens = load_encoder(config)
+    model = build_model(config, rigged=False, std=0.3)
+    kernel = model.llm.lm_head.kernel
+    kernel.set_value(kernel.get_value().at[:, tokens.at].multiply(4.0))
+    rows = {}
+    for batch_size in (1, 3):
+        config.eval.batch_size = batch_size
+        rows[batch_size] = evaluate(model, encoder, config, ("rec", "rec_gen"), max_new_tokens=6)[1]
+    one, three = rows[1], rows[3]
+    assert len(one) == len(three) and len(one) % 3  # a padded last batch
+    generated = [r for r in one if r["task"] == "rec_gen"]
+    assert len({r["answer"] for r in generated}) > len(generated) // 2  # answers differ between samples
+    assert 0 < sum(r["pred"] is not None for r in generated) < len(generated)  # some with a trigger, some not
+    for a, b in zip(one, three):
+        assert {k: v for k, v in a.items() if k != "pred"} == {k: v for k, v in b.items() if k != "pred"}
+        assert (a["pred"] is None) == (b["pred"] is None), (a, b)
+        if a["pred"] is not None:
+            np.testing.assert_allclose(a["pred"], b["pred"], atol=2e-4, err_msg=str(a))
 
 
 def test_eval_bad_task_and_no_mask_head(setup, capsys):
