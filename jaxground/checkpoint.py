@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: model state, optimizer state, data-iterator state and config.
 
 Layout: `DIR/<step>/model` (every model variable), `DIR/<step>/opt` (step counter + optax state over the
-trainable subset), `DIR/<step>/meta` (JSON: step, data-iterator state, config). Saves are asynchronous
+trainable subset), `DIR/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state, written by
+that process), `DIR/<step>/meta` (JSON: step, config). Saves are asynchronous
 (training continues while the files are written) and atomic (Orbax writes a temporary directory and renames
 it); the last `keep` are kept. Restoring places every array straight into the shardings of the current mesh,
 whatever mesh saved it. `--init-from` reads only `model`, so a stage-3 run can start from a stage-1 run whose
@@ -11,6 +12,8 @@ optimizer covered other parameters.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -64,10 +67,44 @@ def check_model_shapes(saved, abstract, where: str) -> None:
         raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  {shown}")
 
 
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+    """JSON written and read by every process under its own name. Each host's data iterator stands at its own
+    place in its own shard (Grain's state names the shard), so process 0's copy would not do for the others."""
+
+    async def _save_fn(self, x, directory):
+        (directory / _process_file()).write_text(json.dumps(x))
+
+    def restore(self, directory, item=None, args=None):
+        path = directory / _process_file()
+        if not path.exists():
+            saved = sorted(p.name for p in directory.glob("process_*.json"))
+            raise CheckpointMismatch(
+                f"{directory} holds the data-iterator states {saved}, none for this run's {_process_file()}: a run "
+                "resumes only on the number of processes that saved it (each host's data shard depends on it); "
+                "resume with that many, or start a new workdir with --init-from to keep the weights only")
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: object
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    item: object = None
+
+
 def _handlers() -> dict:
     # registered up front so that a fresh process can read metadata before its first save or restore
     return {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler()}
+            "data": ProcessJsonHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 def _saved_model(manager: ocp.CheckpointManager, step: int):
@@ -105,13 +142,13 @@ class Checkpointer:
         """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did."""
         if not force and self.save_every <= 0:
             return False
-        meta = {"step": int(step), "data": encode_data_state(data_state), "config": config}
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 model=ocp.args.StandardSave(state.model),
                 opt=ocp.args.StandardSave({"step": state.step, "opt": state.opt}),
-                meta=ocp.args.JsonSave(meta),
+                data=ProcessJsonSave(encode_data_state(data_state)),
+                meta=ocp.args.JsonSave({"step": int(step), "config": config}),
             ),
             force=force,
         )
@@ -120,25 +157,31 @@ class Checkpointer:
         check_model_shapes(_saved_model(self.manager, step), abstract.model, str(self.directory / str(step)))
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, object, dict]:
-        """(state in `shardings`, data-iterator state, saved config) of checkpoint `step`."""
+        """(state in `shardings`, this process's data-iterator state, saved config) of checkpoint `step`."""
         self.check(step, abstract)
         target = _with_shardings(abstract, shardings)
+        items = dict(model=ocp.args.StandardRestore(target.model),
+                     opt=ocp.args.StandardRestore({"step": target.step, "opt": target.opt}),
+                     meta=ocp.args.JsonRestore())
+        # checkpoints written before the per-process data item kept process 0's state in `meta`
+        per_process = (self.directory / str(step) / "data").is_dir()
+        if per_process:
+            items["data"] = ProcessJsonRestore()
+        elif jax.process_count() > 1:
+            raise CheckpointMismatch(f"{self.directory / str(step)} holds only process 0's data-iterator state "
+                                     "(an older layout): resume it on one process")
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    model=ocp.args.StandardRestore(target.model),
-                    opt=ocp.args.StandardRestore({"step": target.step, "opt": target.opt}),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointMismatch:
+            raise
         except (ValueError, KeyError) as e:
             raise CheckpointMismatch(
                 f"optimizer state in {self.directory / str(step)} does not fit (was the trainable set or the "
                 f"optimizer changed?): {e}"
             ) from None
         state = TrainState(step=out.opt["step"], model=out.model, opt=out.opt["opt"])
-        return state, decode_data_state(out.meta["data"]), out.meta["config"]
+        data = out.data if per_process else out.meta["data"]
+        return state, decode_data_state(data), out.meta["config"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,5 +1,7 @@
 """checkpoint.py: `--init-from` with parts the checkpoint lacks, mismatch errors, iterator states as JSON."""
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -67,3 +69,22 @@ def test_save_every_zero_saves_only_when_forced(tmp_path):
     assert ck.save(4, state, force=True)
     assert ck.latest_step() == 4
     assert checkpoint.Checkpointer(tmp_path / "every2", save_every=2, keep=2).due(2)
+
+
+def test_data_state_per_process_and_the_older_layout(tmp_path):
+    """Each process's iterator state is its own file; a checkpoint of the older layout (process 0's state in
+    `meta`) still resumes on one process."""
+    ck = checkpoint.Checkpointer(tmp_path, save_every=1, keep=2, async_save=False)
+    state = st.TrainState(step=np.int32(1), model={"w": np.ones(4, np.float32)}, opt={})
+    ck.save(1, state, data_state={"index": 1}, config={"k": 1})
+    step_dir = tmp_path / "1"
+    assert json.loads((step_dir / "data" / "process_0-of-1.json").read_text()) == {"index": 1}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+    shardings = jax.tree.map(lambda _: sharding, state)
+    assert ck.restore(1, abstract, shardings)[1:] == ({"index": 1}, {"k": 1})
+    shutil.rmtree(step_dir / "data")
+    meta = step_dir / "meta" / "metadata"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"data": {"index": 1}}))
+    assert ck.restore(1, abstract, shardings)[1:] == ({"index": 1}, {"k": 1})
+    ck.close()

@@ -1,5 +1,7 @@
-"""Two processes (4 CPU devices each, gloo over 127.0.0.1) take the same step as one process with 8."""
+"""Two processes (4 CPU devices each, gloo over 127.0.0.1) take the same step as one process with 8, and
+save and resume a run."""
 
+import json
 import os
 import socket
 import subprocess
@@ -11,9 +13,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import toy_run
+from test_loop import losses
 from test_step import flat, run_steps
 
-from jaxground import distributed
+from jaxground import checkpoint, distributed
 
 HERE = Path(__file__).parent
 
@@ -24,17 +28,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    port, out = free_port(), tmp_path / "two.npz"
+def run_two(script: str, *args) -> None:
+    """Runs `script PORT PROCESS_ID *args` as processes 0 and 1 of one run."""
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "run_distributed.py"), str(port), str(i), str(out)], env=env,
+        subprocess.Popen([sys.executable, str(HERE / script), str(port), str(i), *map(str, args)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
+
+
+def test_two_processes_match_one(tmp_path):
+    out = tmp_path / "two.npz"
+    run_two("run_distributed.py", out)
     two = np.load(out)
     _, one, metrics, _ = run_steps((1, 4, 2), jax.devices())
     np.testing.assert_allclose(two["loss"], metrics[0]["loss"], atol=1e-5, rtol=0)
@@ -42,6 +51,21 @@ def test_two_processes_match_one(tmp_path):
     assert set(ref) == set(two.files) - {"loss"}
     for k, v in ref.items():
         np.testing.assert_allclose(two[k], v, atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_two_processes_save_and_resume_each_its_own_data_state(tmp_path):
+    work = tmp_path / "two"
+    run_two("run_distributed_fit.py", work, 2)
+    run_two("run_distributed_fit.py", work, 4)  # resumes at step 2: each host must get its own shard's state
+    files = sorted((work / "checkpoints" / "4" / "data").glob("*.json"))
+    assert [json.loads(f.read_text()) for f in files] == [{"index": 4, "shard": [0, 2]}, {"index": 4, "shard": [1, 2]}]
+    for steps in (2, 4):
+        toy_run.fit(tmp_path / "one", steps=steps)
+    two, one = (losses(tmp_path / d) for d in ("two", "one"))
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]  # the same batches as one process reading them all
+    np.testing.assert_allclose([two[s] for s in one], list(one.values()), atol=1e-5, rtol=0)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"process_0-of-2.json.*none for this run's process_0-of-1"):
+        toy_run.fit(work, steps=6)
 
 
 def test_initialize_flags_and_single_process(monkeypatch):

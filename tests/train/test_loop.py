@@ -121,7 +121,7 @@ def test_restore_onto_another_mesh(tmp_path):
         ck = checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=1, keep=3)
         state, data_state, config = ck.restore(2, abstract, sh)
         ck.close()
-    assert data_state == {"index": 2} and config["train"]["steps"] == 2
+    assert data_state == {"index": 2, "shard": [0, 1]} and config["train"]["steps"] == 2
     up = state.model["up"]["kernel"][...]
     assert up.sharding.mesh.shape == mesh.shape and up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.model)}

@@ -54,8 +54,9 @@ def make_batch(seed: int, n: int) -> dict:
 
 
 class ToyIterator:
-    """Deterministic batches; the state is the next index (like a Grain iterator's JSON-able state).
-    `shard`/`num_shards` give each process its own rows of every global batch."""
+    """Deterministic batches; the state is the next index and the shard (like a Grain iterator's JSON-able
+    state, which names its shard and refuses another's). `shard`/`num_shards` give each process its own rows
+    of every global batch."""
 
     def __init__(self, batch_size: int, *, shard: int = 0, num_shards: int = 1, limit: int | None = None):
         self.batch_size, self.shard, self.num_shards, self.limit = batch_size, shard, num_shards, limit
@@ -73,7 +74,9 @@ class ToyIterator:
         return {k: v[self.shard * rows:(self.shard + 1) * rows] for k, v in full.items()}
 
     def get_state(self) -> dict:
-        return {"index": self.index}
+        return {"index": self.index, "shard": [self.shard, self.num_shards]}
 
     def set_state(self, state: dict) -> None:
+        if state["shard"] != [self.shard, self.num_shards]:
+            raise ValueError(f"state of shard {state['shard']} given to shard {[self.shard, self.num_shards]}")
         self.index = state["index"]

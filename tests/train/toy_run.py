@@ -1,5 +1,6 @@
 """The toy task wired into the training loop, with a test-sized config."""
 
+import jax
 import toy
 from flax import nnx
 
@@ -21,7 +22,7 @@ def task(batch_size=8, factory=None):
     return loop.Task(
         model_factory=factory or (lambda: toy.Toy(nnx.Rngs(0))),
         loss_fn=toy.loss_fn,
-        train_batches=toy.ToyIterator(batch_size),
+        train_batches=toy.ToyIterator(batch_size, shard=jax.process_index(), num_shards=jax.process_count()),
         eval_fn=toy.eval_fn,
         eval_batches=lambda: toy.ToyIterator(batch_size, limit=2),
         summarize=lambda s: {"acc": s["acc"] / s["count"]},
