@@ -8,6 +8,7 @@ with `parallel.global_batch`.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 
@@ -21,6 +22,27 @@ def _env_multi_host() -> str | None:
     if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "mpi"
     return None
+
+
+def _tasks_on_node() -> int:
+    """This node's task count from SLURM's compressed per-node list ("8(x2),4"; nodes in SLURM_NODEID order)."""
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+    counts = []
+    for n, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", per_node):
+        counts += [int(n)] * int(repeat or 1)
+    return counts[int(os.environ.get("SLURM_NODEID", "0"))]
+
+
+def slurm_local_devices() -> list[int] | None:
+    """The GPUs this SLURM task drives. JAX's SLURM detection gives each process only GPU number SLURM_LOCALID:
+    right for one task per GPU (None keeps it), but one task per node would use GPU 0 alone, so it gets all."""
+    gpus, tasks = int(os.environ.get("SLURM_GPUS_ON_NODE", "0")), _tasks_on_node()
+    if gpus <= 1 or tasks == gpus:
+        return None
+    if tasks == 1:
+        return list(range(gpus))
+    raise ValueError(f"SLURM runs {tasks} tasks on a node with {gpus} GPUs: run one task per GPU "
+                     f"(--ntasks-per-node={gpus}) or one per node")
 
 
 def initialize(
@@ -47,6 +69,8 @@ def initialize(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if how == "explicit":
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    elif how == "slurm":
+        jax.distributed.initialize(local_device_ids=slurm_local_devices())
     else:
         jax.distributed.initialize()
     return how

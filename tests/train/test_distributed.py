@@ -3,6 +3,7 @@ save and resume a run."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -76,3 +77,31 @@ def test_initialize_flags_and_single_process(monkeypatch):
         distributed.initialize("127.0.0.1:1234")
     with pytest.raises(ValueError, match="--coordinator"):
         distributed.initialize(num_processes=2, process_id=0)
+
+
+def slurm_task(monkeypatch, *, tasks_per_node: int, gpus: int, localid: int, nodes: int = 2) -> list[int]:
+    """The GPUs one simulated srun task of node 0 would drive: our arguments, then JAX's own SLURM detection."""
+    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": str(nodes * tasks_per_node),
+           "SLURM_PROCID": str(localid), "SLURM_LOCALID": str(localid), "SLURM_NODEID": "0",
+           "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x{nodes})", "SLURM_GPUS_ON_NODE": str(gpus)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    assert distributed.initialize(cpu_collectives=False) == "slurm"
+    from jax._src import clusters
+
+    *_, devices = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, seen.get("local_device_ids"), "slurm", 300)
+    return devices
+
+
+def test_slurm_tasks_drive_every_gpu_of_a_node(monkeypatch):
+    script = (HERE.parents[1] / "launch" / "gpu_slurm.sbatch").read_text()
+    tasks, gpus = (int(re.search(rf"#SBATCH --{k}=(\d+)", script)[1]) for k in ("ntasks-per-node", "gpus-per-node"))
+    used = [slurm_task(monkeypatch, tasks_per_node=tasks, gpus=gpus, localid=i) for i in range(tasks)]
+    assert sorted(d for ds in used for d in ds) == list(range(gpus)), used  # the script: each GPU driven by exactly one task
+    assert slurm_task(monkeypatch, tasks_per_node=1, gpus=8, localid=0) == list(range(8))
+    assert slurm_task(monkeypatch, tasks_per_node=8, gpus=8, localid=5) == [5]
+    with pytest.raises(ValueError, match="2 tasks on a node with 8 GPUs"):
+        slurm_task(monkeypatch, tasks_per_node=2, gpus=8, localid=0)
