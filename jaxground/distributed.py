@@ -1,4 +1,6 @@
-"""Multi-host start: `jax.distributed.initialize` from explicit flags, a SLURM allocation or a TPU VM slice.
+"""Multi-host start: `jax.distributed.initialize` from explicit flags, a SLURM allocation, a GKE TPU slice, MPI,
+or, with `JAXGROUND_MULTIHOST=1` (set by `launch/tpu_vm.sh`), JAX's own detection (a Cloud TPU VM slice, found
+through the metadata server: no environment variable tells it apart from a single host).
 
 Call `initialize` before anything touches a device. Each host then runs the same program, reads its own
 shard of the data (`shard_index()` of `shard_count()`), and the train step sees global arrays assembled
@@ -15,9 +17,11 @@ import jax
 
 def _env_multi_host() -> str | None:
     """Which cluster the environment describes, if it runs more than one process."""
+    if os.environ.get("JAXGROUND_MULTIHOST") == "1":
+        return "auto"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
-    if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:  # GKE's TPU slices
         return "tpu"
     if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "mpi"
@@ -52,9 +56,10 @@ def initialize(
     *,
     cpu_collectives: bool | None = None,
 ) -> str:
-    """Starts multi-process JAX when there is more than one process; returns how ("explicit", "slurm",
-    "tpu", "mpi" or "single"). An explicit `coordinator` ("host:port") needs `num_processes` and
-    `process_id`; otherwise JAX's cluster detection reads SLURM / TPU VM / MPI variables. On CPU processes
+    """Starts multi-process JAX when there is more than one process; returns how ("explicit", "auto",
+    "slurm", "tpu", "mpi" or "single"). An explicit `coordinator` ("host:port") needs `num_processes` and
+    `process_id`; otherwise JAX's cluster detection reads SLURM / GKE / MPI variables, or, under
+    `JAXGROUND_MULTIHOST=1`, whatever it can find (a Cloud TPU VM's metadata). On CPU processes
     (tests, one machine) the collectives go over gloo."""
     if coordinator is not None and (num_processes is None or process_id is None):
         raise ValueError("--coordinator needs --num-processes and --process-id")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs `jaxground train` on every worker of a Cloud TPU VM slice (one process per host; JAX finds the
-# other hosts itself). Installs the checkout on each worker first unless --no-install.
+# Runs `jaxground train` on every worker of a Cloud TPU VM slice (one process per host). JAXGROUND_MULTIHOST=1
+# makes jaxground start jax.distributed, which finds the other hosts through the TPU metadata server (no
+# environment variable marks a Cloud TPU VM slice). Installs the checkout on each worker first unless --no-install.
 #
 #   bash launch/tpu_vm.sh --tpu NAME --zone ZONE [--project P] [--repo URL] [--ref BRANCH] [--dir DIR] \
 #       [--data-path GCS_OR_LOCAL] [--no-install] -- --config configs/nextchat_7b_stage1.py --workdir /mnt/bucket/runs/... k=v
@@ -39,4 +40,4 @@ if [ -n "$DATA_PATH" ]; then
   "${GCLOUD[@]}" --command "cd $DIR && ln -sfn $DATA_PATH data"
 fi
 ARGS=$(printf ' %q' "$@")
-"${GCLOUD[@]}" --command "cd $DIR && .venv/bin/jaxground train$ARGS"
+"${GCLOUD[@]}" --command "cd $DIR && JAXGROUND_MULTIHOST=1 .venv/bin/jaxground train$ARGS"

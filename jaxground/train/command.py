@@ -1,7 +1,8 @@
 """`jaxground train --config configs/X.py [--workdir DIR] [--init-from CKPT ...] [key=value ...]`
 
-Trains on every device of every process (multi-host: start the same command on each host; TPU VMs and
-SLURM are detected, or pass --coordinator/--num-processes/--process-id). Resumes from the latest
+Trains on every device of every process (multi-host: start the same command on each host; SLURM is detected,
+a Cloud TPU VM slice under JAXGROUND_MULTIHOST=1 (launch/tpu_vm.sh), or pass --coordinator/--num-processes/
+--process-id). Resumes from the latest
 checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted (checkpoint saved), 1 diverged,
 2 bad config.
 """

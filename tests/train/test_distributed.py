@@ -70,13 +70,25 @@ def test_two_processes_save_and_resume_each_its_own_data_state(tmp_path):
 
 
 def test_initialize_flags_and_single_process(monkeypatch):
-    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAXGROUND_MULTIHOST"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.initialize() == "single"
     with pytest.raises(ValueError, match="--num-processes"):
         distributed.initialize("127.0.0.1:1234")
     with pytest.raises(ValueError, match="--coordinator"):
         distributed.initialize(num_processes=2, process_id=0)
+
+
+def test_tpu_vm_launcher_opts_in_to_jax_detection(monkeypatch):
+    """A Cloud TPU VM slice sets no variable to detect: launch/tpu_vm.sh asks for JAX's detection explicitly."""
+    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    script = (HERE.parents[1] / "launch" / "tpu_vm.sh").read_text()
+    opt_in = re.search(r"(\w+)=(\S+) \.venv/bin/jaxground train", script)
+    monkeypatch.setenv(opt_in[1], opt_in[2])
+    assert distributed.initialize(cpu_collectives=False) == "auto" and calls == [((), {})]
 
 
 def slurm_task(monkeypatch, *, tasks_per_node: int, gpus: int, localid: int, nodes: int = 2) -> list[int]:
