@@ -207,7 +207,8 @@ def _run(args) -> int:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     for req in requests:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
-        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn)
+        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn,
+                       pad_fill=config.data.get("pad_fill", "mean"))
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)

@@ -170,9 +170,11 @@ def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int,
 
 
 def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
-            *, rng=None, mask_fn=None) -> Prediction:
+            *, rng=None, mask_fn=None, pad_fill: str = "mean") -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
 
+    `pad_fill`: the colour the image is padded square with, as the model was trained (`data.pad_fill`: "white"
+    for NExT-Chat's released weights).
     `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (`mask_function`: the SAM
     mask head).
     """
@@ -186,7 +188,7 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     in_boxes[0, : len(enc.boxes)] = enc.boxes
     box_mask = np.arange(q)[None] < len(enc.boxes)
     size = model.cfg.vision.image_size
-    out = generate_nextchat(model, jnp.asarray(clip_image(image, size))[None], jnp.asarray(enc.input_ids)[None],
+    out = generate_nextchat(model, jnp.asarray(clip_image(image, size, pad_fill))[None], jnp.asarray(enc.input_ids)[None],
                             jnp.ones((1, len(enc.input_ids)), bool), jnp.asarray(in_boxes), jnp.asarray(box_mask),
                             jax.random.key(0) if rng is None else rng, cfg)
     n = int(out.num_triggers[0])

@@ -222,6 +222,24 @@ def test_predict_numbers_only_objects_with_a_box(setup, capsys, extra):
     assert [o["ref"] for o in answer["objects"]] == [1]
 
 
+@pytest.mark.parametrize("fill", ["mean", "white"])
+def test_predict_pads_with_the_configs_fill(setup, capsys, monkeypatch, fill):
+    """The CLIP image is padded square in `data.pad_fill`, as the model was trained (white for released weights)."""
+    from jaxground.data import transforms
+
+    root, args, _ = setup
+    path = root / "wide.png"
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(path)
+    fills = []
+    real = transforms.clip_image
+    monkeypatch.setattr(transforms, "clip_image", lambda im, size, f="mean": fills.append(f) or real(im, size, f))
+    code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--image", str(path), "--prompt", "what is it?", "--max-new-tokens", "2", *args,
+                     f"data.pad_fill={fill}"])
+    assert code == 0, capsys.readouterr().err
+    assert fills == [fill]
+
+
 def test_predict_list_answers_every_line_with_one_load(setup, capsys):
     root, args, _ = setup
     paths = []
