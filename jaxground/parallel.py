@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -76,10 +77,40 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
+def _ways(spec: P, mesh: Mesh) -> int:
+    names = [a for axes in spec for a in ((axes,) if isinstance(axes, str) else axes or ())]
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def check_fit(state, mesh: Mesh, *, tolerance: float = 0.1) -> None:
+    """Raises MeshError when the mesh axes that `fit_spec` drops add more than `tolerance` to the per-device
+    bytes of `state` as its rules plan it. Small heads may stay whole; a mesh that divides no model width
+    (fsdp=6 against LLaMA's 4096) would leave every matrix and its Adam moments whole on every device."""
+    with nnx.logical_axis_rules(RULES):
+        named = nnx.get_named_sharding(state, mesh)
+    planned, lost = 0.0, []
+    for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(named), jax.tree.leaves(state), strict=True):
+        nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        want, got = _ways(s.spec, mesh), _ways(fit_spec(s.spec, x.shape, mesh), mesh)
+        planned += nbytes / want
+        if got < want:
+            name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path).removesuffix("/value")
+            lost.append((nbytes / got - nbytes / want, name, x.shape, s.spec))
+    extra = sum(e for e, *_ in lost)
+    if extra > tolerance * planned:
+        lost.sort(key=lambda t: -t[0])
+        shown = "\n  ".join(f"{k} {shape} {spec}: +{e / 2**20:.2f} MiB" for e, k, shape, spec in lost[:8])
+        raise MeshError(
+            f"mesh {dict(mesh.shape)} leaves {len(lost)} array(s) whole along an axis that does not divide them: "
+            f"+{extra / 2**30:.2f} GiB per device over the {planned / 2**30:.2f} GiB planned (parameters and "
+            f"optimizer state); pick axis sizes that divide the model's widths (e.g. powers of two):\n  {shown}"
+            + (f"\n  ... {len(lost) - 8} more" if len(lost) > 8 else ""))
+
+
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for every array of a pytree holding NNX variables (a model state, or an optimizer state
     whose moments mirror it), from their logical axis annotations; plain arrays (counters) are replicated.
-    Axes that do not divide a dimension are dropped (`fit_spec`)."""
+    Axes that do not divide a dimension are dropped (`fit_spec`); `check_fit` says when that costs memory."""
     with nnx.logical_axis_rules(RULES):
         named = nnx.get_named_sharding(state, mesh)
     return jax.tree.map(

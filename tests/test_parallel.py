@@ -3,9 +3,17 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxground import parallel
+from jaxground.models.layers import linear
+
+
+class Heads(nnx.Module):
+    def __init__(self, rngs):
+        self.big = linear(256, 256, ("embed", "mlp"), rngs=rngs)
+        self.small = linear(6, 8, ("embed", "mlp"), rngs=rngs)
 
 
 def test_fit_spec_drops_axes_that_do_not_divide():
@@ -13,6 +21,17 @@ def test_fit_spec_drops_axes_that_do_not_divide():
     assert parallel.fit_spec(P("fsdp", "tensor"), (8, 6), mesh) == P("fsdp", "tensor")
     assert parallel.fit_spec(P("fsdp", "tensor"), (6, 5), mesh) == P(None, None)
     assert parallel.fit_spec(P(("data", "fsdp")), (4, 3), mesh) == P(("data", "fsdp"), None)
+
+
+def test_a_mesh_that_leaves_much_of_the_state_whole_is_refused():
+    """A small head may stay whole (6 rows over fsdp=4); fsdp=6 dividing no width of the big matrix may not."""
+    with nnx.logical_axis_rules(parallel.RULES):
+        state = nnx.state(nnx.eval_shape(lambda: Heads(nnx.Rngs(0))))
+    mesh = parallel.make_mesh((1, 4, 2))
+    parallel.check_fit(state, mesh)
+    assert parallel.state_shardings(state, mesh)["small"]["kernel"].get_value().spec == P(None, "tensor")
+    with pytest.raises(parallel.MeshError, match=r"leaves 1 array\(s\) whole.*\n  big/kernel \(256, 256\)"):
+        parallel.check_fit(state, parallel.make_mesh((1, 6, 1), devices=jax.devices()[:6]))
 
 
 def test_check_batch_counts_micro_steps_and_processes():

@@ -80,13 +80,15 @@ def init_state(model_state: nnx.State, tx: optax.GradientTransformation, trainab
 
 
 def plan(model_factory, tx: optax.GradientTransformation, trainable: PathFilter, mesh):
-    """(graphdef, abstract TrainState, its shardings) without allocating anything."""
-    from jaxground.parallel import RULES, state_shardings
+    """(graphdef, abstract TrainState, its shardings) without allocating anything; a mesh that leaves much of
+    the state unsharded (`parallel.check_fit`) is refused."""
+    from jaxground.parallel import RULES, check_fit, state_shardings
 
     # with a mesh in context NNX resolves the logical names while building; it needs the rules for that
     with nnx.logical_axis_rules(RULES):
         graphdef, abstract_model = nnx.split(nnx.eval_shape(model_factory))
         abstract = jax.eval_shape(lambda s: init_state(s, tx, trainable), abstract_model)
+        check_fit(abstract, mesh)
         return graphdef, abstract, state_shardings(abstract, mesh)
 
 
