@@ -9,6 +9,7 @@ against `target_boxes`.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import ml_collections
@@ -99,12 +100,31 @@ def summarize(sums: dict) -> dict:
     return figures
 
 
+def check_stage(train: ml_collections.ConfigDict) -> None:
+    """`train.trainable`/`train.frozen` decide what trains; `defaults.train(stage)` fills them from the stage.
+    Raises when they are another stage's patterns (`train.stage` overridden alone), which would train the
+    wrong set; a config's own patterns (e.g. tiny stage 3 adding `^sam/`) stay its choice."""
+    from jaxground.train.defaults import STAGE_TRAINABLE
+
+    if train.stage not in STAGE_TRAINABLE:
+        raise TaskConfigError(f"train.stage must be 1, 2 or 3, got {train.stage}")
+    configured = (tuple(train.trainable), tuple(train.frozen))
+    if configured == STAGE_TRAINABLE[train.stage]:
+        return
+    other = next((s for s, patterns in STAGE_TRAINABLE.items() if patterns == configured), None)
+    if other is not None:
+        want = STAGE_TRAINABLE[train.stage]
+        raise TaskConfigError(
+            f"train.stage={train.stage} but train.trainable/train.frozen are stage {other}'s {configured}: the "
+            f"patterns decide what trains; use a stage-{train.stage} config or also set train.trainable="
+            f"'{json.dumps(want[0])}' train.frozen='{json.dumps(want[1])}'")
+
+
 def make_task(config) -> Task:
     from jaxground.data.pipeline import make_encoder, make_pipeline
 
+    check_stage(config.train)
     stage = config.train.stage
-    if stage not in (1, 2, 3):
-        raise TaskConfigError(f"train.stage must be 1, 2 or 3, got {stage}")
     if stage == 3 and not (config.model.get("sam") and config.data.with_masks and config.data.with_sam):
         raise TaskConfigError("stage 3 needs model.sam, data.with_masks=True and data.with_sam=True")
     if config.loss.det not in DET_PRESETS:

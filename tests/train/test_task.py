@@ -78,3 +78,18 @@ def test_bucket_urls_are_refused_before_anything_is_written(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", "gs://bucket/run"]) == 2
     assert "mount it" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+def test_stage_override_alone_is_refused():
+    """`train.stage` does not pick the patterns; overriding it alone would train the configured stage's set."""
+    import shlex
+
+    from jaxground.config import load_config
+    from jaxground.train.task import TaskConfigError, check_stage
+
+    check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=2"]).train)  # the same set
+    with pytest.raises(TaskConfigError, match="train.stage=3 but .* stage 1's") as e:
+        check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=3"]).train)
+    suggested = shlex.split(str(e.value).split("also set ")[1])
+    check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=3", *suggested]).train)
+    check_stage(load_config("configs/tiny_shapes_stage3.py").train)  # its own patterns (+ ^sam/)
