@@ -128,6 +128,20 @@ def check_batch(global_batch: int, mesh: Mesh, *, micro_steps: int = 1, processe
         )
     if global_batch % processes:
         raise MeshError(f"batch {global_batch} does not divide over {processes} processes")
+    check_host_shards(mesh.devices)
+
+
+def check_host_shards(devices) -> None:
+    """Raises MeshError when a batch shard lies on devices of several processes: each host feeds rows for its
+    own shards only, so hosts sharing a shard (batch axes not spanning the hosts) would silently shrink the
+    global batch and compute on different data."""
+    owners: dict[tuple[int, int], set[int]] = {}
+    for (d, f, _), device in np.ndenumerate(devices):
+        owners.setdefault((d, f), set()).add(device.process_index)
+    for shard, processes in owners.items():
+        if len(processes) > 1:
+            raise MeshError(f"batch shard (data, fsdp)={shard} lies on processes {sorted(processes)}: make the "
+                            "batch axes (data x fsdp) span the hosts, e.g. fsdp or data at least the host count")
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

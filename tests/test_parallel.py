@@ -41,6 +41,17 @@ def test_check_batch_counts_micro_steps_and_processes():
         parallel.check_batch(4, mesh, micro_steps=2)
 
 
+def test_each_host_must_own_its_batch_shards():
+    """Two hosts of 4 devices: (1, 1, 8) puts the one batch shard on both; (2, 1, 4) gives each its own."""
+    from types import SimpleNamespace
+
+    hosts = [SimpleNamespace(process_index=i // 4) for i in range(8)]
+    parallel.check_host_shards(np.array(hosts, dtype=object).reshape(2, 1, 4))
+    parallel.check_host_shards(np.array(hosts, dtype=object).reshape(1, 8, 1))
+    with pytest.raises(parallel.MeshError, match=r"\(data, fsdp\)=\(0, 0\) lies on processes \[0, 1\]"):
+        parallel.check_host_shards(np.array(hosts, dtype=object).reshape(1, 1, 8))
+
+
 def test_global_batch_splits_rows_over_data_axes():
     mesh = parallel.make_mesh((2, 2, 2))
     rows = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "none": None}
