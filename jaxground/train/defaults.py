@@ -17,7 +17,9 @@ def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:
     return ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
 
 
-def optim(lr: float, *, warmup_ratio: float = 0.03, weight_decay: float = 0.0, clip_norm: float = 1.0) -> ConfigDict:
+def optim(lr: float, *, warmup_ratio: float = 0.03, weight_decay: float = 0.0, clip_norm: float = 1.0,
+          decay: str = "hf") -> ConfigDict:
+    """`decay`: which arrays weight decay reaches, "hf" (all but biases and norm scales, as HF Trainer) or "all"."""
     return ConfigDict(
         {
             "lr": lr,
@@ -28,6 +30,7 @@ def optim(lr: float, *, warmup_ratio: float = 0.03, weight_decay: float = 0.0, c
             "eps": 1e-8,
             "weight_decay": weight_decay,
             "clip_norm": clip_norm,
+            "decay": decay,
         }
     )
 

@@ -63,12 +63,29 @@ def make_schedule(optim, steps: int) -> optax.Schedule:
     )
 
 
+NO_DECAY = ("bias", "scale")  # HF Trainer leaves biases and norm weights undecayed
+
+
+def decay_mask(params):
+    """True for the arrays weight decay reaches under `optim.decay="hf"`: all but biases and norm scales."""
+    def decays(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(optim, steps: int) -> optax.GradientTransformation:
-    """AdamW on `make_schedule`, after clipping the global gradient norm to `clip_norm` (0 = no clipping)."""
+    """AdamW on `make_schedule`, after clipping the global gradient norm to `clip_norm` (0 = no clipping); weight
+    decay on `decay_mask`'s arrays (`optim.decay="hf"`, the default) or on every trainable array ("all")."""
+    decay = optim.get("decay", "hf")
+    if decay not in ("hf", "all"):
+        raise ValueError(f'optim.decay must be "hf" or "all", got {decay!r}')
     chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
     chain.append(
         optax.adamw(
-            make_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+            make_schedule(optim, steps), b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+            mask=decay_mask if decay == "hf" else None,
         )
     )
     return optax.chain(*chain)

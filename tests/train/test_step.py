@@ -143,3 +143,24 @@ def test_accumulation_averages_the_micro_batch_means():
     for m, g in zip(flat_moved, flat_micro):
         np.testing.assert_allclose(m, g, atol=1e-6)
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(flat_micro, flat_full)) > 1e-3
+
+
+@pytest.mark.parametrize("decay", ["hf", "all"])
+def test_weight_decay_reaches_the_arrays_optim_decay_names(decay):
+    """With zero gradients an AdamW update is the decay alone: "hf" (HF Trainer's) leaves biases and norm
+    scales as they are, "all" shrinks every array."""
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)),
+                           nnx.RMSNorm(4, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda x: x + 1.0, nnx.state(model, nnx.Param))  # nonzero biases
+    tx = st.make_optimizer(ConfigDict(OPTIM.to_dict() | {"weight_decay": 0.5, "decay": decay}), 10)
+    updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+    moved = {st.path_string(p): bool(np.any(np.asarray(u) != 0))
+             for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    kernels = {k for k in moved if "kernel" in k}
+    assert kernels and all(moved[k] for k in kernels)
+    assert all(moved[k] == (decay == "all") for k in moved if k not in kernels), moved
+
+
+def test_unknown_decay_is_refused():
+    with pytest.raises(ValueError, match="optim.decay"):
+        st.make_optimizer(ConfigDict(OPTIM.to_dict() | {"decay": "none"}), 10)
