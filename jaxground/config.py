@@ -36,12 +36,21 @@ def _parse_value(text: str):
         return text
 
 
+# keys a run config carries but the commands set themselves: an override would be silently replaced
+DERIVED = {
+    "data.batch_size": "the per-host batch is train.batch_size (training) or eval.batch_size (evaluation) divided "
+                       "by the number of hosts; set those",
+}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Applies `a.b=value` overrides in place; an unknown key raises ConfigError naming it."""
+    """Applies `a.b=value` overrides in place; an unknown key, or one in `DERIVED`, raises ConfigError naming it."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
+        if key in DERIVED:
+            raise ConfigError(f"{key} cannot be overridden: {DERIVED[key]}")
         node = config
         parts = key.split(".")
         for i, part in enumerate(parts):

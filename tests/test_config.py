@@ -59,6 +59,12 @@ def test_unknown_key_is_refused():
         load_config("configs/tiny_shapes.py", ["train.stepz=3"])
 
 
+def test_a_key_the_commands_set_is_refused():
+    """data.batch_size is replaced by train.batch_size / eval.batch_size per host: an override would do nothing."""
+    with pytest.raises(ConfigError, match="data.batch_size cannot be overridden: .*train.batch_size"):
+        load_config("configs/tiny_shapes.py", ["data.batch_size=8"])
+
+
 def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     args = ["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path),
             f"data.tokenizer={shapes_dir}/tokenizer"]
