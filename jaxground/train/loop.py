@@ -111,11 +111,11 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
     tx = st.make_optimizer(config.optim, tc.steps)
     trainable = st.PathFilter(tc.trainable, tc.frozen)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
 
     with jax.set_mesh(mesh):
         graphdef, abstract, shardings = st.plan(task.model_factory, tx, trainable, mesh)
         latest = ckpt.latest_step()
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=latest)
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:

@@ -14,7 +14,10 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+    """Appends to `metrics.jsonl` and TensorBoard. `resume_step`: the checkpoint a resumed run starts from; what
+    was logged after it (steps run again after a crash) is dropped, so every step appears once."""
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
@@ -22,7 +25,23 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+            if resume_step is not None and self.path.is_file():
+                self._truncate(resume_step)
+            purge = None if resume_step is None else resume_step + 1  # TensorBoard hides events from here on
+            self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge)
+
+    def _truncate(self, step: int) -> None:
+        """Keeps the lines of steps <= `step` (a torn last line from a crash goes too); replaced atomically."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):
+                continue
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, values: dict, *, split: str = "train") -> None:
         if not self.enabled:

@@ -63,6 +63,23 @@ def test_crash_and_resume_is_exact(tmp_path):
     assert json.loads((tmp_path / "full" / "eval.json").read_text())["acc"] > 0
 
 
+def test_resume_drops_metrics_logged_after_its_checkpoint(tmp_path):
+    """Steps run again after a crash are logged once: lines past the restored step (and a torn last line) go."""
+    from jaxground.train.metrics import MetricsWriter
+
+    first = MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        first.write(step, {"loss": float(step)})
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "spl')
+    again = MetricsWriter(tmp_path, resume_step=3)
+    again.write(4, {"loss": 40.0})
+    again.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
 def test_sigterm_saves_and_restores(tmp_path):
     def term(step, state, metrics):
         if step == 2:
