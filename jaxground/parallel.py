@@ -82,10 +82,11 @@ def _ways(spec: P, mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def check_fit(state, mesh: Mesh, *, tolerance: float = 0.1) -> None:
+def check_fit(state, mesh: Mesh, *, tolerance: float = 0.1, min_bytes: int = 64 << 20) -> None:
     """Raises MeshError when the mesh axes that `fit_spec` drops add more than `tolerance` to the per-device
-    bytes of `state` as its rules plan it. Small heads may stay whole; a mesh that divides no model width
-    (fsdp=6 against LLaMA's 4096) would leave every matrix and its Adam moments whole on every device."""
+    bytes of `state` as its rules plan it, and more than `min_bytes` (a tiny model on any mesh costs nothing).
+    Small heads may stay whole; a mesh that divides no model width (fsdp=6 against LLaMA's 4096) would leave
+    every matrix and its Adam moments whole on every device."""
     with nnx.logical_axis_rules(RULES):
         named = nnx.get_named_sharding(state, mesh)
     planned, lost = 0.0, []
@@ -97,7 +98,7 @@ def check_fit(state, mesh: Mesh, *, tolerance: float = 0.1) -> None:
             name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path).removesuffix("/value")
             lost.append((nbytes / got - nbytes / want, name, x.shape, s.spec))
     extra = sum(e for e, *_ in lost)
-    if extra > tolerance * planned:
+    if extra > max(tolerance * planned, min_bytes):
         lost.sort(key=lambda t: -t[0])
         shown = "\n  ".join(f"{k} {shape} {spec}: +{e / 2**20:.2f} MiB" for e, k, shape, spec in lost[:8])
         raise MeshError(
