@@ -316,8 +316,9 @@ class SampleMaker(grain.RandomMapTransform):
     def __init__(self, cfg: ml_collections.ConfigDict, encoder: ConversationEncoder, image_roots: dict):
         if cfg.turns < 1:
             raise ValueError(f"data.turns must be >= 1, got {cfg.turns}")
-        if cfg.get("pad_fill", "mean") not in PAD_FILLS:
-            raise ValueError(f"data.pad_fill must be one of {sorted(PAD_FILLS)}, got {cfg.pad_fill!r}")
+        self.pad_fill = cfg.get("pad_fill", "mean")
+        if self.pad_fill not in PAD_FILLS:  # checked here: inside a sample it would be a counted skip
+            raise ValueError(f"data.pad_fill must be one of {sorted(PAD_FILLS)}, got {self.pad_fill!r}")
         self.rec_answer = cfg.get("rec_answer", "released")
         if self.rec_answer not in templates.REC_ANSWERS:
             raise ValueError(f"data.rec_answer must be one of {templates.REC_ANSWERS}, got {self.rec_answer!r}")
@@ -371,7 +372,7 @@ class SampleMaker(grain.RandomMapTransform):
             raise BadSample(f"{key}: {len(enc.boxes)} boxes / {len(enc.target_boxes)} targets exceed max_boxes {Q}",
                             "too many boxes")
         out = {
-            "images": clip_image(image, cfg.image_size, cfg.get("pad_fill", "mean")),
+            "images": clip_image(image, cfg.image_size, self.pad_fill),
             "input_ids": _pad(enc.input_ids, T, self.encoder.ids.pad),
             "attention_mask": np.arange(T) < n,
             "labels": _pad(enc.labels, T, IGNORE),
