@@ -71,14 +71,16 @@ def _process_file() -> str:
     return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
-class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+class ProcessJsonHandler(ocp.CheckpointHandler):
     """JSON written and read by every process under its own name. Each host's data iterator stands at its own
-    place in its own shard (Grain's state names the shard), so process 0's copy would not do for the others."""
+    place in its own shard (Grain's state names the shard), so process 0's copy would not do for the others.
+    A synchronous handler: the Composite save calls it on every process (Orbax's JSON handler writes on the
+    primary one only), as Grain's own iterator handler does."""
 
-    async def _save_fn(self, x, directory):
-        (directory / _process_file()).write_text(json.dumps(x))
+    def save(self, directory, args: ProcessJsonSave):
+        (directory / _process_file()).write_text(json.dumps(args.item))
 
-    def restore(self, directory, item=None, args=None):
+    def restore(self, directory, args: ProcessJsonRestore | None = None):
         path = directory / _process_file()
         if not path.exists():
             saved = sorted(p.name for p in directory.glob("process_*.json"))
@@ -160,16 +162,14 @@ class Checkpointer:
         """(state in `shardings`, this process's data-iterator state, saved config) of checkpoint `step`."""
         self.check(step, abstract)
         target = _with_shardings(abstract, shardings)
+        where = self.directory / str(step)
+        if not (where / "data").is_dir():
+            # written before the per-process data item (2026-12-03); its state also names Grain's old sampler
+            raise CheckpointMismatch(f"{where} was written by an older jaxground (no per-process data-iterator "
+                                     f"state): keep its weights with a new workdir and --init-from {where}")
         items = dict(model=ocp.args.StandardRestore(target.model),
                      opt=ocp.args.StandardRestore({"step": target.step, "opt": target.opt}),
-                     meta=ocp.args.JsonRestore())
-        # checkpoints written before the per-process data item kept process 0's state in `meta`
-        per_process = (self.directory / str(step) / "data").is_dir()
-        if per_process:
-            items["data"] = ProcessJsonRestore()
-        elif jax.process_count() > 1:
-            raise CheckpointMismatch(f"{self.directory / str(step)} holds only process 0's data-iterator state "
-                                     "(an older layout): resume it on one process")
+                     data=ProcessJsonRestore(), meta=ocp.args.JsonRestore())
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except CheckpointMismatch:
@@ -180,8 +180,7 @@ class Checkpointer:
                 f"optimizer changed?): {e}"
             ) from None
         state = TrainState(step=out.opt["step"], model=out.model, opt=out.opt["opt"])
-        data = out.data if per_process else out.meta["data"]
-        return state, decode_data_state(data), out.meta["config"]
+        return state, decode_data_state(out.data), out.meta["config"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

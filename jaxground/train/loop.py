@@ -100,6 +100,19 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _restore_data(batches, data_state, where: Path) -> None:
+    """Puts the loader where the checkpoint left it; a state of another pipeline (other datasets or sizes, another
+    sampler, another host count) is refused rather than silently starting the data order over."""
+    try:
+        batches.set_state(data_state)
+    except ValueError as e:
+        reason = str(e).splitlines()[0]
+        raise checkpoint.CheckpointMismatch(
+            f"{where}: its data-iterator state does not fit this run's data pipeline ({reason}); the datasets or "
+            f"their sizes changed since it was saved, or it was written by an older jaxground. Keep its weights "
+            f"with a new workdir and --init-from {where}") from None
+
+
 def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[str] | None = None,
         hooks: Iterable[Callable[[int, st.TrainState, dict], None]] = ()) -> Result:
     workdir = Path(workdir)
@@ -119,7 +132,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         if latest is not None:
             state, data_state, _ = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:
-                task.train_batches.set_state(data_state)
+                _restore_data(task.train_batches, data_state, ckpt.directory / str(latest))
             _log(f"resumed from {ckpt.directory / str(latest)} at step {latest}")
         else:
             _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)

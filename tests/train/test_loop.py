@@ -127,6 +127,18 @@ def test_other_model_shape_in_workdir_is_refused_before_training(tmp_path):
     assert checkpoint.resolve(tmp_path)[1] == 1
 
 
+def test_data_state_of_another_pipeline_is_refused_naming_init_from(tmp_path):
+    """A loader that rejects the saved state (Grain: another sampler or dataset sizes) stops the resume with the
+    way to keep the weights, before any step, and leaves the checkpoint alone."""
+    toy_run.fit(tmp_path, steps=2)
+    c = toy_run.config(steps=4)
+    t = toy_run.task(c.train.batch_size)
+    t.train_batches = toy.ToyIterator(c.train.batch_size, shard=1, num_shards=2)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"state of shard \[0, 1\].*--init-from .*checkpoints/2"):
+        loop.fit(t, c, tmp_path)
+    assert checkpoint.resolve(tmp_path)[1] == 2
+
+
 def test_restore_onto_another_mesh(tmp_path):
     toy_run.fit(tmp_path, steps=2, mesh=(1, 4, 2))
     saved = final_params(tmp_path, 2)
