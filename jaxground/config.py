@@ -44,11 +44,14 @@ DERIVED = {
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Applies `a.b=value` overrides in place; an unknown key, or one in `DERIVED`, raises ConfigError naming it."""
+    """Applies `a.b=value` overrides in place; an unknown key, one in `DERIVED`, or `train.stage` alone where the
+    config's trainable set is not that stage's raises ConfigError naming it."""
+    keys = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
+        keys.add(key)
         if key in DERIVED:
             raise ConfigError(f"{key} cannot be overridden: {DERIVED[key]}")
         node = config
@@ -69,7 +72,27 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
             node[parts[-1]] = value
         except TypeError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
+    _check_stage_override(config, keys)
     return config
+
+
+def _check_stage_override(config: ml_collections.ConfigDict, keys: set[str]) -> None:
+    """`train.stage` names the stage; `train.trainable`/`train.frozen` decide what trains. Overridden alone, the
+    stage would keep the config's set, which is the new stage's only if the config used that stage's defaults."""
+    if "train.stage" not in keys or keys & {"train.trainable", "train.frozen"}:
+        return
+    import json
+
+    from jaxground.train.defaults import STAGE_TRAINABLE
+
+    stage, train = config.train.stage, config.train
+    configured = (tuple(train.trainable), tuple(train.frozen))
+    if stage in STAGE_TRAINABLE and configured != STAGE_TRAINABLE[stage]:
+        want = STAGE_TRAINABLE[stage]
+        raise ConfigError(
+            f"train.stage={stage} overridden alone: what trains comes from train.trainable/train.frozen, here "
+            f"{configured}, not stage {stage}'s; use a stage-{stage} config or also set train.trainable="
+            f"'{json.dumps(want[0])}' train.frozen='{json.dumps(want[1])}' (or the patterns you want)")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:

@@ -81,15 +81,24 @@ def test_bucket_urls_are_refused_before_anything_is_written(tmp_path, capsys, mo
 
 
 def test_stage_override_alone_is_refused():
-    """`train.stage` does not pick the patterns; overriding it alone would train the configured stage's set."""
+    """`train.stage` does not pick the patterns; overriding it alone would train the configured set, refused at
+    load for every config (the tiny ones carry their own patterns); check_stage catches a config file that
+    names one stage with another's patterns."""
     import shlex
 
-    from jaxground.config import load_config
+    from jaxground.config import ConfigError, load_config
     from jaxground.train.task import TaskConfigError, check_stage
 
     check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=2"]).train)  # the same set
-    with pytest.raises(TaskConfigError, match="train.stage=3 but .* stage 1's") as e:
-        check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=3"]).train)
-    suggested = shlex.split(str(e.value).split("also set ")[1])
+    with pytest.raises(ConfigError, match="train.stage=3 overridden alone") as e:
+        load_config("configs/nextchat_7b_stage1.py", ["train.stage=3"])
+    suggested = shlex.split(str(e.value).split("also set ")[1].split(" (or")[0])
     check_stage(load_config("configs/nextchat_7b_stage1.py", ["train.stage=3", *suggested]).train)
+    with pytest.raises(ConfigError, match=r"train.stage=1 overridden alone.*\^sam/"):
+        load_config("configs/tiny_shapes_stage3.py", ["train.stage=1"])
+    load_config("configs/tiny_shapes_stage3.py", ["train.stage=1", "train.trainable=('^mask_head/',)"])
     check_stage(load_config("configs/tiny_shapes_stage3.py").train)  # its own patterns (+ ^sam/)
+    config = load_config("configs/nextchat_7b_stage1.py")
+    config.train.stage = 3  # a config file naming stage 3 with stage 1's patterns
+    with pytest.raises(TaskConfigError, match="train.stage=3 but .* stage 1's"):
+        check_stage(config.train)
