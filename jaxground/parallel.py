@@ -155,6 +155,14 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     }
 
 
+def host_rows(tree, mesh: Mesh):
+    """The inverse of `global_batch`: this process's rows of batch-leading global arrays (the rows it fed, in its
+    order) as numpy; on one process the whole arrays. Arrays sharded otherwise are resharded first."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, mesh, P(("data", "fsdp"))))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch-leading arrays: axis 0 split over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -13,9 +13,15 @@ Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
 | `v7w` | every Visual7W pointing question | teacher-forced; F(t) picks the candidate of highest IoU | accuracy |
 | `count` | every counting question | generation; the number the answer opens with ("Two: <at>...") | accuracy, mae, unparsed |
 
-Config keys read (`config.eval`): `datasets` (split name -> dataset entry), `batch_size`, and optionally `tasks`
-(default ("rec",)), `max_new_tokens` (32), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java for the
-PTB tokenizer and METEOR when java is installed).
+Config keys read (`config.eval`): `datasets` (split name -> dataset entry), `batch_size` (global: every host
+reads `batch_size / hosts` rows of its shard; it must divide over the mesh's data x fsdp shards), and optionally
+`tasks` (default ("rec",)), `max_new_tokens` (32), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java
+for the PTB tokenizer and METEOR when java is installed).
+
+On a mesh: the model is placed by the rules table (`jaxground.infer.command.load_model`), each batch becomes
+global arrays split over (data, fsdp) (`parallel.global_batch`), and each host takes back the rows it fed
+(`parallel.host_rows`); `gather.gather_rows` then gives every process all rows of the split in sample order, and
+the figures are computed over them (cIoU = sum of intersections / sum of unions over the whole split).
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import logging
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxground import parallel
 from jaxground.eval import runners, steps
+from jaxground.eval.gather import gather_rows, process_sum
+from jaxground.eval.metrics import pointing_summary, rec_summary, res_summary
 from jaxground.eval.prompts import generated_text, prompt_batch, reference_answers
 
 log = logging.getLogger(__name__)
@@ -52,9 +59,9 @@ TASKS = {
     "v7w": EvalTask("v7w", "forward"),
 }
 # jitted once per process: a model of the same structure (another checkpoint) reuses the compiled step
-_STEPS = {"rec": (nnx.jit(steps.rec_teacher_forced_step), runners.run_rec),
-          "res": (nnx.jit(steps.res_step), runners.run_res),
-          "v7w": (nnx.jit(steps.pointing_step), runners.run_pointing)}
+_STEPS = {"rec": (nnx.jit(steps.rec_teacher_forced_step), runners.run_rec, rec_summary),
+          "res": (nnx.jit(steps.res_step), runners.run_res, res_summary),
+          "v7w": (nnx.jit(steps.pointing_step), runners.run_pointing, pointing_summary)}
 
 
 class EvalConfigError(ValueError):
@@ -123,26 +130,50 @@ def prompt_width(model_cfg, max_len: int, max_new_tokens: int) -> int:
     return width
 
 
-def batch_generator(model, tokenizer, gen_cfg, width: int) -> Callable[[dict], dict]:
-    """batch -> {"text", "box" (first trigger), "num_triggers"}: greedy generation after each row's prompt."""
+def check_batch(config, mesh) -> None:
+    """Raises parallel.MeshError when the global `eval.batch_size` does not split over the mesh's batch shards
+    (data x fsdp) and the hosts."""
+    try:
+        parallel.check_batch(config.eval.batch_size, mesh, processes=jax.process_count())
+    except parallel.MeshError as e:
+        raise parallel.MeshError(f"eval.batch_size {config.eval.batch_size}: {e}") from None
+
+
+def on_mesh(fn: Callable[[dict], dict], mesh) -> Callable[[dict], dict]:
+    """fn(global batch) -> batch-leading outputs, as a function of this host's numpy rows -> its rows of the
+    outputs (numpy)."""
+    return lambda batch: parallel.host_rows(fn(parallel.global_batch(batch, mesh)), mesh)
+
+
+def batch_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[dict], dict]:
+    """This host's batch -> {"text", "box" (first trigger), "num_triggers"}: greedy generation after each row's
+    prompt, the rows split over the mesh."""
     from jaxground.infer.predict import generate_nextchat
 
     ids = model.cfg.tokens
+    rng = jax.device_put(jax.random.key(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def generate_rows(g: dict) -> dict:
+        out = generate_nextchat(model, g["images"], g["input_ids"], g["attention_mask"], g["boxes"], g["box_mask"],
+                                rng, gen_cfg)
+        return {"tokens": out.tokens, "boxes": out.boxes, "num_triggers": out.num_triggers}
+
+    rows = on_mesh(generate_rows, mesh)
 
     def generate(batch: dict) -> dict:
-        p = prompt_batch(batch, ids.pad, ids.boxes, width)
-        out = generate_nextchat(model, jnp.asarray(batch["images"]), jnp.asarray(p["input_ids"]),
-                                jnp.asarray(p["attention_mask"]), jnp.asarray(p["boxes"]), jnp.asarray(p["box_mask"]),
-                                jax.random.key(0), gen_cfg)
-        tokens = np.asarray(out.tokens)
-        return {"text": [generated_text(t, tokenizer, ids.eos) for t in tokens], "box": np.asarray(out.boxes[:, 0]),
-                "num_triggers": np.asarray(out.num_triggers)}
+        out = rows({"images": batch["images"], **prompt_batch(batch, ids.pad, ids.boxes, width)})
+        return {"text": [generated_text(t, tokenizer, ids.eos) for t in out["tokens"]], "box": out["boxes"][:, 0],
+                "num_triggers": out["num_triggers"]}
 
     return generate
 
 
-def evaluate(model, encoder, config, tasks, *, max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
-    """-> ({task: {split: metrics}}, prediction rows with "task" and "split")."""
+def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+    """-> ({task: {split: metrics}}, prediction rows with "task" and "split"), the same on every process.
+
+    `model` is placed on `mesh` (`jaxground.infer.command.load_model`); every process calls this with its own
+    shard of each split (the pipeline reads `jax.process_index()` of `jax.process_count()`); see `check_batch`."""
+    check_batch(config, mesh)
     ev = config.eval
     max_new = max_new_tokens or ev.get("max_new_tokens", 32)
     parser = ev.get("pope_parser", "nextchat")
@@ -152,26 +183,29 @@ def evaluate(model, encoder, config, tasks, *, max_new_tokens: int | None = None
     needs_generation = any(TASKS[t].kind == "generate" for t, _, _ in pipelines)
     if needs_generation:
         width = prompt_width(model.cfg, config.data.max_len, max_new)
-        generate = batch_generator(model, encoder.tok, generation_config(model.cfg, max_new), width)
+        generate = batch_generator(model, encoder.tok, generation_config(model.cfg, max_new), width, mesh)
     results: dict = {}
     rows: list[dict] = []
-    for task, split, batches in pipelines:
-        if TASKS[task].kind == "forward":
-            step, run = _STEPS[task]
-            # cached_partial: the model's graph is walked once, not on every batch (`bench generate --what rec`,
-            # tiny: 217.8 -> 252.9-283.4 ex/s)
-            summary, task_rows = run(nnx.cached_partial(step, model), batches)
-        else:
-            task_rows = runners.run_generation(
-                generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
-            summary, task_rows = _score_generation(task, task_rows, parser, ev.get("meteor", True))
-        skipped = sum(batches.skipped.values())
-        if skipped:
-            summary["skipped"] = skipped
-            log.warning("eval %s/%s: %s", task, split, batches.summary())
-        results.setdefault(task, {})[split] = summary
-        rows += [{"task": task, "split": split, **r} for r in task_rows]
-        log.info("eval %s/%s: %s", task, split, summary)
+    with jax.set_mesh(mesh):  # activations constrained by the rules table, as in training
+        for task, split, batches in pipelines:
+            if TASKS[task].kind == "forward":
+                step, run, summarize = _STEPS[task]
+                # cached_partial: the model's graph is walked once, not on every batch (`bench generate --what
+                # rec`, tiny: 217.8 -> 252.9-283.4 ex/s)
+                summary, task_rows = runners.add_up(
+                    gather_rows(run(on_mesh(nnx.cached_partial(step, model), mesh), batches)), summarize)
+            else:
+                task_rows = runners.run_generation(
+                    generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
+                summary, task_rows = _score_generation(task, gather_rows(task_rows), parser, ev.get("meteor", True))
+            if batches.skipped:
+                log.warning("eval %s/%s: %s", task, split, batches.summary())
+            skipped = process_sum(sum(batches.skipped.values()))
+            if skipped:
+                summary["skipped"] = skipped
+            results.setdefault(task, {})[split] = summary
+            rows += [{"task": task, "split": split, **r} for r in task_rows]
+            log.info("eval %s/%s: %s", task, split, summary)
     return results, rows
 
 

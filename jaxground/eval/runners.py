@@ -1,9 +1,10 @@
-"""Task runners: iterate padded evaluation batches (dicts of `Batch` fields with a `valid` row mask), call a
-per-batch function (`jaxground.eval.steps`, jitted, or batched generation), add up metric sums on the host and
-collect per-sample prediction rows.
+"""Task runners: iterate this process's padded evaluation batches (dicts of `Batch` fields with a `valid` row mask),
+call a per-batch function (`jaxground.eval.steps` on the mesh, or batched generation) and collect one prediction
+row per valid sample; `add_up` then turns the rows of every process (`jaxground.eval.gather`) into the figures.
 
-A padded row (`valid=False`) contributes to no sum and no prediction line, so every sample of a split is
-counted exactly once whatever the batch size.
+A row's "index" is its position in this process's batches, padding rows counted (the gather maps it to the sample
+number); forward rows carry their metric terms as "sums". A padded row (`valid=False`) gives no row, so every
+sample of a split is counted exactly once whatever the batch size.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from jaxground.eval.metrics import Sums, pointing_summary, rec_summary, rec_sums, res_summary
+from jaxground.eval.metrics import Sums, rec_summary, rec_sums
 from jaxground.eval.pope import PARSERS, pope_metrics
 
 
@@ -20,57 +21,63 @@ def _rounded(x) -> list:
     return np.asarray(x, np.float64).round(4).tolist()
 
 
-def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
-    """step(batch) -> {"sums", "pred" [B,4], "target" [B,4]} -> (Acc@0.5 / mIoU summary, prediction rows)."""
-    total, rows = Sums(), []
+def forward_rows(step: Callable[[dict], dict], batches: Iterable[dict],
+                 row: Callable[[dict, int], dict]) -> list[dict]:
+    """step(batch) -> per-row outputs with "sums" {name: [B]}; row(outputs, i) -> the prediction values of row i.
+    -> one row per valid sample: "index", its values and "sums" (its metric terms)."""
+    rows, seen = [], 0
     for batch in batches:
         out = step(batch)
-        total.add(out["sums"])
-        pred, target = np.asarray(out["pred"]), np.asarray(out["target"])
-        for i in np.flatnonzero(np.asarray(batch["valid"])):
-            rows.append({"index": len(rows), "pred": _rounded(pred[i]), "target": _rounded(target[i])})
-    return rec_summary(total), rows
+        sums = {k: np.asarray(v, np.float64) for k, v in out["sums"].items()}
+        valid = np.asarray(batch["valid"])
+        for i in np.flatnonzero(valid):
+            rows.append({"index": seen + int(i), **row(out, i), "sums": {k: float(v[i]) for k, v in sums.items()}})
+        seen += len(valid)
+    return rows
 
 
-def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
-    """step(batch) -> {"sums" (res_sums), "iou" [B], "counted" [B], "box" [B,4]} -> (cIoU / gIoU, rows)."""
-    total, rows = Sums(), []
-    for batch in batches:
-        out = step(batch)
-        total.add(out["sums"])
-        iou, counted, box = (np.asarray(out[k]) for k in ("iou", "counted", "box"))
-        for i in np.flatnonzero(np.asarray(batch["valid"])):
-            rows.append({"index": len(rows), "mask_iou": round(float(iou[i]), 4) if counted[i] else None,
-                         "pred": _rounded(box[i])})
-    return res_summary(total), rows
+def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
+    """step(batch) -> {"sums" (rec_sums per row), "pred" [B,4], "target" [B,4]} -> rows."""
+    return forward_rows(step, batches, lambda out, i: {"pred": _rounded(out["pred"][i]),
+                                                       "target": _rounded(out["target"][i])})
 
 
-def run_pointing(step: Callable[[dict], dict], batches: Iterable[dict]) -> tuple[dict, list[dict]]:
-    """step(batch) -> {"sums", "choice" [B], "answer" [B], "pred" [B,4]} -> (accuracy, rows)."""
-    total, rows = Sums(), []
-    for batch in batches:
-        out = step(batch)
-        total.add(out["sums"])
-        choice, answer, pred = (np.asarray(out[k]) for k in ("choice", "answer", "pred"))
-        for i in np.flatnonzero(np.asarray(batch["valid"])):
-            rows.append({"index": len(rows), "choice": int(choice[i]), "answer": int(answer[i]),
-                         "pred": _rounded(pred[i])})
-    return pointing_summary(total), rows
+def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
+    """step(batch) -> {"sums" (res_sums per row), "iou" [B], "counted" [B], "box" [B,4]} -> rows."""
+    return forward_rows(step, batches, lambda out, i: {
+        "mask_iou": round(float(out["iou"][i]), 4) if out["counted"][i] else None, "pred": _rounded(out["box"][i])})
+
+
+def run_pointing(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
+    """step(batch) -> {"sums" (pointing_sums per row), "choice" [B], "answer" [B], "pred" [B,4]} -> rows."""
+    return forward_rows(step, batches, lambda out, i: {"choice": int(out["choice"][i]), "answer": int(out["answer"][i]),
+                                                       "pred": _rounded(out["pred"][i])})
+
+
+def add_up(rows: list[dict], summary: Callable[[Sums], dict]) -> tuple[dict, list[dict]]:
+    """Rows with metric terms ("sums") -> (summary of their float64 totals, added in row order; rows without
+    them)."""
+    total = Sums()
+    for r in rows:
+        total.add(r["sums"])
+    return summary(total), [{k: v for k, v in r.items() if k != "sums"} for r in rows]
 
 
 def run_generation(generate: Callable[[dict], dict], batches: Iterable[dict],
                    references: Callable[[dict], list[str]]) -> list[dict]:
     """generate(batch) -> {"text": [B] str, "box" [B,4] (first trigger's F(t)), "num_triggers" [B]};
-    -> one row per valid sample: answer, reference, box (None without a trigger), target box."""
-    rows = []
+    -> one row per valid sample: "index", answer, reference, box (None without a trigger), target box."""
+    rows, seen = [], 0
     for batch in batches:
         out = generate(batch)
         refs = iter(references(batch))
         box, n = np.asarray(out["box"]), np.asarray(out["num_triggers"])
-        for i in np.flatnonzero(np.asarray(batch["valid"])):
-            rows.append({"index": len(rows), "answer": out["text"][i], "reference": next(refs),
+        valid = np.asarray(batch["valid"])
+        for i in np.flatnonzero(valid):
+            rows.append({"index": seen + int(i), "answer": out["text"][i], "reference": next(refs),
                          "pred": _rounded(box[i]) if n[i] else None,
                          "target": _rounded(batch["target_boxes"][i, 0]) if batch["target_mask"][i, 0] else None})
+        seen += len(valid)
     return rows
 
 

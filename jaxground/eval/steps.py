@@ -1,9 +1,11 @@
 """Per-batch evaluation functions of a NextChat (pure, jittable: call them under `nnx.jit`).
 
 Axes: B batch, T tokens, Q boxes, Hm/Wm ground-truth mask size. Each takes the model and a dict of `Batch`
-fields (one evaluation item per row, `valid` False on padding rows) and returns metric sums over valid rows plus
-per-row outputs for the prediction lines. The teacher-forced ones give the answer ("Answer: <at> <boxes> .")
-and read the first trigger, as the authors evaluate REC, RES and Visual7W.
+fields (one evaluation item per row, `valid` False on padding rows) and returns per-row outputs only: the
+prediction line's values and "sums", each row's own metric terms {name: [B]} (zero on padding rows). The host
+adds the terms up once it holds the rows of every process (`jaxground.eval.gather`), in sample order, so the
+figures do not depend on the mesh, the batch size or the host count. The teacher-forced ones give the answer
+("Answer: <at> <boxes> .") and read the first trigger, as the authors evaluate REC, RES and Visual7W.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from jaxground.models.nextchat import resize_mask_logits
 from jaxground.ops.mask_metrics import mask_iou, res_sums
 
 
+def per_row(sums_fn, *args) -> dict:
+    """A batch-summing metric (`rec_sums`, `res_sums`, ...) applied to each row alone: {name: [B]}."""
+    return jax.vmap(lambda *row: sums_fn(*(a[None] for a in row)))(*args)
+
+
 def rec_teacher_forced_step(model, batch: dict) -> dict:
-    """REC: one forward pass with the answer given -> sums and the predicted / target box [B,4] of the first
-    trigger. A row whose trigger is missing scores IoU 0 (F of a zero state is still a box)."""
+    """REC: one forward pass with the answer given -> per-row sums and the predicted / target box [B,4] of the
+    first trigger. A row whose trigger is missing scores IoU 0 (F of a zero state is still a box)."""
     b = Batch(**batch)
     out = model(b)
     pred = jnp.where(out.trigger_mask[:, :1], out.pred_boxes[:, 0], 0.0)
-    sums = rec_sums(pred, b.target_boxes[:, 0], b.valid & b.target_mask[:, 0])
+    sums = per_row(rec_sums, pred, b.target_boxes[:, 0], b.valid & b.target_mask[:, 0])
     return {"sums": sums, "pred": pred, "target": b.target_boxes[:, 0]}
 
 
@@ -40,7 +47,7 @@ def scored_masks(mask_logits: jax.Array, b: Batch) -> tuple[jax.Array, jax.Array
 
 def res_step(model, batch: dict) -> dict:
     """RES: the teacher-forced forward pass with SAM images; the first trigger's mask against `masks[:, 0]`
-    (`scored_masks`) -> cIoU/gIoU sums, IoU [B]."""
+    (`scored_masks`) -> per-row cIoU/gIoU sums, IoU [B]."""
     b = Batch(**batch)
     if b.sam_images is None or b.masks is None:
         raise ValueError("RES needs a batch with sam_images and masks (data.with_sam and data.with_masks)")
@@ -49,7 +56,7 @@ def res_step(model, batch: dict) -> dict:
         raise ValueError("RES needs a model with a mask head (model.sam)")
     pred, gt = scored_masks(out.mask_logits[:, :1], b)  # [B,1,Hm,Wm]
     valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
-    return {"sums": res_sums(pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
+    return {"sums": per_row(res_sums, pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
             "box": out.pred_boxes[:, 0]}
 
 
@@ -72,5 +79,5 @@ def pointing_step(model, batch: dict) -> dict:
     answer = jnp.argmin(jnp.where(candidates, distance, jnp.inf), axis=1)
     pred = out.pred_boxes[:, 0]
     valid = b.valid & b.target_mask[:, 0] & candidates.any(1)
-    return {"sums": pointing_sums(pred, b.boxes, candidates, answer, valid),
+    return {"sums": per_row(pointing_sums, pred, b.boxes, candidates, answer, valid),
             "choice": pointing_choice(pred, b.boxes, candidates), "answer": answer, "pred": pred}

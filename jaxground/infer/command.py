@@ -5,8 +5,10 @@ Answers a prompt about one image (or each line's of `--list`: `image<TAB>prompt[
 boxes as `x0,y0,x1,y1` separated by spaces). Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
 the answer's objects are printed as `[k]` with their pixel boxes and drawn into `--out`; a model with a mask
 head (`model.sam`) also draws each object's mask (translucent) and `--json` gives its area and COCO RLE.
-`--checkpoint` is a training checkpoint or a `jaxground convert` output. Exit status 2 for
-bad input (image, boxes, prompt, checkpoint), reported before any model compute.
+`--checkpoint` is a training checkpoint or a `jaxground convert` output. The model is split over the mesh of the
+run config's `mesh.data/fsdp/tensor` (e.g. `mesh.fsdp=4 mesh.tensor=2`; by default every device, as training);
+each request runs alone (batch 1), its inputs on every device. Exit status 2 for bad input (image, boxes,
+prompt, checkpoint, mesh), reported before any model compute.
 """
 
 from __future__ import annotations
@@ -68,24 +70,26 @@ def context_length(config, checkpoint: str, tokens) -> int:
     return model_config(config, tokens).llm.max_position
 
 
-def load_model(config, checkpoint: str, tokens):
-    """NextChat with the checkpoint's weights from a run config and either a training checkpoint (the model
-    comes from `config.model`) or a `jaxground convert` output (the model comes from its saved config; its token
-    ids must be the tokenizer's `tokens`)."""
+def load_model(config, checkpoint: str, tokens, mesh):
+    """NextChat with the checkpoint's weights on `mesh` (each array read straight into its shards by the rules
+    table, as training places it), from a run config and either a training checkpoint (the model comes from
+    `config.model`) or a `jaxground convert` output (the model comes from its saved config; its token ids must be
+    the tokenizer's `tokens`). A mesh that leaves much of the model whole on every device is refused
+    (`parallel.check_fit`, a ValueError) before anything is read."""
     import dataclasses
 
-    import jax
     from flax import nnx
 
     from jaxground import checkpoint as ckpt
-    from jaxground.convert.store import CONFIG_FILE, load_converted
+    from jaxground import parallel
+    from jaxground.convert.store import CONFIG_FILE, read_config
     from jaxground.models.nextchat import NextChat
     from jaxground.train.task import model_config
 
     if (Path(checkpoint) / CONFIG_FILE).is_file():
-        model, cfg = load_converted(checkpoint)
-        if not isinstance(model, NextChat):
-            raise ValueError(f"{checkpoint} holds a converted {type(model).__name__}, not a NextChat")
+        kind, cfg = read_config(checkpoint)
+        if kind != "nextchat":
+            raise ValueError(f"{checkpoint} holds a converted {kind} model, not a NextChat")
         if cfg.tokens != tokens:
             raise ValueError(f"the converted model's token ids {dataclasses.asdict(cfg.tokens)} differ from the "
                              f"tokenizer's {dataclasses.asdict(tokens)}")
@@ -93,11 +97,12 @@ def load_model(config, checkpoint: str, tokens):
             raise ValueError(f"the converted model's image size {cfg.vision.image_size} and {cfg.vision.num_patches} "
                              f"patches differ from data.image_size {config.data.image_size} and "
                              f"data.num_image_tokens {config.data.num_image_tokens}")
-        return model
-    cfg = model_config(config, tokens)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = ckpt.load_model(checkpoint, abstract, jax.tree.map(lambda _: device, abstract))
+    else:
+        cfg = model_config(config, tokens)
+    with nnx.logical_axis_rules(parallel.RULES):  # NNX resolves the logical names under a caller's mesh
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
+    parallel.check_fit(abstract, mesh)
+    state = ckpt.load_model(checkpoint, abstract, parallel.state_shardings(abstract, mesh))
     return nnx.merge(graphdef, state)
 
 
@@ -183,6 +188,7 @@ def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
 
 
 def _run(args) -> int:
+    from jaxground import parallel
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.draw import draw
     from jaxground.infer.generate import GenerationConfig
@@ -193,6 +199,7 @@ def _run(args) -> int:
         raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
     try:
         config = load_config(args.config, args.overrides)
+        mesh = parallel.make_mesh(dict(config.mesh))
         encoder, ids = load_encoder(config)
         context = context_length(config, args.checkpoint, ids)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -202,7 +209,7 @@ def _run(args) -> int:
                            at_id=ids.at, boxes_id=ids.boxes)
     _check_prompts(requests, encoder, context, cfg)
     try:
-        model = load_model(config, args.checkpoint, ids)
+        model = load_model(config, args.checkpoint, ids, mesh)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     for req in requests:

@@ -26,6 +26,7 @@ def overrides(data_dir):
         "model.llm.hidden_size=32", "model.llm.intermediate_size=64", "model.llm.num_layers=1",
         "model.llm.num_heads=2", "model.llm.num_kv_heads=2", "model.llm.max_position=96",
         "eval.batch_size=4", "eval.max_new_tokens=6", "eval.meteor=False", *SAM,
+        "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",  # the 8 simulated devices of tests/conftest.py
     ]
 
 
@@ -146,9 +147,12 @@ def test_eval_predictions_do_not_depend_on_the_batch_size(setup):
     """An unrigged random model answers every sample differently (its `<at>` logit scaled up so that some answers
     hold a trigger and some none): the rows at batch size 1 and at 3 (the last batch padded) must be equal, so a
     prediction paired with another sample's reference, or one changed by padding, fails."""
+    import jax
+
     from jaxground.config import load_config
     from jaxground.eval.evaluate import evaluate
     from jaxground.infer.command import load_encoder
+    from jaxground.parallel import make_mesh
 
     _, args, _ = setup
     config = load_config("configs/eval_shapes.py", args)
@@ -159,7 +163,8 @@ def test_eval_predictions_do_not_depend_on_the_batch_size(setup):
     rows = {}
     for batch_size in (1, 3):
         config.eval.batch_size = batch_size
-        rows[batch_size] = evaluate(model, encoder, config, ("rec", "rec_gen"), max_new_tokens=6)[1]
+        rows[batch_size] = evaluate(model, encoder, config, ("rec", "rec_gen"), max_new_tokens=6,
+                                    mesh=make_mesh((1, 1, 1), jax.devices()[:1]))[1]
     one, three = rows[1], rows[3]
     assert len(one) == len(three) and len(one) % 3  # a padded last batch
     generated = [r for r in one if r["task"] == "rec_gen"]

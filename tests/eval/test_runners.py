@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from jaxground.eval.metrics import rec_sums
-from jaxground.eval.runners import run_pope, run_rec
+from jaxground.eval.metrics import pointing_summary, rec_summary, rec_sums, res_summary
+from jaxground.eval.runners import add_up, run_pope, run_rec
+from jaxground.eval.steps import per_row
 
 
 def batches(pred, target, batch_size):
@@ -17,7 +18,7 @@ def batches(pred, target, batch_size):
 
 
 def step(batch):
-    return {"sums": rec_sums(batch["pred"], batch["target"], batch["valid"]), "pred": batch["pred"],
+    return {"sums": per_row(rec_sums, batch["pred"], batch["target"], batch["valid"]), "pred": batch["pred"],
             "target": batch["target"]}
 
 
@@ -26,10 +27,11 @@ def test_padded_batches_count_each_sample_once(batch_size):
     target = np.tile(np.array([[0.1, 0.1, 0.5, 0.5]], np.float32), (7, 1))
     pred = target.copy()
     pred[0] = [0.6, 0.6, 0.9, 0.9]  # sample 0 (the padding source) is wrong: padding it would lower acc
-    summary, rows = run_rec(step, batches(pred, target, batch_size))
+    summary, rows = add_up(run_rec(step, batches(pred, target, batch_size)), rec_summary)
     assert summary["count"] == 7 and len(rows) == 7
     assert summary["acc@0.5"] == pytest.approx(6 / 7)
-    assert [r["index"] for r in rows] == list(range(7))
+    assert [r["index"] for r in rows] == list(range(7))  # positions in the batches: padding comes last
+    assert "sums" not in rows[0]
 
 
 def test_run_pope():
@@ -82,19 +84,20 @@ def test_res_and_pointing_runners_skip_padding():
 
     def res_step(batch):
         v = batch["valid"].astype(float)
-        return {"sums": {"intersection": (2 * v).sum(), "union": (4 * v).sum(), "iou": (0.5 * v).sum(),
-                         "count": v.sum()}, "iou": 0.5 * v, "counted": batch["valid"], "box": np.zeros((3, 4))}
+        return {"sums": {"intersection": 2 * v, "union": 4 * v, "iou": 0.5 * v, "count": v}, "iou": 0.5 * v,
+                "counted": batch["valid"], "box": np.zeros((3, 4))}
 
     valid = [np.array([True, True, True]), np.array([True, False, False])]
-    summary, rows = run_res(res_step, ({"valid": v} for v in valid))
+    summary, rows = add_up(run_res(res_step, ({"valid": v} for v in valid)), res_summary)
     assert summary == {"ciou": 0.5, "giou": 0.5, "count": 4} and len(rows) == 4
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
 
     def pointing_step(batch):
         v = batch["valid"].astype(float)
-        return {"sums": {"correct": v[:1].sum(), "count": v.sum()}, "choice": np.zeros(3, int),
+        return {"sums": {"correct": v * [1, 0, 0], "count": v}, "choice": np.zeros(3, int),
                 "answer": np.zeros(3, int), "pred": np.zeros((3, 4))}
 
-    summary, rows = run_pointing(pointing_step, ({"valid": v} for v in valid))
+    summary, rows = add_up(run_pointing(pointing_step, ({"valid": v} for v in valid)), pointing_summary)
     assert summary == {"accuracy": 0.5, "count": 4} and len(rows) == 4
 
 
