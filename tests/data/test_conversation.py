@@ -96,3 +96,56 @@ def test_piece_cache_gives_the_tokenizers_ids(encoder):
     np.testing.assert_array_equal(again.input_ids[: len(first.input_ids)], first.input_ids)
     direct = encoder.tok("Where is the red circle?", add_special_tokens=False)["input_ids"]
     assert encoder._tokenize(["Where is the red circle?"]) == [direct]
+
+
+def test_vicuna_tokenizer_ids_equal_the_released_codes_one_string_tokenization(tmp_path):
+    """The released code tokenizes the whole prompt string with transformers 4.31's slow LlamaTokenizer (legacy):
+    it splits at added tokens, strips the text beside NExT-Chat's tokens (added without an AddedToken, so
+    stripped both sides) but not beside `</s>`, and SentencePiece-encodes each chunk with its dummy prefix. That
+    rule, written out over the raw SentencePiece model, against our piecewise encoder on a LLaMA-style model
+    (dummy prefix, spaces kept, byte fallback). The rule itself was checked once against transformers 4.31.0
+    on this conversation: the same 197 ids."""
+    import re
+
+    import sentencepiece as spm
+
+    from jaxground.data.conversation import DEFAULT_SYSTEM, ConversationEncoder
+    from jaxground.data.location_format import get_format
+    from jaxground.data.tokenizer import load_tokenizer
+
+    corpus = [DEFAULT_SYSTEM, "USER: What is in the image? ASSISTANT: A man, a dog and a red car. Answer: yes.",
+              "Where is the dog (in region)? Please give its box, and say why.", "How many? Two: the man and the woman."]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus * 30), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   add_dummy_prefix=True, remove_extra_whitespaces=False, byte_fallback=True,
+                                   split_digits=True, character_coverage=1.0, minloglevel=2)
+    fmt = get_format("emb")
+    tok, ids = load_tokenizer(tmp_path, fmt.extra_tokens)
+    encoder = ConversationEncoder(tok, ids, fmt, 4, DEFAULT_SYSTEM)
+    turns = [("user", "What is the man<loc> holding? Give its box.", [[0]]),
+             ("assistant", "A dog<loc>. It is brown, and (maybe) 2 years old.", [[1]]),
+             ("user", "How many cats are there near <loc> ?", [[0]]), ("assistant", "Two: <loc> .", [[1, 2]]),
+             ("user", "Is there a car?", []), ("assistant", "Answer: <loc> .", [[2]])]
+    got = encoder.encode(turns, np.random.default_rng(0).random((3, 4), np.float32)).input_ids.tolist()
+
+    image = "<im_start>" + "<im_patch>" * 4 + "<im_end>"
+    prompt = DEFAULT_SYSTEM + " "
+    for t, (role, text, groups) in enumerate(turns):
+        text = text.replace("<loc>", "{}").format(*[" ".join(["<at> <boxes>"] * len(g)) for g in groups])
+        text = f"{image} {text}" if t == 0 else text
+        prompt += f"USER: {text} " if role == "user" else f"ASSISTANT: {text}</s>"
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    stripped = {"<im_start>": ids.im_start, "<im_patch>": ids.im_patch, "<im_end>": ids.im_end, "<at>": ids.at,
+                "<boxes>": ids.boxes}
+    chunks = re.split("(" + "|".join(map(re.escape, [*stripped, "</s>"])) + ")", prompt)
+    want = [ids.bos]
+    for i, chunk in enumerate(chunks):
+        if chunk in stripped or chunk == "</s>":
+            want.append(stripped.get(chunk, ids.eos))
+            continue
+        if i > 0 and chunks[i - 1] in stripped:
+            chunk = chunk.lstrip()
+        if i + 1 < len(chunks) and chunks[i + 1] in stripped:
+            chunk = chunk.rstrip()
+        want += sp.encode(chunk) if chunk else []
+    assert got == want
