@@ -151,11 +151,11 @@ def batch_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[di
     from jaxground.infer.predict import generate_nextchat
 
     ids = model.cfg.tokens
-    rng = jax.device_put(jax.random.key(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def generate_rows(g: dict) -> dict:
+        # rng None: greedy needs none, and a key made on the host would not be a global array on several hosts
         out = generate_nextchat(model, g["images"], g["input_ids"], g["attention_mask"], g["boxes"], g["box_mask"],
-                                rng, gen_cfg)
+                                None, gen_cfg)
         return {"tokens": out.tokens, "boxes": out.boxes, "num_triggers": out.num_triggers}
 
     rows = on_mesh(generate_rows, mesh)

@@ -126,7 +126,7 @@ def mask_function(model, image: np.ndarray):
 @functools.partial(nnx.jit, static_argnames=("cfg",))
 def generate_nextchat(model, images, input_ids, attention_mask, boxes, box_mask, rng, cfg: GenerationConfig) -> Generation:
     """NextChat generation: images float32[B,S,S,3], left-padded ids int32[B,T] (+ mask), input boxes
-    float32[B,Q,4] for the `<boxes>` tokens (box_mask bool[B,Q])."""
+    float32[B,Q,4] for the `<boxes>` tokens (box_mask bool[B,Q]); `rng` for sampling (None: key 0, made inside)."""
     embeds = model.embed_inputs(input_ids, images, boxes, box_mask)
     return generate_from_embeds(model.llm, embeds, attention_mask, cfg, last_token=input_ids[:, -1],
                                 locator=(model.loc_encoder, model.loc_decoder), rng=rng)

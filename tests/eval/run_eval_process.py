@@ -1,0 +1,24 @@
+"""One process of the two-process evaluation test: `jaxground eval` on 4 CPU devices here, 8 in the global mesh,
+collectives over gloo. argv: PORT PROCESS_ID OUT [eval arguments ...]."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxground import cli
+
+
+def main() -> int:
+    port, pid, out, *args = sys.argv[1:]
+    return cli.main(["eval", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
+                     "--out", out, *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

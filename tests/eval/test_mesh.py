@@ -1,0 +1,230 @@
+"""`jaxground eval` and `jaxground predict` on a mesh and on several hosts. An unrigged tiny random NextChat with
+a tiny SAM (its answers differ per sample, some with a trigger and some without) is evaluated on one device, on
+the 8 simulated devices of tests/conftest.py (mesh fsdp=4 x tensor=2, the batch split 4 ways) and by two
+processes of 4 devices each (gloo over 127.0.0.1); the shapes split has 24 REC expressions and 9 counting
+questions, so the two hosts get a padding row."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxground import cli
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from test_end_to_end import build_model, overrides
+
+TASKS = ("rec", "res", "rec_gen", "count")
+MESH = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
+CONFIG = "configs/eval_shapes.py"
+
+pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8 simulated devices of tests/conftest.py")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(root, args): the data, and the unrigged model saved as `jaxground train` saves it under root/run."""
+    import optax
+    from flax import nnx
+
+    from jaxground import checkpoint
+    from jaxground.config import load_config
+    from jaxground.data.shapes import write_dataset
+    from jaxground.infer.command import load_encoder
+    from jaxground.train.state import PathFilter, init_state
+
+    root = tmp_path_factory.mktemp("mesh")
+    write_dataset(root / "shapes", train=8, val=1, test=3, size=32, max_objects=2)
+    args = [*overrides(root / "shapes"), "eval.batch_size=8", *MESH]
+    config = load_config(CONFIG, args)
+    _, tokens = load_encoder(config)
+    model = build_model(config, rigged=False, std=0.3)
+    kernel = model.llm.lm_head.kernel
+    kernel.set_value(kernel.get_value().at[:, tokens.at].multiply(4.0))  # some answers hold a trigger
+    ck = checkpoint.Checkpointer(root / "run" / "checkpoints", save_every=1, keep=1, async_save=False)
+    ck.save(1, init_state(nnx.state(model), optax.sgd(0.0), PathFilter([])), config=config.to_dict(), force=True)
+    ck.close()
+    return root, args
+
+
+def spy_load_model(monkeypatch) -> list:
+    """Records the models `jaxground eval` / `predict` load."""
+    from jaxground.infer import command
+
+    loaded, real = [], command.load_model
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    return loaded
+
+
+def assert_sharded_over_8(model) -> None:
+    from flax import nnx
+
+    arrays = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
+    assert all(len(a.sharding.device_set) == 8 for a in arrays)
+    assert any(not a.sharding.is_fully_replicated for a in arrays)  # the rules table split the weights
+
+
+def read(out: Path) -> tuple[dict, list[dict]]:
+    return (json.loads((out / "eval.json").read_text()),
+            [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()])
+
+
+@pytest.fixture(scope="module")
+def on_eight(tiny, tmp_path_factory):
+    """`jaxground eval` in this process on the 8-device mesh -> (figures, rows, the loaded model)."""
+    root, args = tiny
+    out = tmp_path_factory.mktemp("eight")
+    with pytest.MonkeyPatch.context() as mp:
+        loaded = spy_load_model(mp)
+        code = cli.main(["eval", "--config", CONFIG, "--checkpoint", str(root / "run"), "--out", str(out),
+                         "--tasks", ",".join(TASKS), *args])
+    assert code == 0
+    return (*read(out), loaded[0])
+
+
+def assert_rows_close(got: list[dict], want: list[dict], atol: float) -> None:
+    """Equal rows, box coordinates and mask IoUs (rounded to 4 decimals) within `atol`."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys(), (a, b)
+        for k in a:
+            if isinstance(a[k], float) or (isinstance(a[k], list) and a[k] and isinstance(a[k][0], float)):
+                np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=str((a, b)))
+            else:
+                assert a[k] == b[k], (k, a, b)
+
+
+def test_eval_on_a_mesh_equals_one_device(tiny, on_eight):
+    """The model split over 8 devices and each batch over 4 shards gives one device's figures (to 1e-6) and
+    prediction rows (answers, trigger counts, indices exact; boxes and mask IoUs within one unit of their
+    4-decimal rounding)."""
+    from jaxground.config import load_config
+    from jaxground.eval.evaluate import evaluate
+    from jaxground.infer.command import load_encoder, load_model
+    from jaxground.parallel import make_mesh
+
+    root, args = tiny
+    figures, rows, model = on_eight
+    assert_sharded_over_8(model)
+    config = load_config(CONFIG, args)
+    one = make_mesh((1, 1, 1), jax.devices()[:1])
+    encoder, tokens = load_encoder(config)
+    want_figures, want_rows = json.loads(json.dumps(evaluate(load_model(config, str(root / "run"), tokens, one),
+                                                             encoder, config, TASKS, mesh=one)))
+    assert figures.keys() == want_figures.keys() == set(TASKS)
+    for task, splits in want_figures.items():
+        for split, f in splits.items():
+            assert figures[task][split].keys() == f.keys()
+            np.testing.assert_allclose([figures[task][split][k] for k in f], list(f.values()), atol=1e-6, rtol=0)
+    assert_rows_close(rows, want_rows, atol=1.5e-4)
+    generated = [r for r in rows if r["task"] == "rec_gen"]
+    assert len({r["answer"] for r in generated}) > len(generated) // 2  # answers differ between samples
+    assert 0 < sum(r["pred"] is not None for r in generated) < len(generated)
+    assert [figures[t]["shapes_test"]["count"] for t in TASKS] == [24, 24, 24, 9]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(*args) -> None:
+    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
+    procs = [subprocess.Popen([sys.executable, str(HERE / "run_eval_process.py"), str(port), str(i), *map(str, a)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, a in enumerate(args)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
+    printed = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]  # not gloo's
+    assert len(printed[0]) == 1 and printed[1] == []  # only process 0 prints the figures
+
+
+def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
+    """Two processes, each reading its half of every split, write exactly the eval.json and predictions.jsonl of
+    one process on the same 8-device mesh and global batch; process 1 writes nothing."""
+    root, args = tiny
+    figures, rows, _ = on_eight
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", ",".join(TASKS), *args]
+    run_two([outs[0], *common], [outs[1], *common])
+    assert read(outs[0]) == (figures, rows)
+    assert not outs[1].exists()
+
+
+def test_gather_rows_orders_by_sample(monkeypatch):
+    """Host h of n holds samples h, h + n, ...: position p of its batches (padding rows counted) is sample
+    p * n + h."""
+    from jaxground.eval import gather
+
+    host0 = [{"index": 0, "s": 0}, {"index": 2, "s": 4}]  # its position 1 (sample 2) was an invalid row
+    host1 = [{"index": 0, "s": 1}, {"index": 1, "s": 3}]
+    monkeypatch.setattr(gather.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(gather, "_allgather_bytes", lambda _: [json.dumps(h).encode() for h in (host0, host1)])
+    assert gather.gather_rows(host0) == [{"index": i, "s": s} for i, s in enumerate((0, 1, 3, 4))]
+
+
+def test_predict_on_a_mesh_equals_one_device(tiny, capsys, monkeypatch):
+    """The same answers, boxes (to 1e-3 pixels) and masks (areas within 1 pixel) on 8 devices as on one."""
+    from jaxground.config import load_config
+    from jaxground.infer.command import load_encoder, load_model
+    from jaxground.infer.generate import GenerationConfig
+    from jaxground.infer.predict import mask_function, predict
+    from jaxground.parallel import make_mesh
+
+    root, args = tiny
+    image = np.zeros((24, 40, 3), np.uint8)
+    image[4:20, 8:30] = (200, 40, 40)
+    path = root / "img.png"
+    Image.fromarray(image).save(path)
+    prompts = ["what is [0]?", "where is the shape?", "which one is left of [0]?"]
+    tsv = root / "requests.tsv"
+    tsv.write_text("".join(f"{path}\t{p}\t\t8,4,30,20\n" for p in prompts))
+    loaded = spy_load_model(monkeypatch)
+    code = cli.main(["predict", "--config", CONFIG, "--checkpoint", str(root / "run"), "--list", str(tsv),
+                     "--max-new-tokens", "12", "--json", *args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert_sharded_over_8(loaded[0])
+    got = [json.loads(line) for line in captured.out.splitlines()]
+
+    config = load_config(CONFIG, args)
+    encoder, ids = load_encoder(config)
+    model = load_model(config, str(root / "run"), ids, make_mesh((1, 1, 1), jax.devices()[:1]))
+    cfg = GenerationConfig(max_new_tokens=12, max_triggers=8, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at,
+                           boxes_id=ids.boxes)
+    want = [predict(model, encoder, image, p, [np.array([8, 4, 30, 20], np.float32)], cfg,
+                    mask_fn=mask_function(model, image), pad_fill=config.data.pad_fill).to_json() for p in prompts]
+    assert sum(len(w["objects"]) for w in want) > 0  # some answers hold a boxed object
+    for g, w in zip(got, want):
+        assert g["answer"] == w["answer"] and len(g["objects"]) == len(w["objects"])
+        for a, b in zip(g["objects"], w["objects"]):
+            np.testing.assert_allclose(a["box"], b["box"], atol=1e-3, rtol=0)
+            assert abs(a["mask_area"] - b["mask_area"]) <= 1
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("eval", ["eval.batch_size=6"], r"eval.batch_size 6: batch 6 does not divide into .* 4 data shards"),
+    ("eval", ["mesh.fsdp=3"], r"mesh \{'data': 1, 'fsdp': 3, 'tensor': 2\} needs 6 devices, have 8"),
+    ("predict", ["mesh.tensor=3"], r"mesh \{'data': 1, 'fsdp': 4, 'tensor': 3\} needs 12 devices, have 8"),
+])
+def test_bad_mesh_or_batch_refused_before_loading(tiny, capsys, command, extra, message):
+    """One line, exit status 2, before the checkpoint is read (it does not exist)."""
+    import re
+
+    root, args = tiny
+    request = ["--image", str(root / "img.png"), "--prompt", "what?"] if command == "predict" else []
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "img.png")
+    assert cli.main([command, "--config", CONFIG, "--checkpoint", str(root / "missing"), *request, *args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxground {command}: ") and len(err.splitlines()) == 1 and re.search(message, err), err
