@@ -14,6 +14,13 @@ after the final norm) is decoded to a box F(t), recorded in the row's next trigg
 t itself for the mask head), and the next token is forced to `<boxes>` with input embedding G(F(t)) instead of
 its table row, as the authors' demo does (it overwrites whatever was sampled after `<at>` with `<boxes>`).
 A trailing `<at>` in the prompt is handled the same way. Triggers beyond Q are decoded but not recorded.
+
+Which state a trigger's reported box and mask come from (`trigger_state`): "at" (default) records t, the
+state at `<at>`, the one training supervises and the one G(F(t)) is fed from. "predicting" records instead the
+state that chose `<at>` (the token before it), as the released `generate()` does (its demo and its RES
+evaluation read `hidden_states[k]` for the `<at>` at k, which HF computes while predicting k); the `<boxes>`
+input stays G(F(t)) of the state at `<at>`, as there. Greedy and sampling only; a prompt's trailing `<at>`
+is not recorded in that mode (the released code looks only at generated tokens).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from jaxground.models.kv_cache import KVCache
 from jaxground.models.llama import Llama
 
 METHODS = ("greedy", "sample", "beam")
+TRIGGER_STATES = ("at", "predicting")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +52,15 @@ class GenerationConfig:
     pad_id: int = 0
     at_id: int = -1  # <at>; -1 disables box decoding
     boxes_id: int = -1  # <boxes>
+    trigger_state: str = "at"  # see the module docstring
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.trigger_state not in TRIGGER_STATES:
+            raise ValueError(f"trigger_state must be one of {TRIGGER_STATES}, got {self.trigger_state!r}")
+        if self.trigger_state == "predicting" and self.method == "beam":
+            raise ValueError("trigger_state='predicting' is built for greedy and sampling, not beam search")
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.max_triggers < 1:
             raise ValueError("max_new_tokens, num_beams and max_triggers must be >= 1")
         if self.method == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
@@ -190,7 +203,9 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
         box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
         token, scores = _choose(s, logp, cfg)
         active = ~s.done
-        s = _record_trigger(s, forced, box)
+        # "predicting": the state fed last is the one choosing <at> now; "at": it is <at>'s own, being forced
+        chose_at = active & (token == cfg.at_id) & (cfg.at_id >= 0)
+        s = _record_trigger(s, chose_at if cfg.trigger_state == "predicting" else forced, box)
         finished = active & (token == cfg.eos_id)
         s = s.replace(
             tokens=s.tokens.at[:, s.step].set(token),

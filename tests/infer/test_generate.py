@@ -138,9 +138,10 @@ def test_prompt_too_long_is_refused_before_compute(pair):
 AT, BOXES = 45, 46
 
 
-def reference_pixel2emb(llm, enc, dec, ids, mask, n):
+def reference_pixel2emb(llm, enc, dec, ids, mask, n, predicting=False):
     """Greedy without a cache: the whole (fixed-size) sequence re-run each step by one jitted forward; after a
-    fed <at>, the next token is <boxes> with embedding G(F(t)). -> tokens [B,n], boxes per row."""
+    fed <at>, the next token is <boxes> with embedding G(F(t)). -> tokens [B,n], boxes per row: F of the state
+    at each <at>, or with `predicting` F of the state that chose it (the released generate())."""
     b, t = ids.shape
     forward = nnx.jit(lambda m, e, k: m.forward_embeds(e, k)[:2])
     table = np.asarray(llm.embed_tokens.embedding[...])
@@ -154,12 +155,13 @@ def reference_pixel2emb(llm, enc, dec, ids, mask, n):
         rows = np.asarray(enc(jnp.asarray(box)))  # G(F(t)) of every row; used where <at> was fed
         for r in range(b):
             if fed[r] == AT:
-                boxes[r].append(box[r])
+                boxes[r] += [] if predicting else [box[r]]
                 tokens[r, i] = BOXES
                 embeds[r, t + i] = rows[r]
             else:
                 tokens[r, i] = int(np.argmax(lg[r]))
                 embeds[r, t + i] = table[tokens[r, i]]
+                boxes[r] += [box[r]] if predicting and tokens[r, i] == AT else []
         valid[:, t + i] = True
         fed = tokens[:, i]
     return tokens, boxes
@@ -191,6 +193,37 @@ def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
             np.testing.assert_allclose(np.asarray(out.boxes[i, :k]), np.stack(want_boxes[i])[:k], atol=1e-5)
         # the recorded trigger states decode to the recorded boxes
         np.testing.assert_allclose(np.asarray(dec(out.trigger_states[i, :k])), np.asarray(out.boxes[i, :k]), atol=1e-6)
+
+
+def test_predicting_trigger_state_is_the_state_that_chose_at(pair):
+    """trigger_state="predicting" (the released generate()): the same tokens and G(F(t)) feeding, but each
+    trigger's box and state come from the token before <at>, also for an <at> on the last step."""
+    llm = nnx.clone(pair[1])
+    kernel = llm.lm_head.kernel
+    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))
+    enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
+                                BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
+    ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
+    n = 12
+    out = {}
+    for mode in gen.TRIGGER_STATES:
+        cfg = gen.GenerationConfig(max_new_tokens=n, eos_id=-1, at_id=AT, boxes_id=BOXES, max_triggers=6,
+                                   trigger_state=mode)
+        out[mode] = gen.generate_jit(llm, jnp.asarray(llm.embed_tokens(jnp.asarray(ids))), jnp.asarray(mask),
+                                     jnp.asarray(ids[:, -1]), (enc, dec), jax.random.key(0), cfg)
+    np.testing.assert_array_equal(out["predicting"].tokens, out["at"].tokens)
+    want_tokens, want_boxes = reference_pixel2emb(llm, enc, dec, ids, mask, n, predicting=True)
+    got = out["predicting"]
+    assert (np.asarray(got.tokens) == want_tokens).all()
+    for i in range(len(ids)):
+        k = int(got.num_triggers[i])
+        assert k == min(len(want_boxes[i]), 6) and k == int((np.asarray(got.tokens[i]) == AT).sum())
+        if k:
+            np.testing.assert_allclose(np.asarray(got.boxes[i, :k]), np.stack(want_boxes[i])[:k], atol=1e-5)
+            assert not np.allclose(np.asarray(got.boxes[i, :k]), np.asarray(out["at"].boxes[i, :k]), atol=1e-3)
+        np.testing.assert_allclose(np.asarray(dec(got.trigger_states[i, :k])), np.asarray(got.boxes[i, :k]), atol=1e-6)
+    with pytest.raises(ValueError, match="greedy and sampling"):
+        gen.GenerationConfig(method="beam", num_beams=2, trigger_state="predicting")
 
 
 @pytest.mark.parametrize("n", [5, 6, 12])
