@@ -103,8 +103,9 @@ def check_fit(state, mesh: Mesh, *, tolerance: float = 0.1, min_bytes: int = 64 
         shown = "\n  ".join(f"{k} {shape} {spec}: +{e / 2**20:.2f} MiB" for e, k, shape, spec in lost[:8])
         raise MeshError(
             f"mesh {dict(mesh.shape)} leaves {len(lost)} array(s) whole along an axis that does not divide them: "
-            f"+{extra / 2**30:.2f} GiB per device over the {planned / 2**30:.2f} GiB planned (parameters and "
-            f"optimizer state); pick axis sizes that divide the model's widths (e.g. powers of two):\n  {shown}"
+            f"+{extra / 2**30:.2f} GiB per device over the {planned / 2**30:.2f} GiB planned (parameters, and in "
+            f"training the optimizer state); pick axis sizes that divide the model's widths (e.g. powers of two):"
+            f"\n  {shown}"
             + (f"\n  ... {len(lost) - 8} more" if len(lost) > 8 else ""))
 
 
@@ -160,7 +161,8 @@ def host_rows(tree, mesh: Mesh):
     order) as numpy; on one process the whole arrays. Arrays sharded otherwise are resharded first."""
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, mesh, P(("data", "fsdp"))))
+    local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(("data", "fsdp")))
+    return jax.tree.map(np.asarray, local)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -197,7 +197,8 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
             else:
                 task_rows = runners.run_generation(
                     generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
-                summary, task_rows = _score_generation(task, gather_rows(task_rows), parser, ev.get("meteor", True))
+                summary, task_rows = _score_generation(task, gather_rows(task_rows), parser,
+                                                       ev.get("meteor", True))
             if batches.skipped:
                 log.warning("eval %s/%s: %s", task, split, batches.summary())
             skipped = process_sum(sum(batches.skipped.values()))

@@ -1,5 +1,5 @@
-"""Task runners: iterate this process's padded evaluation batches (dicts of `Batch` fields with a `valid` row mask),
-call a per-batch function (`jaxground.eval.steps` on the mesh, or batched generation) and collect one prediction
+"""Task runners: iterate this process's padded evaluation batches (dicts of `Batch` fields with a `valid` row
+mask), call a per-batch function (`jaxground.eval.steps` on the mesh, or batched generation) and collect one prediction
 row per valid sample; `add_up` then turns the rows of every process (`jaxground.eval.gather`) into the figures.
 
 A row's "index" is its position in this process's batches, padding rows counted (the gather maps it to the sample
@@ -45,13 +45,14 @@ def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]
 def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
     """step(batch) -> {"sums" (res_sums per row), "iou" [B], "counted" [B], "box" [B,4]} -> rows."""
     return forward_rows(step, batches, lambda out, i: {
-        "mask_iou": round(float(out["iou"][i]), 4) if out["counted"][i] else None, "pred": _rounded(out["box"][i])})
+        "mask_iou": round(float(out["iou"][i]), 4) if out["counted"][i] else None,
+        "pred": _rounded(out["box"][i])})
 
 
 def run_pointing(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
     """step(batch) -> {"sums" (pointing_sums per row), "choice" [B], "answer" [B], "pred" [B,4]} -> rows."""
-    return forward_rows(step, batches, lambda out, i: {"choice": int(out["choice"][i]), "answer": int(out["answer"][i]),
-                                                       "pred": _rounded(out["pred"][i])})
+    return forward_rows(step, batches, lambda out, i: {
+        "choice": int(out["choice"][i]), "answer": int(out["answer"][i]), "pred": _rounded(out["pred"][i])})
 
 
 def add_up(rows: list[dict], summary: Callable[[Sums], dict]) -> tuple[dict, list[dict]]:

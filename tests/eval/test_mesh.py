@@ -26,7 +26,8 @@ TASKS = ("rec", "res", "rec_gen", "count")
 MESH = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
 CONFIG = "configs/eval_shapes.py"
 
-pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8 simulated devices of tests/conftest.py")
+pytestmark = pytest.mark.skipif(jax.device_count() != 8,
+                                reason="needs the 8 simulated devices of tests/conftest.py")
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +226,10 @@ def test_bad_mesh_or_batch_refused_before_loading(tiny, capsys, command, extra, 
     import re
 
     root, args = tiny
-    request = ["--image", str(root / "img.png"), "--prompt", "what?", "--max-new-tokens", "4"] if command == "predict" \
-        else []
+    request = ["--image", str(root / "img.png"), "--prompt", "what?", "--max-new-tokens", "4"]
+    request = request if command == "predict" else []
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "img.png")
-    assert cli.main([command, "--config", CONFIG, "--checkpoint", str(root / "missing"), *request, *args, *extra]) == 2
+    missing = str(root / "missing")
+    assert cli.main([command, "--config", CONFIG, "--checkpoint", missing, *request, *args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"jaxground {command}: ") and len(err.splitlines()) == 1 and re.search(message, err), err
