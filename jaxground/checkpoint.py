@@ -202,6 +202,16 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     return path, steps[-1]
 
 
+def saved_config(path: str | Path) -> tuple[Path, dict]:
+    """(the `<step>` directory, the run config saved with it) of a training checkpoint (`resolve`'s paths)."""
+    directory, step = resolve(path)
+    with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not meta or not meta.get("config"):
+        raise CheckpointMismatch(f"{directory / str(step)} holds no run config (meta)")
+    return directory / str(step), meta["config"]
+
+
 def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str, ...] = ()):
     """The model state of a checkpoint (`--init-from`), checked against and placed like `abstract_model`.
     Variables under a `fresh` prefix ("mask_head", "sam": parts a stage adds) may be absent from the

@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
                         help="parameter dtype of the converted LLM, CLIP and heads (SAM stays float32)")
     parser.add_argument("--select-layer", type=int, default=-2, help="CLIP hidden state fed to the projector "
                         "when composing (a released NExT-Chat config's mm_vision_select_layer wins)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh heads when composing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh heads and the random `<im_patch>` "
+                        "rows when composing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -66,9 +67,11 @@ def prepare(sources: list, *, dtype: str = "float32", select_layer: int = -2, se
     if kinds in (["clip", "llama"], ["clip", "llama", "sam"]):
         llm, clip, sam = by_kind["llama"][0], by_kind["clip"][0], by_kind.get("sam", [None])[0]
         sam_cfg = sam_conv.config_from_shapes(shapes[str(sam)]) if sam is not None else None
-        cfg, base = nc.compose_config(hf(llm), ClipVisionConfig.from_hf(hf(clip)), sam_cfg, dtype=dtype,
+        llm_hf = hf(llm)
+        cfg, base = nc.compose_config(llm_hf, ClipVisionConfig.from_hf(hf(clip)), sam_cfg, dtype=dtype,
                                       select_layer=select_layer)
-        parts = [nc.llm_part(llm, cfg, base), nc.clip_part(clip, cfg.vision)]
+        init_std = getattr(llm_hf, "initializer_range", 0.02)  # the `<im_patch>` rows, as resize_token_embeddings
+        parts = [nc.llm_part(llm, cfg, base, seed=seed, init_std=init_std), nc.clip_part(clip, cfg.vision)]
         if sam is not None:
             parts.append(nc.sam_part(sam, shapes[str(sam)], sam_cfg))
         return "nextchat", cfg, parts, nc.fresh_heads(cfg, seed)

@@ -1,13 +1,16 @@
-"""JAX -> PyTorch: write a converted checkpoint back as safetensors under the torch key names it came from.
+"""JAX -> PyTorch: a converted or trained checkpoint as safetensors under torch key names (+ what the official
+NExT-Chat loader reads beside them, `official`).
 
-`torch_layout.json` (written by the conversion) holds, per torch key, the NNX path (and row of a stacked
-parameter), the name of the forward transform, the torch shape and the source dtype. Export applies the inverse
-transform and casts back to the source dtype, so torch -> JAX -> torch is bit-exact whenever the JAX dtype holds
-the source values (float32 always; bfloat16 for bfloat16 sources). Shards are written one at a time.
+A torch layout holds, per torch key, the NNX path (and row of a stacked parameter), the name of the forward
+transform, the torch shape and the dtype: `torch_layout.json` of a conversion (the source's own names and dtypes),
+or for a training checkpoint the released NExT-Chat layout derived from the conversion table, in the saved dtype.
+Export applies the inverse transform and casts to that dtype, so torch -> JAX -> torch is bit-exact whenever the
+JAX dtype holds the source values (float32 always; bfloat16 for bfloat16 sources). Shards are written one at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,15 +22,16 @@ import numpy as np
 from jaxground.convert.sam import conv_transpose2d, flatten, qkv_bias, qkv_kernel
 from jaxground.convert.table import conv2d, identity, transpose
 
-# forward transform -> (name, inverse on the JAX-side array); the result is reshaped to the recorded torch shape
+# forward transform -> (name, inverse on the JAX-side array, giving the torch shape: layouts derived from the
+# rules take their torch shapes from it)
 _TRANSFORMS: dict[Callable, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     identity: ("identity", lambda x: x),
     transpose: ("transpose", lambda x: x.T),
     conv2d: ("conv2d", lambda x: x.transpose(3, 2, 0, 1)),  # [kh, kw, in, out] -> [out, in, kh, kw]
     conv_transpose2d: ("conv_transpose2d", lambda x: x.transpose(2, 3, 0, 1)),  # -> [in, out, kh, kw]
-    flatten: ("flatten", lambda x: x),
+    flatten: ("flatten", lambda x: x.reshape(1, -1)),  # [C] -> a one-row embedding table [1, C]
     qkv_kernel: ("qkv_kernel", lambda x: x.reshape(x.shape[0], -1).T),  # [D, 3, D] -> [3D, D]
-    qkv_bias: ("qkv_bias", lambda x: x),
+    qkv_bias: ("qkv_bias", lambda x: x.reshape(-1)),  # [3, D] -> [3D]
 }
 INVERSES = {name: inverse for name, inverse in _TRANSFORMS.values()}
 
@@ -60,78 +64,122 @@ def to_torch(entry: dict, array: np.ndarray):
     return t.to(_torch_dtype(entry["dtype"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint to export: its saved arrays, their torch layout, and the files written beside the weights."""
+
+    pytree: Path  # Orbax checkpoint directory of the model arrays
+    checkpointable: str  # the model's name in it ("AUTO": the directory itself)
+    saved: dict  # NNX path -> (name in the saved tree, array metadata)
+    layout: list[dict]
+    files: dict[str, bytes]  # config.json and the tokenizer, for NExT-Chat models
+
+
+def _saved(pytree: Path, checkpointable: str) -> dict:
+    """NNX path -> (saved name, metadata); a training checkpoint saves each NNX variable's array as `<path>.value`."""
+    from orbax.checkpoint.experimental import v1 as ocp
+
+    flat = _flat_meta(ocp.metadata(pytree, checkpointable_name=checkpointable).metadata)
+    return {name.removesuffix(".value"): (name, meta) for name, meta in flat.items()}
+
+
+def open_source(checkpoint: str | Path, tokenizer: str | Path | None = None) -> Source:
+    """A `jaxground convert` output (layout from its torch_layout.json) or a `jaxground train` checkpoint (a NExT-Chat:
+    layout derived from the conversion table). `tokenizer` (a NExT-Chat's; by default a training run's own) is
+    copied with its added tokens."""
+    from jaxground.convert import official, trained
+    from jaxground.convert.store import CONFIG_FILE, MODEL_DIR, read_config, read_layout
+
+    checkpoint = Path(checkpoint).absolute()  # Orbax reads only absolute paths
+    extra_tokens = ()
+    if (checkpoint / CONFIG_FILE).is_file():
+        kind, cfg = read_config(checkpoint)
+        pytree, name = checkpoint / MODEL_DIR, "AUTO"
+        saved, layout = _saved(pytree, name), read_layout(checkpoint)
+    else:
+        pytree, cfg, run_tokenizer, extra_tokens = trained.read(checkpoint, tokenizer)
+        kind, name, tokenizer = "nextchat", "model", tokenizer or run_tokenizer
+        saved = _saved(pytree, name)
+        layout = trained.layout(cfg, {p: meta for p, (_, meta) in saved.items()}, pytree)
+    files = {}
+    if kind == "nextchat":
+        dtype = next(e["dtype"] for e in layout if e["key"] == "model.embed_tokens.weight")
+        files["config.json"] = json.dumps(official.hf_config(cfg, dtype), indent=2).encode()
+        if tokenizer is not None:
+            files.update(official.tokenizer_files(Path(tokenizer), cfg, extra_tokens))
+    elif tokenizer is not None:
+        raise ValueError(f"--tokenizer is for NExT-Chat models; {checkpoint} holds a converted {kind}")
+    return Source(pytree, name, saved, layout, files)
+
+
 def _weight_files(directory: Path) -> list[Path]:
     """The files of an earlier export in `directory`: HF would load a stale `model.safetensors` before an index."""
     return sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("model.safetensors.index.json"))
 
 
-def export(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = 2 << 30, progress=None,
-           overwrite: bool = False) -> list[Path]:
+def export(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
+           shard_bytes: int = 2 << 30, progress=None, overwrite: bool = False) -> list[Path]:
     """Writes `out/model-0000K-of-0000N.safetensors` (+ `model.safetensors.index.json` when sharded) from a
-    `jaxground convert` output. Arrays are read one shard at a time into a hidden directory in `out` and moved
-    into place at the end, so a crash leaves no half set. Other files in `out` (config.json, tokenizer) stay; weight files
-    of an earlier export are refused, or replaced with `overwrite`."""
-    from orbax.checkpoint.experimental import v1 as ocp
-
-    from jaxground.convert.store import MODEL_DIR, read_config, read_layout
-
-    checkpoint, out = Path(checkpoint).absolute(), Path(out)  # Orbax reads only absolute paths
-    read_config(checkpoint)  # a clear error when this is not a converted checkpoint
-    layout = read_layout(checkpoint)
-    meta = _flat_meta(ocp.metadata(checkpoint / MODEL_DIR).metadata)
+    `jaxground convert` output or a `jaxground train` checkpoint (`open_source`); for a NExT-Chat model also
+    `config.json` for the official classes and the tokenizer when there is one. Arrays are read one shard at a time
+    and everything is written into a hidden directory in `out`, moved into place at the end, so a crash leaves no
+    half set. Files of an earlier export are refused, or replaced with `overwrite`; other files in `out` stay."""
+    source = open_source(checkpoint, tokenizer)
+    out = Path(out)
     shards, current, size = [], [], 0
-    for entry in layout:
-        n = int(np.prod(entry["shape"])) * np.dtype(meta[entry["path"]].dtype).itemsize
+    for entry in source.layout:
+        n = int(np.prod(entry["shape"])) * np.dtype(source.saved[entry["path"]][1].dtype).itemsize
         if current and size + n > shard_bytes:
             shards.append(current)
             current, size = [], 0
         current.append(entry)
         size += n
     shards.append(current)
-    stale = _weight_files(out) if out.is_dir() else []
+    stale = (_weight_files(out) + [out / f for f in source.files if (out / f).exists()]) if out.is_dir() else []
     if stale and not overwrite:
-        raise FileExistsError(f"{out} already holds exported weights ({stale[0].name}); choose another --out "
+        raise FileExistsError(f"{out} already holds exported files ({stale[0].name}); choose another --out "
                               "(or pass --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".export.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        names = _write_shards(checkpoint, staging, layout, meta, shards, progress)
+        names = _write_shards(source, staging, shards, progress)
+        for name, content in source.files.items():
+            (staging / name).write_bytes(content)
         for f in stale:
             f.unlink()
-        for name in names:
+        for name in [*names, *source.files]:
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names if name.endswith(".safetensors")]
 
 
-def _write_shards(checkpoint: Path, out: Path, layout: list[dict], meta: dict, shards: list[list[dict]],
-                  progress) -> list[str]:
+def _write_shards(source: Source, out: Path, shards: list[list[dict]], progress) -> list[str]:
     """Writes the safetensors shards (+ index when more than one) into `out`; returns the file names."""
     from orbax.checkpoint.experimental import v1 as ocp
     from safetensors.torch import save_file
 
-    from jaxground.convert.store import MODEL_DIR, _nest
+    from jaxground.convert.store import _nest
 
     files, weight_map, done = [], {}, 0
     for k, shard in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        paths = sorted({e["path"] for e in shard})
-        abstract = {p: meta[p] for p in paths}
+        abstract = dict(source.saved[e["path"]] for e in shard)  # saved name -> metadata
         context = ocp.Context()
         context.pytree.loading.partial_load = True  # only this shard's arrays
         with context:
-            arrays = _flat_meta(ocp.load(checkpoint / MODEL_DIR, _nest(_targets(abstract))))
-        tensors = {e["key"]: to_torch(e, np.asarray(arrays[e["path"]])) for e in shard}
+            arrays = _flat_meta(ocp.load(source.pytree, _nest(_targets(abstract)),
+                                         checkpointable_name=source.checkpointable))
+        tensors = {e["key"]: to_torch(e, np.asarray(arrays[source.saved[e["path"]][0]])) for e in shard}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         files.append(name)
         weight_map.update(dict.fromkeys(tensors, name))
         done += len(shard)
         del arrays, tensors
         if progress is not None:
-            progress(done, len(layout))
+            progress(done, len(source.layout))
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                      indent=2))

@@ -12,7 +12,8 @@ Vocabulary 32005 = base + `<im_patch> <im_start> <im_end> <at> <boxes>`.
 
 Composition (`compose`): a LLaMA/Vicuna checkpoint + a CLIP checkpoint (+ an official SAM `.pth`) -> one NExT-Chat
 model whose projector, box encoder/decoder and seg_prompt_mlp are fresh, and whose 5 new vocabulary rows (input
-and output embeddings) are the mean of the old rows. Its export layout is the released NExT-Chat one.
+and output embeddings) are initialised as the official code does (`PadRows`). Its export layout is the released
+NExT-Chat one, which `released_layout` also derives for models trained in JAX.
 """
 
 from __future__ import annotations
@@ -108,17 +109,35 @@ def sam_part_rules(prefix: str, hf: bool, iou_head_depth: int) -> list[Rule]:
     ]
 
 
-def released_rules(cfg, shapes) -> list[Rule]:
-    rules = llama_conv.llama_rules("model.", target_prefix="llm.", tied=cfg.llm.tie_embeddings)
+def released_rules(cfg, vision_prefix: str | None) -> list[Rule]:
+    """The released NExT-Chat table for `cfg`; the vision tower's rules only with its key prefix (it may be absent)."""
+    rules = llama_conv.llama_rules("model.", target_prefix="llm.", scan=cfg.llm.scan_layers,
+                                   tied=cfg.llm.tie_embeddings)
     rules += projector_rules(cfg.projector) + sequential_rules("loc_encoder") + sequential_rules("loc_decoder")
-    vprefix = _vision_prefix(shapes)
-    if vprefix is not None:
-        rules += clip_conv.clip_rules(vprefix, target_prefix="vision.",
+    if vision_prefix is not None:
+        rules += clip_conv.clip_rules(vision_prefix, target_prefix="vision.",
                                       learned_positions=cfg.vision.position_embedding == "learned")
     if cfg.sam is not None:
         rules += [*sequential_rules("seg_prompt_mlp", "mask_head.seg_prompt_mlp"),
                   *sam_part_rules("sam.model.", False, cfg.sam.iou_head_depth)]
     return rules
+
+
+# NextChat's training aids (not in the release): the official model has no place for them, so they are not exported
+TRAINING_AIDS = ("patch_head.", "attr_head.")
+
+
+def released_layout(cfg, variables: dict[str, tuple[tuple, str]]) -> list[dict]:
+    """torch_layout entries naming `variables` {NNX path: (shape, torch dtype)} of a NextChat in the released
+    layout (the vision tower as `model.vision_tower.vision_model.*`, as composed), derived from the conversion
+    table; training aids are left out. Raises when an array has no released name."""
+    from jaxground.convert.layout import derive_layout
+
+    entries, unnamed = derive_layout(released_rules(cfg, "model.vision_tower."), variables)
+    unnamed = [p for p in unnamed if not p.startswith(TRAINING_AIDS)]
+    if unnamed:
+        raise ValueError(f"no released NExT-Chat name for {len(unnamed)} arrays: {', '.join(unnamed[:5])}")
+    return entries
 
 
 # ---- the released checkpoint -----------------------------------------------------------------------------
@@ -129,7 +148,7 @@ def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None =
     from jaxground.models.nextchat import NextChatConfig
 
     llm = LlamaConfig.from_hf(hf, dtype=dtype, param_dtype=dtype)
-    select = hf.get("mm_vision_select_layer", -2)
+    select = hf.get("mm_vision_select_layer", -1)  # the official default (`getattr(config, ..., -1)`)
     vprefix = _vision_prefix(shapes)
     if vision is None:
         if vprefix is None:
@@ -144,7 +163,7 @@ def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None =
 
 def released_parts(source, shapes: dict, cfg, clip_source=None) -> list[Part]:
     """Parts of a released checkpoint; a `clip_source` is read only when the checkpoint has no vision tower."""
-    parts = [Part(source, tuple(released_rules(cfg, shapes)), label="NExT-Chat")]
+    parts = [Part(source, tuple(released_rules(cfg, _vision_prefix(shapes))), label="NExT-Chat")]
     if _vision_prefix(shapes) is None:
         if clip_source is None:
             raise ValueError("this NExT-Chat checkpoint holds no vision tower: add a CLIP checkpoint as a source")
@@ -156,28 +175,35 @@ def released_parts(source, shapes: dict, cfg, clip_source=None) -> list[Part]:
 
 @dataclasses.dataclass(frozen=True)
 class PadRows:
-    """Appends `extra` rows equal to the mean of the existing rows ([V, D] torch layout), then `base`."""
+    """Appends the `extra` NExT-Chat rows to a [V, D] torch table, then `base`, as the official code adds them:
+    `<im_patch>` alone first (`resize_token_embeddings`: a N(0, std) row, std = the LLaMA `initializer_range`),
+    then the other tokens, set to the mean of every row before them (the random `<im_patch>` row included)."""
 
     base: object
     extra: int
+    seed: tuple[int, ...]  # one stream per table: the input and output rows are drawn independently
+    std: float = 0.02
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.extra:
-            mean = np.broadcast_to(x.mean(axis=0, keepdims=True, dtype=np.float64).astype(x.dtype),
-                                   (self.extra, *x.shape[1:]))
-            x = np.concatenate([x, mean], axis=0)
+        patch = np.random.default_rng(self.seed).normal(0.0, self.std, (1, *x.shape[1:])).astype(x.dtype)
+        x = np.concatenate([x, patch], axis=0)
+        mean = x.mean(axis=0, keepdims=True, dtype=np.float64).astype(x.dtype)
+        x = np.concatenate([x, np.broadcast_to(mean, (self.extra - 1, *x.shape[1:]))], axis=0)
         return self.base(x)
 
     def torch_shape(self, shape):
         return (shape[0] + self.extra, *shape[1:])
 
 
-def llm_part(source, cfg, base_vocab: int) -> Part:
+def llm_part(source, cfg, base_vocab: int, *, seed: int = 0, init_std: float = 0.02) -> Part:
+    """The LLaMA of a composition, its input and output tables grown by the NExT-Chat rows (`PadRows`)."""
     extra = cfg.llm.vocab_size - base_vocab
+    tables = {"llm.embed_tokens.embedding": 0, "llm.lm_head.kernel": 1}
     rules = []
     for rule in llama_conv.llama_rules("model.", target_prefix="llm.", tied=cfg.llm.tie_embeddings):
-        if rule.target in ("llm.embed_tokens.embedding", "llm.lm_head.kernel"):
-            rule = Rule(rule.pattern, rule.target, PadRows(rule.transform, extra))
+        if rule.target in tables:
+            pad = PadRows(rule.transform, extra, (seed, tables[rule.target]), init_std)
+            rule = Rule(rule.pattern, rule.target, pad)
         rules.append(rule)
     return Part(source, tuple(rules), label="LLaMA")
 
@@ -222,30 +248,19 @@ def fresh_heads(cfg, seed: int = 0) -> dict[str, tuple[np.ndarray, dict]]:
     d, rngs = cfg.llm.hidden_size, nnx.Rngs(seed)
     kw = dict(dtype=jnp.dtype(cfg.llm.dtype), param_dtype=jnp.dtype(cfg.llm.param_dtype))
     modules = {
-        "projector": (Projector(cfg.projector, cfg.vision.hidden_size, d, rngs=rngs, dtype=cfg.llm.dtype,
-                                param_dtype=cfg.llm.param_dtype),
-                      {"fc1": "model.mm_projector.0", "fc2": "model.mm_projector.2"} if cfg.projector == "mlp2x_gelu"
-                      else {"fc1": "model.mm_projector"}),
-        "loc_encoder": (BoxEncoder(d, rngs=rngs, **kw), {"fc1": "loc_encoder.0", "fc2": "loc_encoder.2"}),
-        "loc_decoder": (BoxDecoder(d, rngs=rngs, box_prior=cfg.box_prior, **kw),
-                        {"fc1": "loc_decoder.0", "fc2": "loc_decoder.2"}),
+        "projector": Projector(cfg.projector, cfg.vision.hidden_size, d, rngs=rngs, dtype=cfg.llm.dtype,
+                               param_dtype=cfg.llm.param_dtype),
+        "loc_encoder": BoxEncoder(d, rngs=rngs, **kw),
+        "loc_decoder": BoxDecoder(d, rngs=rngs, box_prior=cfg.box_prior, **kw),
     }
     if cfg.sam is not None:
         from jaxground.models.mask_head import SegPromptMLP
 
-        modules["mask_head.seg_prompt_mlp"] = (SegPromptMLP(d, cfg.sam.prompt_dim, rngs=rngs),
-                                               {"fc1": "seg_prompt_mlp.0", "fc2": "seg_prompt_mlp.2"})
-    out = {}
-    for prefix, (module, names) in modules.items():
-        for path, var in stored_variables(module).items():
-            layer, leaf = path.split(".")
-            array = np.asarray(var.get_value())
-            kernel = leaf == "kernel"
-            shape = array.T.shape if kernel else array.shape
-            out[f"{prefix}.{path}"] = (array, {
-                "key": f"{names[layer]}.{'weight' if kernel else 'bias'}", "path": f"{prefix}.{path}", "index": None,
-                "transform": "transpose" if kernel else "identity", "shape": list(shape), "dtype": "float32"})
-    return out
+        modules["mask_head.seg_prompt_mlp"] = SegPromptMLP(d, cfg.sam.prompt_dim, rngs=rngs)
+    arrays = {f"{prefix}.{path}": np.asarray(var.get_value())
+              for prefix, module in modules.items() for path, var in stored_variables(module).items()}
+    entries = released_layout(cfg, {path: (a.shape, "float32") for path, a in arrays.items()})
+    return {e["path"]: (arrays[e["path"]], e) for e in entries}
 
 
 # ---- in memory (`from_torch`) ----------------------------------------------------------------------------

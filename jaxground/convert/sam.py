@@ -41,6 +41,7 @@ def flatten(x: np.ndarray) -> np.ndarray:
 
 
 def _alt(*names: str) -> str:
+    # the official name first: exports of models trained in JAX take it (jaxground/convert/layout.py)
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 

@@ -583,19 +583,23 @@ class DataIterator:
         self.skipped, self._done = Counter(s["skipped"]), s["done"]
 
 
+def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
+    """The tokenizer directory: `data.tokenizer`, or when empty the one saved with the first `shapes` dataset."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    shapes = [e for e in cfg.datasets.values() if e.kind == "shapes"]
+    if not shapes:
+        raise ValueError("data.tokenizer is empty and there is no `shapes` dataset to take it from")
+    return str(Path(shapes[0].path) / "tokenizer")
+
+
 def make_encoder(cfg: ml_collections.ConfigDict):
     """-> (ConversationEncoder, TokenIds) for the config's tokenizer and location format."""
     from jaxground.data.location_format import get_format
     from jaxground.data.tokenizer import load_tokenizer
 
     fmt = get_format(cfg.location_format)
-    path = cfg.tokenizer
-    if not path:
-        shapes = [e for e in cfg.datasets.values() if e.kind == "shapes"]
-        if not shapes:
-            raise ValueError("data.tokenizer is empty and there is no `shapes` dataset to take it from")
-        path = str(Path(shapes[0].path) / "tokenizer")
-    tok, ids = load_tokenizer(path, fmt.extra_tokens)
+    tok, ids = load_tokenizer(tokenizer_path(cfg), fmt.extra_tokens)
     return ConversationEncoder(tok, ids, fmt, cfg.num_image_tokens, cfg.system_prompt,
                                cfg.image_position), ids
 

@@ -1,6 +1,6 @@
 """torch -> JAX -> torch is bit-exact: `jaxground convert` then `jaxground export`, compared key by key and bit by
 bit with the source (LLaMA in float32 and bfloat16, official SAM with its conv / transposed-conv / stacked
-embeddings, a released NExT-Chat directory)."""
+embeddings, a released NExT-Chat directory, whose export also loads into the official classes)."""
 
 import importlib.util
 import json
@@ -84,6 +84,15 @@ def test_released_nextchat_exports_its_own_layout(tmp_path):
     (src / "config.json").write_text(json.dumps(hf.config.to_dict() | {"model_type": "nextchat", "mm_depth": 2}))
     exported = roundtrip(src, tmp_path)
     assert_bit_exact(exported, state)
+    # with a config.json the official classes build mm_projector from, and load ours into it
+    spec = importlib.util.spec_from_file_location("_official_reference",
+                                                  Path(__file__).with_name("_official_reference.py"))
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    model, info = official.load(tmp_path / "torch")
+    assert not info["missing_keys"]
+    for key in ("model.mm_projector.0.weight", "model.mm_projector.2.bias", "loc_decoder.2.weight"):
+        assert torch.equal(model.state_dict()[key], state[key]), key
 
 
 def test_export_keeps_other_files_and_refuses_stale_weights(tmp_path, capsys, monkeypatch):
@@ -97,7 +106,7 @@ def test_export_keeps_other_files_and_refuses_stale_weights(tmp_path, capsys, mo
     (out / "config.json").write_text("{}")  # an HF directory the weights go into
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
     assert main(["export", "--checkpoint", "jax", "--out", "torch"]) == 2
-    assert "already holds exported weights" in capsys.readouterr().err
+    assert "already holds exported files" in capsys.readouterr().err
     assert main(["export", "--checkpoint", "jax", "--out", "torch", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert_bit_exact(load_file(str(out / "model.safetensors")), {k: v.contiguous() for k, v in hf.state_dict().items()})

@@ -166,9 +166,26 @@ def test_released_full_checkpoint_with_sam(torch_parts, tmp_path):
     assert np.abs(np.asarray(got[0]) - masks).max() <= 1e-5  # measured 1e-6
 
 
+def official_new_rows(base, patch_in, patch_out):
+    """The official `initialize_vision_tokenizer` on a copy of `base`: `<im_patch>` added alone by
+    resize_token_embeddings (its random rows set to ours: the draw is another generator's), then 4 more tokens
+    whose rows, input and output, are the mean of `[:-4]`."""
+    import copy
+
+    ref = copy.deepcopy(base)
+    ref.resize_token_embeddings(BASE + 1)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight[BASE] = torch.tensor(patch_in)
+        ref.lm_head.weight[BASE] = torch.tensor(patch_out)
+        ref.resize_token_embeddings(BASE + 5)
+        for table in (ref.model.embed_tokens.weight, ref.lm_head.weight):
+            table[-4:] = table[:-4].mean(dim=0, keepdim=True)
+    return ref.requires_grad_(False)
+
+
 def test_compose_vicuna_clip_sam(torch_parts, tmp_path):
-    """LLaMA dir + CLIP dir + SAM .pth -> NExT-Chat with fresh heads and mean-initialised new token rows; its
-    export layout is the released one."""
+    """LLaMA dir + CLIP dir + SAM .pth -> NExT-Chat with fresh heads and new token rows initialised as the official
+    code does; its export layout is the released one."""
     from jaxground.convert.command import convert
     from jaxground.convert.store import load_converted, read_layout
 
@@ -179,16 +196,35 @@ def test_compose_vicuna_clip_sam(torch_parts, tmp_path):
     convert([tmp_path / "vicuna", tmp_path / "clip", tmp_path / "sam.pth"], tmp_path / "out", quiet=True)
     model, cfg = load_converted(tmp_path / "out")
     assert cfg.llm.vocab_size == BASE + 5 and cfg.tokens.at == AT and cfg.sam == SAM and cfg.vision.select_layer == -2
-    emb = np.asarray(model.llm.embed_tokens.embedding[...])
-    old = base.model.embed_tokens.weight.detach().numpy()
-    np.testing.assert_array_equal(emb[:BASE], old)
-    np.testing.assert_allclose(emb[BASE:], np.broadcast_to(old.mean(0), (5, H)), rtol=1e-5, atol=1e-7)
-    head = np.asarray(model.llm.lm_head.kernel[...])
-    np.testing.assert_allclose(head[:, BASE:].T, np.broadcast_to(base.lm_head.weight.detach().numpy().mean(0), (5, H)),
-                               rtol=1e-5, atol=1e-7)
+    emb, head = np.asarray(model.llm.embed_tokens.embedding[...]), np.asarray(model.llm.lm_head.kernel[...]).T
+    official = official_new_rows(base, emb[BASE], head[BASE])
+    np.testing.assert_allclose(emb, official.model.embed_tokens.weight.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(head, official.lm_head.weight.numpy(), rtol=1e-5, atol=1e-7)
+    for row in (emb[BASE], head[BASE]):  # <im_patch>: N(0, initializer_range 0.02), drawn apart for each table
+        assert 0.01 < row.std() < 0.03 and abs(row.mean()) < 0.015
+    assert not np.array_equal(emb[BASE], head[BASE])
     np.testing.assert_array_equal(np.asarray(model.mask_head.mask_decoder.iou_token[...]),
                                   torch_parts["sam"].mask_decoder.iou_token.weight.detach().numpy())
     assert float(jnp.abs(model.loc_decoder.fc1.kernel[...]).max()) > 0  # fresh heads are initialised, not empty
     keys = {e["key"] for e in read_layout(tmp_path / "out")}
     assert keys == set(released_state(torch_parts)) - {"model.vision_tower.vision_model.post_layernorm.weight",
                                                        "model.vision_tower.vision_model.post_layernorm.bias"}
+
+
+def test_select_layer_defaults_as_the_official_code(torch_parts):
+    """A config.json without `mm_vision_select_layer` means -1: `getattr(self.config, "mm_vision_select_layer", -1)`."""
+    from jaxground.convert.nextchat import released_config
+
+    shapes = {k: tuple(v.shape) for k, v in released_state(torch_parts, with_sam=False).items()}
+    hf = torch_parts["llama"].config.to_dict() | {"model_type": "nextchat", "mm_depth": 2}
+    assert released_config(shapes, hf).vision.select_layer == -1
+
+
+def test_new_token_rows_are_seeded():
+    from jaxground.convert.nextchat import PadRows
+    from jaxground.convert.table import identity
+
+    x = np.random.default_rng(0).normal(size=(BASE, H)).astype(np.float32)
+    rows = [PadRows(identity, 5, seed)(x)[BASE] for seed in ((0, 0), (0, 0), (1, 0), (0, 1))]
+    assert np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[0], rows[2])
+    assert not np.array_equal(rows[0], rows[3])
