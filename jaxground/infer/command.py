@@ -33,6 +33,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-triggers", type=int, default=8, help="most answer objects given a box (and mask); "
                         "an <at> beyond them is printed as [?]")
+    parser.add_argument("--trigger-state", default="at", help="where each object's box and mask come from: 'at', "
+                        "the state at <at> (as trained; default), or 'predicting', the state that chose <at> (as the "
+                        "released demo reads it)")
+    parser.add_argument("--mask-iou-threshold", type=float, default=0.0, help="blank masks whose predicted IoU "
+                        "is below this (the released demo: 0.3)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
@@ -204,9 +209,12 @@ def _run(args) -> int:
         context = context_length(config, args.checkpoint, ids)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
-                           num_beams=args.num_beams, max_triggers=args.max_triggers, eos_id=ids.eos, pad_id=ids.pad,
-                           at_id=ids.at, boxes_id=ids.boxes)
+    try:
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
+                               num_beams=args.num_beams, max_triggers=args.max_triggers, eos_id=ids.eos,
+                               pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes, trigger_state=args.trigger_state)
+    except ValueError as e:
+        raise PredictError(str(e)) from None
     _check_prompts(requests, encoder, context, cfg)
     try:
         model = load_model(config, args.checkpoint, ids, mesh)
@@ -215,7 +223,7 @@ def _run(args) -> int:
     for req in requests:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
         pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn,
-                       pad_fill=config.data.get("pad_fill", "mean"))
+                       pad_fill=config.data.get("pad_fill", "mean"), mask_iou_threshold=args.mask_iou_threshold)
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)

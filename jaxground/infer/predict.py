@@ -6,7 +6,10 @@ Axes: B batch, T prompt tokens, Q trigger slots, D model width, H/W original ima
 Input boxes are referred to in the prompt as `[0]`, `[1]`, ... (as in the authors' demo); each reference
 becomes `<at> <boxes>` whose `<boxes>` embedding is G(box). In the answer, every `<at> <boxes>` with a recorded
 trigger becomes `[k]` numbered after the input boxes, and box k is F(t) of that trigger mapped from the padded
-square to pixels; an `<at>` without a box (the last token, or beyond max_triggers) becomes `[?]`.
+square to pixels; an `<at>` without a box (the last token, or beyond max_triggers) becomes `[?]`. With
+`GenerationConfig(trigger_state="predicting")` (the released demo's reading) every generated `<at>` up to
+max_triggers has a box, the last token's too. Masks whose predicted IoU (SAM's IoU head) is below
+`mask_iou_threshold` are blanked, as the demo does at 0.3.
 """
 
 from __future__ import annotations
@@ -77,13 +80,15 @@ class Prediction:
     text: str  # the answer, `<at> <boxes>` replaced by `[k]`
     boxes: np.ndarray  # float32[n,4] pixel xyxy of the answer's objects, k = num input boxes + index
     first_ref: int  # index of the first answer object
-    masks: np.ndarray | None  # bool[n,H,W]
+    masks: np.ndarray | None  # bool[n,H,W], blanked where mask_iou is below the threshold
+    mask_iou: np.ndarray | None = None  # float32[n] SAM's predicted IoU of each mask
 
     def to_json(self) -> dict:
         objects = [{"ref": self.first_ref + i, "box": [round(float(v), 2) for v in b]} for i, b in enumerate(self.boxes)]
         if self.masks is not None:
-            for o, m in zip(objects, self.masks):
+            for o, m, iou in zip(objects, self.masks, self.mask_iou):
                 o["mask_area"] = int(m.sum())
+                o["mask_iou"] = round(float(iou), 4)
                 o["mask_rle"] = rle_encode(m)
         return {"answer": self.text, "objects": objects}
 
@@ -109,13 +114,14 @@ def rle_decode(rle: dict) -> np.ndarray:
 
 @functools.partial(nnx.jit, static_argnames=("geo",))
 def _masks(model, sam_images, trigger_states, boxes, geo):
-    logits, _ = model.segment(sam_images, trigger_states, boxes)  # [1,Q,4g,4g] over the padded square
-    return postprocess_masks(logits, geo) > 0  # [1,Q,H,W]
+    logits, iou = model.segment(sam_images, trigger_states, boxes)  # [1,Q,4g,4g] over the padded square, [1,Q]
+    return postprocess_masks(logits, geo) > 0, iou  # [1,Q,H,W]
 
 
 def mask_function(model, image: np.ndarray):
     """The mask head of a NextChat with SAM for one image uint8[H,W,3]:
-    `fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` masks in original image pixels."""
+    `fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> (bool[1,Q,H,W] masks in original image pixels, predicted IoU
+    float32[1,Q])`."""
     if model.cfg.sam is None:
         raise ValueError("this NextChat has no mask head (model.sam)")
     sam_image, geo = preprocess_image(image, model.cfg.sam.img_size, pad="center")
@@ -135,10 +141,11 @@ def generate_nextchat(model, images, input_ids, attention_mask, boxes, box_mask,
 UNBOXED = "[?]"  # an <at> without a box: the last generated token (no <boxes> forced after it), or beyond max_triggers
 
 
-def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects: int) -> str:
+def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects: int,
+                predicting: bool = False) -> str:
     """Generated ids (up to eos) -> text with each `<at> <boxes>` of the `num_objects` recorded triggers as `[k]`
     and any other `<at>` as `UNBOXED`. Generation records the first max_triggers `<at>` that a forced `<boxes>`
-    follows, in order."""
+    follows, in order, or with `predicting` (trigger_state "predicting") the first max_triggers `<at>`."""
     tokens = tokens.tolist()
     pieces, k, run = [], first_ref, []
 
@@ -151,7 +158,8 @@ def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects:
             break
         if t == ids.at:
             flush()
-            boxed = i + 1 < len(tokens) and tokens[i + 1] == ids.boxes and k < first_ref + num_objects
+            followed = predicting or (i + 1 < len(tokens) and tokens[i + 1] == ids.boxes)
+            boxed = followed and k < first_ref + num_objects
             pieces.append(f"[{k}]" if boxed else UNBOXED)
             k += boxed
         elif t != ids.boxes:
@@ -170,13 +178,13 @@ def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int,
 
 
 def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
-            *, rng=None, mask_fn=None, pad_fill: str = "mean") -> Prediction:
+            *, rng=None, mask_fn=None, pad_fill: str = "mean", mask_iou_threshold: float = 0.0) -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
 
     `pad_fill`: the colour the image is padded square with, as the model was trained (`data.pad_fill`: "white"
     for NExT-Chat's released weights).
-    `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> bool[1,Q,H,W]` adds masks (`mask_function`: the SAM
-    mask head).
+    `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> (bool[1,Q,H,W], iou [1,Q])` adds masks (`mask_function`:
+    the SAM mask head); a mask whose predicted IoU is below `mask_iou_threshold` is blanked (the demo: 0.3).
     """
     from jaxground.data.transforms import clip_image
 
@@ -193,12 +201,14 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
                             jax.random.key(0) if rng is None else rng, cfg)
     n = int(out.num_triggers[0])
     tokens = np.asarray(out.tokens[0, : int(out.lengths[0])])
-    masks = None
+    masks = iou = None
     if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
-        masks = np.asarray(mask_fn(out.trigger_states, out.boxes))[0, :n]
+        masks, iou = (np.asarray(x)[0, :n] for x in mask_fn(out.trigger_states, out.boxes))
+        masks = masks & (iou >= mask_iou_threshold)[:, None, None]
     return Prediction(
-        text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px), n),
+        text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px), n, cfg.trigger_state == "predicting"),
         boxes=boxes_to_pixels(np.asarray(out.boxes[0, :n]), h, w),
         first_ref=len(boxes_px),
         masks=masks,
+        mask_iou=iou,
     )

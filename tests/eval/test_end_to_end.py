@@ -395,3 +395,38 @@ def test_init_from_several_sources_merged_in_order(setup, tmp_path):
     loaded = dict(nnx.to_flat_state(checkpoint.load_models([root / "converted"], smaller,
                                                            jax.tree.map(lambda _: device, smaller))))
     assert sorted(loaded) == sorted(no_sam)
+
+
+def test_predict_trigger_state_and_mask_iou_threshold(setup, capsys, monkeypatch):
+    """--trigger-state predicting (the released demo's reading) records every generated <at>, the last token's
+    too, so the rigged answer of test_predict_numbers_only_objects_with_a_box gets a second object;
+    --mask-iou-threshold blanks exactly the masks whose predicted IoU is below it (the rigged model's own masks
+    are empty, so a stub mask head gives full masks with IoU 0.1, 0.2, ... per slot)."""
+    from jaxground.infer import predict
+
+    root, args, _ = setup
+    path = root / "img.png"
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(path)
+    base = ["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"), "--image", str(path),
+            "--prompt", "what is [0]?", "--box", "8,4,30,20", "--json", "--max-new-tokens", "4"]
+
+    def answer(*extra):
+        code = cli.main(base + list(extra) + args)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    assert answer()["answer"] == "[1] [?]"
+    predicting = answer("--trigger-state", "predicting")
+    assert predicting["answer"] == "[1] [2]" and [o["ref"] for o in predicting["objects"]] == [1, 2]
+
+    def stub(model, image):
+        def fn(states, boxes):
+            q = states.shape[1]
+            return np.ones((1, q, *image.shape[:2]), bool), 0.1 * np.arange(1, q + 1, dtype=np.float32)[None]
+        return fn
+    monkeypatch.setattr(predict, "mask_function", stub)
+    objects = answer("--trigger-state", "predicting", "--mask-iou-threshold", "0.15")["objects"]
+    assert [o["mask_iou"] for o in objects] == [0.1, 0.2] and [o["mask_area"] for o in objects] == [0, 24 * 40]
+    assert cli.main(base + ["--trigger-state", "before"] + args) == 2
+    assert "trigger_state must be one of" in capsys.readouterr().err
