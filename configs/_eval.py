@@ -16,9 +16,10 @@ def load(name: str) -> ConfigDict:
 
 
 def eval_section(datasets: dict, tasks: tuple, batch_size: int, *, max_new_tokens: int = 32,
-                 pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
+                 trigger_state: str = "at", pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
     return ConfigDict({"datasets": datasets, "tasks": tasks, "batch_size": batch_size,
-                       "max_new_tokens": max_new_tokens, "pope_parser": pope_parser, "meteor": meteor})
+                       "max_new_tokens": max_new_tokens, "trigger_state": trigger_state,
+                       "pope_parser": pope_parser, "meteor": meteor})
 
 
 REFCOCO_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),

@@ -1,14 +1,18 @@
 """RES on RefCOCO / RefCOCO+ / RefCOCOg with the 7B model and its SAM mask head: cIoU and gIoU of the mask at the
-teacher-forced "<at> <boxes>" answer, as the authors evaluate it (`res`), plus the box of the same pass (`rec`).
+teacher-forced "<at> <boxes>" answer (`res`: ours, cheaper and deterministic), of the mask at the first trigger
+of a greedy answer (`res_gen`), plus the box of the teacher-forced pass (`rec`).
 
     jaxground eval --config configs/eval_res.py --checkpoint CONVERTED_OR_WORKDIR \
         paths.refcoco=/data/refcoco paths.refcoco_plus=/data/refcoco+ paths.refcocog=/data/refcocog \
         paths.coco_images=/data/coco/train2014
 
-Ground-truth masks come from the refs' COCO polygons and are compared with the predicted mask on the padded
-square's grid at `data.mask_size` = 256 (SAM's own logit grid for 1024 inputs), counting only the pixels inside
-the image (`mask_region`: SAM's postprocessing crops the padding). The authors score at original image pixels
-after SAM's upsampling; this grid is coarser for images larger than 256 px.
+The authors' protocol is `res_gen` with `eval.trigger_state=predicting` (the released generate() reads each
+trigger from the state that chose `<at>`), 20 new tokens (set here), and its `ciou_released` figure (a sample
+without exactly one trigger scores an empty mask). Ground-truth masks come from the refs' COCO polygons and are
+compared with the predicted mask on the padded square's grid at `data.mask_size` = 256 (SAM's own logit grid
+for 1024 inputs), counting only the pixels inside the image (`mask_region`: SAM's postprocessing crops the
+padding). The authors score at original image pixels after SAM's upsampling; this grid is coarser for images
+larger than 256 px.
 """
 
 import importlib.util
@@ -24,6 +28,6 @@ _spec.loader.exec_module(_eval)
 def get_config() -> ConfigDict:
     c = _eval.load("nextchat_7b_stage3")
     datasets = _eval.refcoco_datasets(c)
-    c.eval = _eval.eval_section(datasets, ("res", "rec"), batch_size=16)
+    c.eval = _eval.eval_section(datasets, ("res", "res_gen", "rec"), batch_size=16, max_new_tokens=20)
     c.data.mask_size = 256
     return c

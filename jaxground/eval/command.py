@@ -1,4 +1,4 @@
-"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,pope,reg,v7w,count] [--out DIR]
+"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,res_gen,pope,reg,v7w,count] [--out DIR]
 [--max-new-tokens N] [--coordinator HOST:PORT --num-processes N --process-id I] [key=value ...]`
 
 Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`
@@ -12,8 +12,8 @@ the global batch, split over data x fsdp. Several hosts (SLURM, a TPU slice unde
 three flags) each read their own shard of every split; the prediction rows of all hosts are gathered in sample
 order, the figures computed over all of them, and only process 0 writes OUT/eval.json ({task: {split:
 metrics}}) and OUT/predictions.jsonl (one line per sample, with "task" and "split") and prints. OUT defaults to
-CHECKPOINT/eval. Exit status 2 for a bad config, task list, mesh, batch size or checkpoint, reported before any
-model compute.
+CHECKPOINT/eval. Exit status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser` included),
+task list, mesh, batch size or checkpoint, reported before any model compute.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run(args) -> int:
 
     from jaxground import parallel
     from jaxground.config import ConfigError, load_config
-    from jaxground.eval.evaluate import check_batch, evaluate, parse_tasks
+    from jaxground.eval.evaluate import check_batch, check_options, evaluate, parse_tasks
     from jaxground.infer.command import load_encoder, load_model
 
     try:
@@ -60,6 +60,7 @@ def run(args) -> int:
         tasks = parse_tasks(args.tasks or config.eval.get("tasks", ("rec",)))
         mesh = parallel.make_mesh(dict(config.mesh))
         check_batch(config, mesh)  # before the weights load
+        check_options(config)
         encoder, tokens = load_encoder(config)
         model = load_model(config, args.checkpoint, tokens, mesh)
         results, rows = evaluate(model, encoder, config, tasks, mesh=mesh, max_new_tokens=args.max_new_tokens)

@@ -7,7 +7,8 @@ Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
 |---|---|---|---|
 | `rec` | every REC expression | teacher-forced "Answer: <at> <boxes> ." (as the authors), F(t) of the trigger | acc@0.5, miou |
 | `rec_gen` | every REC expression | prompt without the answer, greedy generation, F(t) of the first trigger | acc@0.5, miou, no_trigger |
-| `res` | every REC expression with a mask | teacher-forced (as the authors), mask head at the trigger | ciou, giou |
+| `res` | every REC expression with a mask | teacher-forced (ours: cheaper, deterministic), mask head at the trigger | ciou, giou |
+| `res_gen` | every REC expression with a mask | as `rec_gen`, mask head at the first trigger | ciou, giou, ciou_released, counts |
 | `pope` | every POPE question | generation, the authors' answer parsing | accuracy, precision, recall, f1, yes_ratio |
 | `reg` | every REC expression, asked back | generation given the box; the expression is the reference | cider, bleu, rouge_l, meteor |
 | `v7w` | every Visual7W pointing question | teacher-forced; F(t) picks the candidate of highest IoU | accuracy |
@@ -15,8 +16,10 @@ Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
 
 Config keys read (`config.eval`): `datasets` (split name -> dataset entry), `batch_size` (global: every host
 reads `batch_size / hosts` rows of its shard; it must divide over the mesh's data x fsdp shards), and optionally
-`tasks` (default ("rec",)), `max_new_tokens` (32), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java
-for the PTB tokenizer and METEOR when java is installed).
+`tasks` (default ("rec",)), `max_new_tokens` (32; the authors' RES uses 20), `trigger_state` ("at" | "predicting":
+the state each generation task reads a trigger's box and mask from, `GenerationConfig.trigger_state`; "predicting"
+is the released generate()), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java for the PTB tokenizer
+and METEOR when java is installed).
 
 On a mesh: the model is placed by the rules table (`jaxground.infer.command.load_model`), each batch becomes
 global arrays split over (data, fsdp) (`parallel.global_batch`), and each host takes back the rows it fed
@@ -36,7 +39,7 @@ from flax import nnx
 from jaxground import parallel
 from jaxground.eval import runners, steps
 from jaxground.eval.gather import gather_rows, process_sum
-from jaxground.eval.metrics import pointing_summary, rec_summary, res_summary
+from jaxground.eval.metrics import pointing_summary, rec_summary, res_gen_summary, res_summary
 from jaxground.eval.prompts import generated_text, prompt_batch, reference_answers
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
     data_task: str  # the pipeline's per-item task
-    kind: str  # "forward" (a jitted step), "generate"
+    kind: str  # "forward" (a jitted step), "generate" (scored on the host), "generate_masks" (a jitted step)
     needs_masks: bool = False
 
 
@@ -53,6 +56,7 @@ TASKS = {
     "rec": EvalTask("rec", "forward"),
     "rec_gen": EvalTask("rec", "generate"),
     "res": EvalTask("rec", "forward", needs_masks=True),
+    "res_gen": EvalTask("rec", "generate_masks", needs_masks=True),
     "pope": EvalTask("pope", "generate"),
     "reg": EvalTask("reg", "generate"),
     "count": EvalTask("count", "generate"),
@@ -62,6 +66,7 @@ TASKS = {
 _STEPS = {"rec": (nnx.jit(steps.rec_teacher_forced_step), runners.run_rec, rec_summary),
           "res": (nnx.jit(steps.res_step), runners.run_res, res_summary),
           "v7w": (nnx.jit(steps.pointing_step), runners.run_pointing, pointing_summary)}
+_RES_GENERATED = nnx.jit(steps.res_generated_step, static_argnames=("cfg",))
 
 
 class EvalConfigError(ValueError):
@@ -98,8 +103,9 @@ def plan(config, model_cfg, tasks) -> list[tuple[str, str, object]]:
     from jaxground.data.pipeline import make_pipeline
 
     names = parse_tasks(tasks)
-    if "res" in names and model_cfg.sam is None:
-        raise EvalConfigError("task res needs a model with a mask head (model.sam)")
+    masks = [t for t in names if TASKS[t].needs_masks]
+    if masks and model_cfg.sam is None:
+        raise EvalConfigError(f"tasks {', '.join(masks)} need a model with a mask head (model.sam)")
     if not config.eval.datasets:
         raise EvalConfigError("eval.datasets is empty")
     out = []
@@ -113,12 +119,24 @@ def plan(config, model_cfg, tasks) -> list[tuple[str, str, object]]:
     return out
 
 
-def generation_config(model_cfg, max_new_tokens: int):
+def check_options(config) -> None:
+    """Raises EvalConfigError for an unknown `eval.pope_parser` or `eval.trigger_state` (before any compute)."""
+    from jaxground.infer.generate import TRIGGER_STATES
+
+    parser = config.eval.get("pope_parser", "nextchat")
+    if parser not in runners.PARSERS:
+        raise EvalConfigError(f"eval.pope_parser {parser!r} is not one of {sorted(runners.PARSERS)}")
+    state = config.eval.get("trigger_state", "at")
+    if state not in TRIGGER_STATES:
+        raise EvalConfigError(f"eval.trigger_state {state!r} is not one of {list(TRIGGER_STATES)}")
+
+
+def generation_config(model_cfg, max_new_tokens: int, trigger_state: str = "at"):
     from jaxground.infer.generate import GenerationConfig
 
     ids = model_cfg.tokens
     return GenerationConfig(max_new_tokens=max_new_tokens, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at,
-                            boxes_id=ids.boxes)
+                            boxes_id=ids.boxes, trigger_state=trigger_state)
 
 
 def prompt_width(model_cfg, max_len: int, max_new_tokens: int) -> int:
@@ -168,22 +186,38 @@ def batch_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[di
     return generate
 
 
+def mask_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[dict], dict]:
+    """This host's batch (with SAM images and masks) -> `steps.res_generated_step`'s outputs for its rows (numpy),
+    "tokens" decoded to "text"; the rows split over the mesh."""
+    ids = model.cfg.tokens
+    step = nnx.cached_partial(_RES_GENERATED, model)
+    rows = on_mesh(lambda g: step(g, cfg=gen_cfg), mesh)
+    keys = ("images", "sam_images", "masks", "mask_valid", "mask_region", "target_mask", "valid")
+
+    def generate(batch: dict) -> dict:
+        out = rows({**{k: batch[k] for k in keys if batch.get(k) is not None},
+                    **prompt_batch(batch, ids.pad, ids.boxes, width)})
+        return out | {"text": [generated_text(t, tokenizer, ids.eos) for t in out["tokens"]]}
+
+    return generate
+
+
 def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
     """-> ({task: {split: metrics}}, prediction rows with "task" and "split"), the same on every process.
 
     `model` is placed on `mesh` (`jaxground.infer.command.load_model`); every process calls this with its own
     shard of each split (the pipeline reads `jax.process_index()` of `jax.process_count()`); see `check_batch`."""
     check_batch(config, mesh)
+    check_options(config)
     ev = config.eval
     max_new = max_new_tokens or ev.get("max_new_tokens", 32)
     parser = ev.get("pope_parser", "nextchat")
-    if parser not in runners.PARSERS:
-        raise EvalConfigError(f"eval.pope_parser {parser!r} is not one of {sorted(runners.PARSERS)}")
     pipelines = plan(config, model.cfg, tasks)
-    needs_generation = any(TASKS[t].kind == "generate" for t, _, _ in pipelines)
-    if needs_generation:
+    if any(TASKS[t].kind != "forward" for t, _, _ in pipelines):
         width = prompt_width(model.cfg, config.data.max_len, max_new)
-        generate = batch_generator(model, encoder.tok, generation_config(model.cfg, max_new), width, mesh)
+        gen_cfg = generation_config(model.cfg, max_new, ev.get("trigger_state", "at"))
+        generate = batch_generator(model, encoder.tok, gen_cfg, width, mesh)
+        generate_masks = mask_generator(model, encoder.tok, gen_cfg, width, mesh)
     results: dict = {}
     rows: list[dict] = []
     with jax.set_mesh(mesh):  # activations constrained by the rules table, as in training
@@ -194,6 +228,9 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
                 # rec`, tiny: 217.8 -> 252.9-283.4 ex/s)
                 summary, task_rows = runners.add_up(
                     gather_rows(run(on_mesh(nnx.cached_partial(step, model), mesh), batches)), summarize)
+            elif TASKS[task].kind == "generate_masks":
+                summary, task_rows = runners.add_up(
+                    gather_rows(runners.run_res_generated(generate_masks, batches)), res_gen_summary)
             else:
                 task_rows = runners.run_generation(
                     generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))

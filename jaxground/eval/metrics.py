@@ -59,6 +59,15 @@ def res_summary(sums: Mapping) -> dict:
     return {**res_scores(sums), "count": int(sums["count"])}
 
 
+def res_gen_summary(sums: Mapping) -> dict:
+    """RES by generation (`steps.res_generated_step`'s sums): `res_summary` of the first trigger's masks (none:
+    empty), `ciou_released` (the released rule: empty unless exactly one trigger) and the counts no_trigger,
+    multi_trigger, failed."""
+    released = res_scores({k: sums[f"released_{k}"] for k in ("intersection", "union", "iou", "count")})
+    counts = {k: int(sums[k]) for k in ("no_trigger", "multi_trigger", "failed")}
+    return {**res_summary(sums), "ciou_released": released["ciou"], **counts}
+
+
 class Sums:
     """Adds dicts of scalar sums across batches on the host (float64, so nothing is lost to rounding)."""
 

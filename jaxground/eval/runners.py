@@ -49,6 +49,19 @@ def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]
         "pred": _rounded(out["box"][i])})
 
 
+def run_res_generated(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
+    """step(batch) -> {"text" [B] str, "num_triggers" [B], "box" [B,4], "counted" [B], "sums"
+    (`steps.res_generated_step`'s)} -> rows: answer, num_triggers, pred (the first trigger's box, None without),
+    mask_iou (None when the sample has no mask), intersection and union (pixels of the scored mask)."""
+    def row(out, i):
+        n, sums = int(out["num_triggers"][i]), out["sums"]
+        return {"answer": out["text"][i], "num_triggers": n, "pred": _rounded(out["box"][i]) if n else None,
+                "mask_iou": round(float(sums["iou"][i]), 4) if out["counted"][i] else None,
+                "intersection": int(sums["intersection"][i]), "union": int(sums["union"][i])}
+
+    return forward_rows(step, batches, row)
+
+
 def run_pointing(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
     """step(batch) -> {"sums" (pointing_sums per row), "choice" [B], "answer" [B], "pred" [B,4]} -> rows."""
     return forward_rows(step, batches, lambda out, i: {

@@ -1,11 +1,12 @@
 """Per-batch evaluation functions of a NextChat (pure, jittable: call them under `nnx.jit`).
 
-Axes: B batch, T tokens, Q boxes, Hm/Wm ground-truth mask size. Each takes the model and a dict of `Batch`
-fields (one evaluation item per row, `valid` False on padding rows) and returns per-row outputs only: the
-prediction line's values and "sums", each row's own metric terms {name: [B]} (zero on padding rows). The host
-adds the terms up once it holds the rows of every process (`jaxground.eval.gather`), in sample order, so the
-figures do not depend on the mesh, the batch size or the host count. The teacher-forced ones give the answer
-("Answer: <at> <boxes> .") and read the first trigger, as the authors evaluate REC, RES and Visual7W.
+Axes: B batch, T tokens, W prompt tokens (left-padded), N new tokens, Q boxes, Hm/Wm ground-truth mask size.
+Each takes the model and a dict of `Batch` fields (one evaluation item per row, `valid` False on padding rows)
+and returns per-row outputs only: the prediction line's values and "sums", each row's own metric terms
+{name: [B]} (zero on padding rows). The host adds the terms up once it holds the rows of every process
+(`jaxground.eval.gather`), in sample order, so the figures do not depend on the mesh, the batch size or the
+host count. The teacher-forced ones give the answer ("Answer: <at> <boxes> .") and read the first trigger, as
+the authors evaluate REC and Visual7W (their RES evaluation generates: `res_generated_step`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jaxground.data.batch import Batch
 from jaxground.data.conversation import IGNORE
 from jaxground.eval.metrics import pointing_choice, pointing_sums, rec_sums
+from jaxground.infer.generate import GenerationConfig
 from jaxground.models.nextchat import resize_mask_logits
 from jaxground.ops.mask_metrics import mask_iou, res_sums
 
@@ -35,14 +37,15 @@ def rec_teacher_forced_step(model, batch: dict) -> dict:
     return {"sums": sums, "pred": pred, "target": b.target_boxes[:, 0]}
 
 
-def scored_masks(mask_logits: jax.Array, b: Batch) -> tuple[jax.Array, jax.Array]:
-    """Predicted masks [B,Q',h,w] logits -> (prediction, ground truth) bool[B,Q',Hm,Wm]: logits > 0 resized to
-    the ground truth's grid over the padded square, both cut to the image's pixels (`mask_region`: prediction in
-    the padding is not scored, as SAM's postprocessing crops it)."""
+def scored_masks(mask_logits: jax.Array, masks: jax.Array, region: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Predicted mask logits [B,Q',h,w], ground-truth masks [B,Q,Hm,Wm] (Q >= Q') -> (prediction, ground truth)
+    bool[B,Q',Hm,Wm]: logits > 0 resized to the ground truth's grid over the padded square, both cut to the
+    image's pixels (`region` bool[B,Hm,Wm], the batch's `mask_region`: prediction in the padding is not scored,
+    as SAM's postprocessing crops it)."""
     q = mask_logits.shape[1]
-    region = True if b.mask_region is None else b.mask_region[:, None]
-    pred = (resize_mask_logits(mask_logits, b.masks.shape[-2:]) > 0) & region
-    return pred, (b.masks[:, :q] > 0.5) & region
+    region = True if region is None else region[:, None]
+    pred = (resize_mask_logits(mask_logits, masks.shape[-2:]) > 0) & region
+    return pred, (masks[:, :q] > 0.5) & region
 
 
 def res_step(model, batch: dict) -> dict:
@@ -54,10 +57,39 @@ def res_step(model, batch: dict) -> dict:
     out = model(b)
     if out.mask_logits is None:
         raise ValueError("RES needs a model with a mask head (model.sam)")
-    pred, gt = scored_masks(out.mask_logits[:, :1], b)  # [B,1,Hm,Wm]
+    pred, gt = scored_masks(out.mask_logits[:, :1], b.masks, b.mask_region)  # [B,1,Hm,Wm]
     valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
     return {"sums": per_row(res_sums, pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
             "box": out.pred_boxes[:, 0]}
+
+
+def res_generated_step(model, batch: dict, cfg: GenerationConfig) -> dict:
+    """RES by generation (`res_gen`, the authors' RES protocol): greedy generation after each row's prompt, then
+    the mask head on the first trigger's recorded state and box (`Generation.trigger_states`, `boxes`, from
+    `cfg.trigger_state`) with the SAM image embedding, scored as `res_step` scores (`scored_masks`).
+
+    batch: the prompt (`prompts.prompt_batch`: "input_ids" int32[B,W] left-padded, "attention_mask", "boxes",
+    "box_mask") with "images", and the teacher-forced batch's "sam_images", "masks", "mask_valid", "target_mask",
+    "valid" (and "mask_region" when it has one).
+    -> {"tokens" int32[B,N], "num_triggers" int32[B], "box" [B,4] (first trigger's F(t)), "counted" bool[B],
+    "sums"}: "sums" per row holds `res_sums` of the first trigger's mask (an empty mask without a trigger),
+    "released_*" the same for the released rule (an empty mask unless exactly one trigger: more masks than
+    the ground truth's one are not scored there), and the 0/1 counts "no_trigger", "multi_trigger" and
+    "failed" (zero intersection under the released rule, the authors' `failed`)."""
+    from jaxground.infer.predict import generate_nextchat
+
+    g = generate_nextchat(model, batch["images"], batch["input_ids"], batch["attention_mask"], batch["boxes"],
+                          batch["box_mask"], None, cfg)  # rng None: greedy, and no host-made key on several hosts
+    logits, _ = model.segment(batch["sam_images"], g.trigger_states[:, :1], g.boxes[:, :1])  # [B,1,h,w]
+    pred, gt = scored_masks(logits, batch["masks"], batch.get("mask_region"))  # [B,1,Hm,Wm]
+    n = g.num_triggers  # int32[B]
+    valid = batch["valid"][:, None] & batch["target_mask"][:, :1] & batch["mask_valid"][:, :1]  # [B,1]
+    sums = per_row(res_sums, pred & (n > 0)[:, None, None, None], gt, valid)
+    released = per_row(res_sums, pred & (n == 1)[:, None, None, None], gt, valid)
+    v = valid[:, 0].astype(jnp.float32)
+    sums |= {f"released_{k}": x for k, x in released.items()}
+    sums |= {"no_trigger": v * (n == 0), "multi_trigger": v * (n > 1), "failed": v * (released["intersection"] == 0)}
+    return {"tokens": g.tokens, "num_triggers": n, "box": g.boxes[:, 0], "counted": valid[:, 0], "sums": sums}
 
 
 def question_box_mask(batch: Batch, boxes_id: int) -> jnp.ndarray:

@@ -87,7 +87,7 @@ def rec_eval(model: NextChat, batch: dict) -> dict:
     valid = b.target_mask & b.valid[:, None]  # a target whose trigger is missing scores IoU 0
     sums = rec_sums(out.pred_boxes.reshape(-1, 4), b.target_boxes.reshape(-1, 4), valid.reshape(-1))
     if out.mask_logits is not None and b.masks is not None:
-        res = res_sums(*scored_masks(out.mask_logits, b), b.mask_valid & valid)
+        res = res_sums(*scored_masks(out.mask_logits, b.masks, b.mask_region), b.mask_valid & valid)
         sums |= {f"mask_{k}": v for k, v in res.items()}
     return sums
 

@@ -1,0 +1,129 @@
+"""`res_gen`: RES by free generation, the mask head on the first trigger. An unrigged tiny random NextChat (its
+`<at>` logit scaled so that some answers hold no trigger, most one, some two) whose mask head is shifted so that
+some masks are on and some off (the tiny SAM of `build_model` gives each sample a mask that is all on or all
+off), evaluated on one device over 24 REC expressions of 3 shapes images."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from test_end_to_end import build_model, overrides
+
+CONFIG = "configs/eval_shapes.py"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config args, model, encoder)."""
+    from jaxground.config import load_config
+    from jaxground.data.shapes import write_dataset
+    from jaxground.infer.command import load_encoder
+
+    root = tmp_path_factory.mktemp("res_gen")
+    write_dataset(root / "shapes", train=8, val=1, test=3, size=32, max_objects=2)
+    args = [*overrides(root / "shapes"), "eval.batch_size=8"]
+    config = load_config(CONFIG, args)
+    encoder, tokens = load_encoder(config)
+    model = build_model(config, rigged=False, std=0.3)
+    kernel = model.llm.lm_head.kernel
+    kernel.set_value(kernel.get_value().at[:, tokens.at].multiply(4.0))  # some answers hold triggers
+    hyper = model.mask_head.mask_decoder.hypernet[0].layers[2]
+    hyper.bias.set_value(hyper.bias.get_value() - 0.4)  # mask logits of either sign, depending on the state
+    return args, model, encoder
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny):
+    """trigger_state -> (figures, rows) of `rec_gen` and `res_gen`, each state evaluated once."""
+    from jaxground.config import load_config
+    from jaxground.eval.evaluate import evaluate
+    from jaxground.parallel import make_mesh
+
+    args, model, encoder = tiny
+    cache = {}
+
+    def run(state: str):
+        if state not in cache:
+            config = load_config(CONFIG, [*args, f"eval.trigger_state={state}"])
+            cache[state] = evaluate(model, encoder, config, ("rec_gen", "res_gen"),
+                                    mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+        return cache[state]
+
+    return run
+
+
+def ground_truth_areas(args, model) -> list[int]:
+    """Each sample's ground-truth mask area on the scored grid (inside the image), in sample order."""
+    from jaxground.config import load_config
+    from jaxground.eval.evaluate import plan
+
+    (_, _, batches), = plan(load_config(CONFIG, args), model.cfg, ("res_gen",))
+    areas = []
+    for b in batches:
+        gt = (b["masks"][:, 0] > 0.5) & b["mask_region"]
+        areas += [int(a) for a in gt.sum((1, 2))[b["valid"]]]
+    return areas
+
+
+def test_res_gen_figures_are_its_rows_added_up(tiny, evaluated):
+    """cIoU and gIoU count a sample without a trigger as an empty mask and score the first trigger's mask
+    otherwise; `ciou_released` scores an empty mask unless exactly one trigger; `failed` counts the samples of
+    zero intersection under that rule."""
+    args, model, _ = tiny
+    figures, rows = evaluated("at")
+    f = figures["res_gen"]["shapes_test"]
+    rows = [r for r in rows if r["task"] == "res_gen"]
+    n = np.array([r["num_triggers"] for r in rows])
+    inter = np.array([r["intersection"] for r in rows], float)
+    union = np.array([r["union"] for r in rows], float)
+    gt = np.array(ground_truth_areas(args, model), float)
+    assert len(rows) == len(gt) == f["count"] == 24
+    assert (n == 0).any() and (n == 1).any() and (n > 1).any()
+    on = inter > 0
+    assert on.any() and (~on & (n > 0)).any()  # masks on and off among the triggered samples
+    assert np.all(inter[n == 0] == 0) and np.all(union[n == 0] == gt[n == 0])  # no trigger: an empty mask
+    np.testing.assert_allclose([r["mask_iou"] for r in rows], np.round(inter / union, 4))
+    assert all((r["pred"] is None) == (r["num_triggers"] == 0) for r in rows)
+
+    one = n == 1
+    released_inter = np.where(one, inter, 0.0)
+    released_union = np.where(one, union, gt)
+    assert f["ciou"] == pytest.approx(inter.sum() / union.sum())
+    assert f["giou"] == pytest.approx(np.mean(inter / union))
+    assert f["ciou_released"] == pytest.approx(released_inter.sum() / released_union.sum())
+    assert (f["no_trigger"], f["multi_trigger"]) == ((n == 0).sum(), (n > 1).sum())
+    assert f["failed"] == (released_inter == 0).sum()
+    # a sample with two triggers whose first mask overlaps the object: cIoU counts it, the released rule does not
+    assert (on & (n > 1)).any() and f["ciou"] != pytest.approx(f["ciou_released"])
+
+
+def test_trigger_state_predicting_changes_boxes_and_masks_not_tokens(evaluated):
+    """`eval.trigger_state=predicting` reads each trigger from the state that chose `<at>` (the released
+    generate()): the same answers in `rec_gen` and `res_gen`, other boxes and masks. A trailing `<at>` (the
+    last allowed token) is a trigger only there, so trigger counts may only grow."""
+    at, predicting = evaluated("at")[1], evaluated("predicting")[1]
+    assert [r["answer"] for r in at] == [r["answer"] for r in predicting]
+    assert all(a["num_triggers"] <= p["num_triggers"] for a, p in zip(at, predicting) if a["task"] == "res_gen")
+    both = [(a, p) for a, p in zip(at, predicting) if a["pred"] is not None and p["pred"] is not None]
+    assert {a["task"] for a, _ in both} == {"rec_gen", "res_gen"}
+    assert all(not np.allclose(a["pred"], p["pred"], atol=1e-3) for a, p in both)
+    masks = [(a["intersection"], a["union"]) != (p["intersection"], p["union"]) for a, p in both
+             if a["task"] == "res_gen"]
+    assert any(masks)
+
+
+def test_unknown_trigger_state_refused_before_loading(tiny, capsys):
+    """One line, exit status 2, before the checkpoint (which does not exist) is read."""
+    from jaxground import cli
+
+    args, _, _ = tiny
+    code = cli.main(["eval", "--config", CONFIG, "--checkpoint", "no_such_run", "--tasks", "res_gen", *args,
+                     "eval.trigger_state=chosen"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err == "jaxground eval: eval.trigger_state 'chosen' is not one of ['at', 'predicting']"
