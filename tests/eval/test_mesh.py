@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from test_end_to_end import build_model, overrides
 
-TASKS = ("rec", "res", "rec_gen", "count")
+TASKS = ("rec", "res", "rec_gen", "res_gen", "count")
 MESH = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
 CONFIG = "configs/eval_shapes.py"
 
@@ -129,7 +129,7 @@ def test_eval_on_a_mesh_equals_one_device(tiny, on_eight):
     generated = [r for r in rows if r["task"] == "rec_gen"]
     assert len({r["answer"] for r in generated}) > len(generated) // 2  # answers differ between samples
     assert 0 < sum(r["pred"] is not None for r in generated) < len(generated)
-    assert [figures[t]["shapes_test"]["count"] for t in TASKS] == [24, 24, 24, 9]
+    assert [figures[t]["shapes_test"]["count"] for t in TASKS] == [24, 24, 24, 24, 9]
 
 
 def free_port() -> int:

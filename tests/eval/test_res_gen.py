@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(tiny):
-    """trigger_state -> (figures, rows) of `rec_gen` and `res_gen`, each state evaluated once."""
+    """trigger_state -> (figures, rows) of `res_gen`, each state evaluated once."""
     from jaxground.config import load_config
     from jaxground.eval.evaluate import evaluate
     from jaxground.parallel import make_mesh
@@ -50,8 +50,7 @@ def evaluated(tiny):
     def run(state: str):
         if state not in cache:
             config = load_config(CONFIG, [*args, f"eval.trigger_state={state}"])
-            cache[state] = evaluate(model, encoder, config, ("rec_gen", "res_gen"),
-                                    mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+            cache[state] = evaluate(model, encoder, config, ("res_gen",), mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
         return cache[state]
 
     return run
@@ -77,7 +76,6 @@ def test_res_gen_figures_are_its_rows_added_up(tiny, evaluated):
     args, model, _ = tiny
     figures, rows = evaluated("at")
     f = figures["res_gen"]["shapes_test"]
-    rows = [r for r in rows if r["task"] == "res_gen"]
     n = np.array([r["num_triggers"] for r in rows])
     inter = np.array([r["intersection"] for r in rows], float)
     union = np.array([r["union"] for r in rows], float)
@@ -104,17 +102,36 @@ def test_res_gen_figures_are_its_rows_added_up(tiny, evaluated):
 
 def test_trigger_state_predicting_changes_boxes_and_masks_not_tokens(evaluated):
     """`eval.trigger_state=predicting` reads each trigger from the state that chose `<at>` (the released
-    generate()): the same answers in `rec_gen` and `res_gen`, other boxes and masks. A trailing `<at>` (the
-    last allowed token) is a trigger only there, so trigger counts may only grow."""
+    generate()): the same answers, other boxes and masks. A trailing `<at>` (the last allowed token) is a trigger
+    only there, so trigger counts may only grow."""
     at, predicting = evaluated("at")[1], evaluated("predicting")[1]
     assert [r["answer"] for r in at] == [r["answer"] for r in predicting]
-    assert all(a["num_triggers"] <= p["num_triggers"] for a, p in zip(at, predicting) if a["task"] == "res_gen")
+    assert all(a["num_triggers"] <= p["num_triggers"] for a, p in zip(at, predicting))
     both = [(a, p) for a, p in zip(at, predicting) if a["pred"] is not None and p["pred"] is not None]
-    assert {a["task"] for a, _ in both} == {"rec_gen", "res_gen"}
-    assert all(not np.allclose(a["pred"], p["pred"], atol=1e-3) for a, p in both)
-    masks = [(a["intersection"], a["union"]) != (p["intersection"], p["union"]) for a, p in both
-             if a["task"] == "res_gen"]
-    assert any(masks)
+    assert len(both) > 5 and all(not np.allclose(a["pred"], p["pred"], atol=1e-3) for a, p in both)
+    assert any((a["intersection"], a["union"]) != (p["intersection"], p["union"]) for a, p in both)
+
+
+def test_trigger_state_reaches_the_other_generation_tasks(tiny, monkeypatch):
+    """`rec_gen`, `pope`, `reg` and `count` generate through `batch_generator`: it gets `eval.trigger_state` (a stub
+    stands in for the generation, which `res_gen` runs for real above)."""
+    from jaxground.config import load_config
+    from jaxground.eval import evaluate
+    from jaxground.parallel import make_mesh
+
+    args, model, encoder = tiny
+    configs = []
+
+    def stub(model, tokenizer, gen_cfg, width, mesh):
+        configs.append(gen_cfg)
+        return lambda batch: {"text": [""] * len(batch["valid"]), "box": np.zeros((len(batch["valid"]), 4)),
+                              "num_triggers": np.zeros(len(batch["valid"]), int)}
+
+    monkeypatch.setattr(evaluate, "batch_generator", stub)
+    config = load_config(CONFIG, [*args, "eval.trigger_state=predicting"])
+    figures, _ = evaluate.evaluate(model, encoder, config, ("rec_gen",), mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+    assert figures["rec_gen"]["shapes_test"]["no_trigger"] == 24
+    assert [c.trigger_state for c in configs] == ["predicting"]
 
 
 def test_unknown_trigger_state_refused_before_loading(tiny, capsys):
