@@ -153,11 +153,12 @@ def run_two(*args) -> None:
 
 def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
     """Two processes, each reading its half of every split, write exactly the eval.json and predictions.jsonl of
-    one process on the same 8-device mesh and global batch; process 1 writes nothing. A forward task and a
-    generation task (on the 9 counting questions: 5 and 4 + a padding row per host) keep it short."""
+    one process on the same 8-device mesh and global batch; process 1 writes nothing. Two tasks keep it short:
+    `res_gen` (a jitted step whose rows carry their metric terms, as the forward tasks', with generation and the
+    mask head inside) and counting (host-scored generation on the 9 questions: 5 and 4 + a padding row per host)."""
     root, args = tiny
     figures, rows, _ = on_eight
-    tasks = ("rec", "count")
+    tasks = ("res_gen", "count")
     outs = [tmp_path / "out0", tmp_path / "out1"]
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", ",".join(tasks), *args]
     run_two([outs[0], *common], [outs[1], *common])
