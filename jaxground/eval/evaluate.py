@@ -8,7 +8,7 @@ Tasks (`TASKS`; select with `config.eval.tasks` or `jaxground eval --tasks`):
 | `rec` | every REC expression | teacher-forced "Answer: <at> <boxes> ." (as the authors), F(t) of the trigger | acc@0.5, miou |
 | `rec_gen` | every REC expression | prompt without the answer, greedy generation, F(t) of the first trigger | acc@0.5, miou, no_trigger |
 | `res` | every REC expression with a mask | teacher-forced (ours: cheaper, deterministic), mask head at the trigger | ciou, giou |
-| `res_gen` | every REC expression with a mask | as `rec_gen`, mask head at the first trigger | ciou, giou, ciou_released, counts |
+| `res_gen` | every REC expression with a mask | as `rec_gen`, mask head at the first trigger (the authors' with trigger_state "predicting") | ciou, giou, ciou_released, no_trigger, multi_trigger, failed |
 | `pope` | every POPE question | generation, the authors' answer parsing | accuracy, precision, recall, f1, yes_ratio |
 | `reg` | every REC expression, asked back | generation given the box; the expression is the reference | cider, bleu, rouge_l, meteor |
 | `v7w` | every Visual7W pointing question | teacher-forced; F(t) picks the candidate of highest IoU | accuracy |
