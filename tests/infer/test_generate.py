@@ -167,13 +167,20 @@ def reference_pixel2emb(llm, enc, dec, ids, mask, n, predicting=False):
     return tokens, boxes
 
 
-def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
-    llm = nnx.clone(pair[1])  # the shared model stays untouched
+def with_triggers(pair):
+    """A copy of the pair's model (the shared one stays untouched) where <at> wins wherever token 35 would, and a
+    box encoder G and decoder F of large random weights."""
+    llm = nnx.clone(pair[1])
     kernel = llm.lm_head.kernel
-    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))  # <at> wins wherever 35 would
+    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))
     # one compiled initialisation instead of one eager compile per initialiser and shape
     enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
                                 BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
+    return llm, enc, dec
+
+
+def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
+    llm, enc, dec = with_triggers(pair)
     ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
     n = 12
     cfg = gen.GenerationConfig(max_new_tokens=n, eos_id=-1, at_id=AT, boxes_id=BOXES, max_triggers=4)
@@ -198,11 +205,7 @@ def test_pixel2emb_one_box_per_at_and_g_of_f_fed_back(pair):
 def test_predicting_trigger_state_is_the_state_that_chose_at(pair):
     """trigger_state="predicting" (the released generate()): the same tokens and G(F(t)) feeding, but each
     trigger's box and state come from the token before <at>, also for an <at> on the last step."""
-    llm = nnx.clone(pair[1])
-    kernel = llm.lm_head.kernel
-    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))
-    enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
-                                BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
+    llm, enc, dec = with_triggers(pair)
     ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
     n = 12
     out = {}
@@ -230,11 +233,7 @@ def test_predicting_trigger_state_is_the_state_that_chose_at(pair):
 def test_one_beam_with_boxes_is_greedy(pair, n):
     """The finished set carries each hypothesis' boxes and trigger states: one beam gives greedy's answer, also
     when the forced <boxes> is the last allowed token (n=5: an <at> at step 3, its <boxes> at step 4)."""
-    llm = nnx.clone(pair[1])
-    kernel = llm.lm_head.kernel
-    kernel.set_value(kernel.get_value().at[:, AT].set(kernel.get_value()[:, 35] * 1.05))
-    enc, dec = nnx.jit(lambda: (BoxEncoder(32, rngs=nnx.Rngs(0), init_std=0.3),
-                                BoxDecoder(32, rngs=nnx.Rngs(1), init_std=0.3)))()
+    llm, enc, dec = with_triggers(pair)
     ids, mask = prompts(seed=0, lengths=(7, 3, 5, 1))
     kw = dict(max_new_tokens=n, eos_id=EOS, at_id=AT, boxes_id=BOXES, max_triggers=4, pad_id=PAD)
     args = (llm, jnp.asarray(llm.embed_tokens(jnp.asarray(ids))), jnp.asarray(mask), jnp.asarray(ids[:, -1]),
