@@ -81,18 +81,15 @@ def _check_stage_override(config: ml_collections.ConfigDict, keys: set[str]) -> 
     stage would keep the config's set, which is the new stage's only if the config used that stage's defaults."""
     if "train.stage" not in keys or keys & {"train.trainable", "train.frozen"}:
         return
-    import json
-
-    from jaxground.train.defaults import STAGE_TRAINABLE
+    from jaxground.train.defaults import STAGE_TRAINABLE, stage_patterns_hint
 
     stage, train = config.train.stage, config.train
     configured = (tuple(train.trainable), tuple(train.frozen))
     if stage in STAGE_TRAINABLE and configured != STAGE_TRAINABLE[stage]:
-        want = STAGE_TRAINABLE[stage]
         raise ConfigError(
             f"train.stage={stage} overridden alone: what trains comes from train.trainable/train.frozen, here "
-            f"{configured}, not stage {stage}'s; use a stage-{stage} config or also set train.trainable="
-            f"'{json.dumps(want[0])}' train.frozen='{json.dumps(want[1])}' (or the patterns you want)")
+            f"{configured}, not stage {stage}'s; use a stage-{stage} config or also set "
+            f"{stage_patterns_hint(stage)} (or the patterns you want)")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:

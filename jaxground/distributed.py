@@ -49,6 +49,13 @@ def slurm_local_devices() -> list[int] | None:
                      f"(--ntasks-per-node={gpus}) or one per node")
 
 
+def add_arguments(parser) -> None:
+    """The flags `initialize` takes, for a command that may run on several hosts."""
+    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+
+
 def initialize(
     coordinator: str | None = None,
     num_processes: int | None = None,

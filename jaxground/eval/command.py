@@ -24,6 +24,8 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
+    from jaxground.distributed import add_arguments as distributed_arguments
+
     parser.add_argument("--config", required=True, help="the run's configs/*.py (data, tokenizer, eval splits)")
     parser.add_argument("--checkpoint", required=True, help="a run's workdir / checkpoint / step dir, or a "
                         "`jaxground convert` output")
@@ -31,9 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default: "
                         "config.eval.max_new_tokens or 32)")
-    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    distributed_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 

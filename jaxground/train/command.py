@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
+    from jaxground.distributed import add_arguments as distributed_arguments
+
     parser.add_argument("--config", required=True, help="configs/*.py with get_config()")
     parser.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, tb/, eval.json "
                         "(default: runs/<config name>)")
@@ -21,9 +23,7 @@ def add_arguments(parser) -> None:
                         help="a run's workdir or checkpoint, or a `jaxground convert` output: start from its model "
                         "weights (fresh optimizer), e.g. stage 3 from stage 1; repeat to merge several in order "
                         "(a later one wins where two hold the same array)")
-    parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    distributed_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 

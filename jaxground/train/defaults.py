@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ml_collections import ConfigDict
 
 # stages 1 and 2 train everything but the CLIP vision tower; stage 3 trains only the mask head
@@ -11,6 +13,12 @@ STAGE_TRAINABLE = {
     2: ((".*",), ("^vision/",)),
     3: (("^mask_head/(seg_prompt_mlp|mask_decoder)/",), ()),
 }
+
+
+def stage_patterns_hint(stage: int) -> str:
+    """The overrides that give `stage` its default trainable set, as a command line takes them."""
+    trainable, frozen = STAGE_TRAINABLE[stage]
+    return f"train.trainable='{json.dumps(trainable)}' train.frozen='{json.dumps(frozen)}'"
 
 
 def mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ConfigDict:

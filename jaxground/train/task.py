@@ -9,7 +9,6 @@ against `target_boxes`.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -103,8 +102,9 @@ def summarize(sums: dict) -> dict:
 def check_stage(train: ml_collections.ConfigDict) -> None:
     """`train.trainable`/`train.frozen` decide what trains; `defaults.train(stage)` fills them from the stage.
     Raises when they are another stage's patterns (`train.stage` overridden alone), which would train the
-    wrong set; a config's own patterns (e.g. tiny stage 3 adding `^sam/`) stay its choice."""
-    from jaxground.train.defaults import STAGE_TRAINABLE
+    wrong set in a config file (a command-line override alone is refused at load, `config.apply_overrides`); a
+    config's own patterns (e.g. tiny stage 3 adding `^sam/`) stay its choice."""
+    from jaxground.train.defaults import STAGE_TRAINABLE, stage_patterns_hint
 
     if train.stage not in STAGE_TRAINABLE:
         raise TaskConfigError(f"train.stage must be 1, 2 or 3, got {train.stage}")
@@ -113,11 +113,10 @@ def check_stage(train: ml_collections.ConfigDict) -> None:
         return
     other = next((s for s, patterns in STAGE_TRAINABLE.items() if patterns == configured), None)
     if other is not None:
-        want = STAGE_TRAINABLE[train.stage]
         raise TaskConfigError(
             f"train.stage={train.stage} but train.trainable/train.frozen are stage {other}'s {configured}: the "
-            f"patterns decide what trains; use a stage-{train.stage} config or also set train.trainable="
-            f"'{json.dumps(want[0])}' train.frozen='{json.dumps(want[1])}'")
+            f"patterns decide what trains; use a stage-{train.stage} config or also set "
+            f"{stage_patterns_hint(train.stage)}")
 
 
 def make_task(config) -> Task:
