@@ -41,7 +41,8 @@ def run(args) -> int:
     from jaxground import distributed
 
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout=args.heartbeat_timeout)
     except ValueError as e:
         print(f"jaxground eval: {e}", file=sys.stderr)
         return 2
