@@ -54,6 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without SLURM/TPU)")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
+                        help="declare a process dead after this long without its heartbeat (JAX's default: 100); "
+                             "raise it where a host can stall that long, e.g. heavily shared CPU hosts")
 
 
 def initialize(
@@ -62,16 +65,20 @@ def initialize(
     process_id: int | None = None,
     *,
     cpu_collectives: bool | None = None,
+    heartbeat_timeout: int | None = None,
 ) -> str:
     """Starts multi-process JAX when there is more than one process; returns how ("explicit", "auto",
     "slurm", "tpu", "mpi" or "single"). An explicit `coordinator` ("host:port") needs `num_processes` and
     `process_id`; otherwise JAX's cluster detection reads SLURM / GKE / MPI variables, or, under
     `JAXGROUND_MULTIHOST=1`, whatever it can find (a Cloud TPU VM's metadata). On CPU processes
-    (tests, one machine) the collectives go over gloo."""
+    (tests, one machine) the collectives go over gloo. `heartbeat_timeout` (seconds, None = JAX's default) is how
+    long the coordinator waits for a process's heartbeat before it stops the whole run."""
     if coordinator is not None and (num_processes is None or process_id is None):
         raise ValueError("--coordinator needs --num-processes and --process-id")
     if coordinator is None and (num_processes is not None or process_id is not None):
         raise ValueError("--num-processes / --process-id need --coordinator HOST:PORT")
+    if heartbeat_timeout is not None and heartbeat_timeout < 1:
+        raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {heartbeat_timeout}")
     how = "explicit" if coordinator is not None else _env_multi_host()
     if how is None:
         return "single"
@@ -79,12 +86,13 @@ def initialize(
         cpu_collectives = os.environ.get("JAX_PLATFORMS", "") == "cpu"
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = {} if heartbeat_timeout is None else {"heartbeat_timeout_seconds": heartbeat_timeout}
     if how == "explicit":
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id, **timeouts)
     elif how == "slurm":
-        jax.distributed.initialize(local_device_ids=slurm_local_devices())
+        jax.distributed.initialize(local_device_ids=slurm_local_devices(), **timeouts)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     return how
 
 

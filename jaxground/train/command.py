@@ -10,6 +10,7 @@ checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted (check
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -30,7 +31,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxground import distributed
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout=args.heartbeat_timeout)
+    except ValueError as e:
+        print(f"jaxground train: {e}", file=sys.stderr)
+        return 2
 
     import jax
 

@@ -16,8 +16,9 @@ from jaxground import cli
 
 def main() -> int:
     port, pid, out, *args = sys.argv[1:]
+    # a generous heartbeat: a parallel test run can starve one process of CPU for JAX's default 100 s
     return cli.main(["eval", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
-                     "--out", out, *args])
+                     "--heartbeat-timeout", "300", "--out", out, *args])
 
 
 if __name__ == "__main__":

@@ -77,6 +77,24 @@ def test_initialize_flags_and_single_process(monkeypatch):
         distributed.initialize("127.0.0.1:1234")
     with pytest.raises(ValueError, match="--coordinator"):
         distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match="--heartbeat-timeout"):
+        distributed.initialize("127.0.0.1:1234", 2, 0, heartbeat_timeout=0)
+
+
+def test_heartbeat_timeout_reaches_jax(monkeypatch, capsys):
+    """`--heartbeat-timeout` of train and eval reaches `jax.distributed.initialize`; without it JAX's default holds."""
+    from jaxground import cli
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append(kw))
+    distributed.initialize("127.0.0.1:1234", 2, 0, cpu_collectives=False, heartbeat_timeout=300)
+    distributed.initialize("127.0.0.1:1234", 2, 0, cpu_collectives=False)
+    assert calls == [{"num_processes": 2, "process_id": 0, "heartbeat_timeout_seconds": 300},
+                     {"num_processes": 2, "process_id": 0}]
+    for command in (["train"], ["eval", "--checkpoint", "none"]):
+        assert cli.main([*command, "--config", "no_such_config.py", "--coordinator", "127.0.0.1:1234",
+                         "--num-processes", "2", "--process-id", "0", "--heartbeat-timeout", "0"]) == 2
+        assert "--heartbeat-timeout must be at least 1 second" in capsys.readouterr().err
 
 
 def test_tpu_vm_launcher_opts_in_to_jax_detection(monkeypatch):
