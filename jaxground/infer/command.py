@@ -1,5 +1,6 @@
 """`jaxground predict --config CFG --checkpoint DIR --image IMG --prompt TEXT [--box x0,y0,x1,y1 ...]
-[--out PNG] [--json] [key=value ...]`, or `... --list TSV` for many images with one model load
+[--out PNG] [--json] [--num-beams W | --sample [--temperature T] [--top-k K] [--top-p P] [--seed S]]
+[key=value ...]`, or `... --list TSV` for many images with one model load
 
 Answers a prompt about one image (or each line's of `--list`: `image<TAB>prompt[<TAB>out.png[<TAB>boxes]]`,
 boxes as `x0,y0,x1,y1` separated by spaces). Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
@@ -7,16 +8,23 @@ the answer's objects are printed as `[k]` with their pixel boxes and drawn into 
 head (`model.sam`) also draws each object's mask (translucent) and `--json` gives its area and COCO RLE.
 `--checkpoint` is a training checkpoint or a `jaxground convert` output. The model is split over the mesh of the
 run config's `mesh.data/fsdp/tensor` (e.g. `mesh.fsdp=4 mesh.tensor=2`; by default every device, as training);
-each request runs alone (batch 1), its inputs on every device. Exit status 2 for bad input (image, boxes,
-prompt, checkpoint, mesh), reported before any model compute.
+each request runs alone (batch 1), its inputs on every device. Decoding is greedy unless `--num-beams` or
+`--sample` asks otherwise; every request samples with the key of `--seed`, so its answer does not depend on the
+others of a `--list`. Exit status 2 for bad input (image, boxes, prompt, decoding flags, checkpoint, mesh),
+reported before any model compute.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
+
+# The released NExT-Chat demo's sampling settings (its web UI's defaults and NextChatInference's; README, Prediction)
+DEMO_SAMPLING = {"temperature": 0.8, "top_k": 5, "top_p": 0.7}
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
 def add_arguments(parser) -> None:
@@ -30,7 +38,18 @@ def add_arguments(parser) -> None:
                         "request per line, image<TAB>prompt[<TAB>out.png[<TAB>boxes]] (boxes: x0,y0,x1,y1 ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (per request) instead of text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    parser.add_argument("--sample", action="store_true", help="sample each token instead of greedy decoding: "
+                        "logits divided by --temperature, then --top-k, then --top-p, as HF generate applies them")
+    parser.add_argument("--demo-sampling", action="store_true", help="--sample with the released demo's settings: "
+                        "temperature 0.8, top-k 5, top-p 0.7 (each flag given beside it wins)")
+    parser.add_argument("--temperature", type=float, default=None, help="with --sample; default 1")
+    parser.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k most likely tokens (and "
+                        "ties); default 0, off")
+    parser.add_argument("--top-p", type=float, default=None, help="with --sample: keep the smallest set of most "
+                        "likely tokens holding this probability; default 1, off")
+    parser.add_argument("--seed", type=int, default=None, help="with --sample: the sampling key, 0 <= seed < 2**32; "
+                        "default 0. The same seed gives the same answer")
     parser.add_argument("--max-triggers", type=int, default=8, help="most answer objects given a box (and mask); "
                         "an <at> beyond them is printed as [?]")
     parser.add_argument("--trigger-state", default="at", help="where each object's box and mask come from: 'at', "
@@ -178,6 +197,33 @@ def _requests(args) -> list[Request]:
     return out
 
 
+def decoding(args) -> tuple[dict, int | None]:
+    """The `GenerationConfig` decoding fields the flags ask for, and the sampling seed (None unless sampling).
+    Contradictory or bad values raise PredictError naming the flag (before the model loads)."""
+    from jaxground.infer.predict import PredictError
+
+    given = {k: v for k, v in [("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                               ("seed", args.seed)] if v is not None}
+    if not (args.sample or args.demo_sampling):
+        if given:
+            raise PredictError(f"--{next(iter(given)).replace('_', '-')} needs --sample (decoding is greedy otherwise)")
+        return ({"method": "beam", "num_beams": args.num_beams} if args.num_beams > 1 else {"method": "greedy"}), None
+    if args.num_beams > 1:
+        raise PredictError("sampling (--sample, --demo-sampling) and --num-beams > 1 exclude each other: sampled "
+                           "beam search is not implemented")
+    v = NEUTRAL_SAMPLING | (DEMO_SAMPLING if args.demo_sampling else {}) | given
+    if not (math.isfinite(v["temperature"]) and v["temperature"] > 0):
+        raise PredictError(f"--temperature must be a finite number > 0, got {v['temperature']}")
+    if v["top_k"] < 0:
+        raise PredictError(f"--top-k must be >= 0 (0: off), got {v['top_k']}")
+    if not 0 < v["top_p"] <= 1:
+        raise PredictError(f"--top-p must be in (0, 1], got {v['top_p']}")
+    if not 0 <= v["seed"] < 2**32:
+        raise PredictError(f"--seed must be in [0, 2**32), got {v['seed']}")
+    seed = v.pop("seed")
+    return {"method": "sample", **v}, seed
+
+
 def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
     """Refuses, before the model loads, a prompt the encoder rejects or that leaves no room for
     max_new_tokens in the model's context."""
@@ -193,6 +239,8 @@ def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
 
 
 def _run(args) -> int:
+    import jax
+
     from jaxground import parallel
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.draw import draw
@@ -202,6 +250,7 @@ def _run(args) -> int:
     requests = _requests(args)
     if min(args.max_new_tokens, args.num_beams, args.max_triggers) < 1:
         raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
+    fields, seed = decoding(args)
     try:
         config = load_config(args.config, args.overrides)
         mesh = parallel.make_mesh(dict(config.mesh))
@@ -210,9 +259,9 @@ def _run(args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
     try:
-        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, method="beam" if args.num_beams > 1 else "greedy",
-                               num_beams=args.num_beams, max_triggers=args.max_triggers, eos_id=ids.eos,
-                               pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes, trigger_state=args.trigger_state)
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, max_triggers=args.max_triggers, eos_id=ids.eos,
+                               pad_id=ids.pad, at_id=ids.at, boxes_id=ids.boxes, trigger_state=args.trigger_state,
+                               **fields)
     except ValueError as e:
         raise PredictError(str(e)) from None
     _check_prompts(requests, encoder, context, cfg)
@@ -220,15 +269,18 @@ def _run(args) -> int:
         model = load_model(config, args.checkpoint, ids, mesh)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
+    rng = jax.random.key(seed) if seed is not None else None
     for req in requests:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
-        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, mask_fn=mask_fn,
+        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, rng=rng, mask_fn=mask_fn,
                        pad_fill=config.data.get("pad_fill", "mean"), mask_iou_threshold=args.mask_iou_threshold)
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
         if args.json:
-            print(json.dumps(({"image": req.image_path} if args.list else {}) | pred.to_json()), flush=True)
+            record = fields | ({"seed": seed} if seed is not None else {})
+            print(json.dumps(({"image": req.image_path} if args.list else {}) | pred.to_json() | {"decoding": record}),
+                  flush=True)
         else:
             if args.list:
                 print(f"{req.image_path}: {req.prompt}")

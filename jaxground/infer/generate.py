@@ -3,11 +3,11 @@
 Axes: B prompts, W beams, R = B·W rows decoded together, T prompt tokens (left-padded), N max new tokens,
 D model width, V vocabulary, Q max triggers per row.
 
-Decoding: greedy, sampling (temperature, top-p) or beam search (`num_beams` W; rows of one prompt are
-adjacent). Each row stops at `eos_id` or after N tokens; tokens after the end are `pad_id`. Beam search is
-HF `generate`'s (`early_stopping=False`): hypotheses that end leave the running beams for a finished set
-ranked by sum log p / length ** length_penalty, and a prompt stops once no running beam can beat its worst
-finished one.
+Decoding: greedy, sampling (temperature, then top-k, then top-p, as HF `generate` warps logits) or beam search
+(`num_beams` W; rows of one prompt are adjacent). Each row stops at `eos_id` or after N tokens; tokens after the
+end are `pad_id`. Beam search is HF `generate`'s (`early_stopping=False`): hypotheses that end leave the running
+beams for a finished set ranked by sum log p / length ** length_penalty, and a prompt stops once no running beam
+can beat its worst finished one.
 
 pixel2emb (when a locator is given): whenever the token fed last was `<at>`, its hidden state t (last layer,
 after the final norm) is decoded to a box F(t), recorded in the row's next trigger slot ([R,Q,4] buffer, plus
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     method: str = "greedy"
     temperature: float = 1.0
+    top_k: int = 0  # sampling keeps the k most likely tokens (and those tied with the k-th); 0: off
     top_p: float = 1.0
     num_beams: int = 1
     length_penalty: float = 1.0  # finished beams are ranked by sum log p / length ** length_penalty
@@ -63,8 +65,12 @@ class GenerationConfig:
             raise ValueError("trigger_state='predicting' is built for greedy and sampling, not beam search")
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.max_triggers < 1:
             raise ValueError("max_new_tokens, num_beams and max_triggers must be >= 1")
-        if self.method == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.method == "sample" and not (math.isfinite(self.temperature) and self.temperature > 0
+                                            and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs a finite temperature > 0 and 0 < top_p <= 1, got temperature "
+                             f"{self.temperature}, top_p {self.top_p}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if self.num_beams > 1 and self.method != "beam":
             raise ValueError(f"num_beams={self.num_beams} needs method='beam'")
 
@@ -111,8 +117,29 @@ class _Finished:
     flag: jax.Array  # bool[R] the slot holds a hypothesis
 
 
+def sampling_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """[R,V] logits -> the logits sampling draws from, warped as HF `generate` warps them and in its order:
+    divided by `temperature`, then `top_k_filter`, then `top_p_filter` (filtered tokens -inf). A filter at its
+    neutral value (top_k 0 or >= V, top_p 1) is skipped, as HF skips it; the arguments are static."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = top_k_filter(logits, top_k)
+    if top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """[R,V] logits with every token below the k-th largest set to -inf; tokens tied with the k-th stay (HF's
+    `TopKLogitsWarper`)."""
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
 def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-    """[R,V] logits with every token outside the nucleus set to -inf (the most likely token always stays)."""
+    """[R,V] logits with every token outside the nucleus set to -inf (the most likely token always stays): a token
+    stays while the tokens more likely than it hold less than top_p, HF's `TopPLogitsWarper` rule. Of tokens tied at
+    the nucleus edge the lower indices stay (HF's unstable torch sort picks any)."""
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -131,7 +158,7 @@ def _step_logp(state: _State, cfg: GenerationConfig) -> tuple[jax.Array, jax.Arr
     vocab = state.logits.shape[-1]
     logits = state.logits
     if cfg.method == "sample":
-        logits = top_p_filter(logits / cfg.temperature, cfg.top_p)
+        logits = sampling_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
     logp = jax.nn.log_softmax(logits, axis=-1)
     forced = (state.fed == cfg.at_id) & ~state.done if cfg.at_id >= 0 else jnp.zeros_like(state.done)
     logp = jnp.where(forced[:, None], _one_hot_logp(cfg.boxes_id, vocab), logp)

@@ -129,6 +129,63 @@ def test_top_p_filter_keeps_the_nucleus():
     np.testing.assert_array_equal(kept, [[True, True, False, False]])
 
 
+def hf_warp(hf, logits, temperature, top_k, top_p):
+    """HF `generate`'s sampling warpers as it builds them for these settings (its order, neutral ones left out)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    warpers = hf._get_logits_processor(HFGenerationConfig(do_sample=True, temperature=temperature, top_k=top_k,
+                                                          top_p=top_p), input_ids_seq_length=1)
+    with torch.no_grad():
+        return warpers(None, torch.tensor(logits)).numpy()
+
+
+# (temperature, top_k, top_p): the demo's (see README), each warper alone and with others; no top_p whose 1 - top_p
+# a sum of tied probabilities hits exactly (there round-off decides, and torch's CPU cumsum adds in float64)
+WARPS = [(0.75, 5, 0.7), (0.8, 5, 0.7), (1.0, 0, 0.9), (0.5, 3, 1.0), (1.7, 0, 1.0), (1.3, 40, 0.95), (0.7, 1, 0.537)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", WARPS)
+def test_sampling_logits_match_hf_warpers(pair, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, as HF warps logits before sampling: on continuous logits and on logits
+    with many ties (all tokens tied with the k-th stay, as in HF) the same tokens stay, with the same values to
+    float32 round-off; only which of the tokens tied at the nucleus edge stay may differ (HF's torch sort orders
+    ties arbitrarily), not how many."""
+    hf, _ = pair
+    rng = np.random.default_rng(top_k)
+    smooth = rng.normal(0, 3, (64, 300)).astype(np.float32)
+    tied = (rng.integers(-6, 7, (64, 300)) / 2).astype(np.float32)
+    warp = jax.jit(gen.sampling_logits, static_argnums=(1, 2, 3))
+    for logits in (smooth, tied):
+        want = hf_warp(hf, logits, temperature, top_k, top_p)
+        got = np.asarray(warp(logits, temperature, top_k, top_p))
+        if logits is smooth or top_p == 1.0:
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        np.testing.assert_allclose(np.sort(got, -1), np.sort(want, -1), rtol=1e-6)
+    if top_k and top_p == 1.0:  # the tied logits did tie at the k-th
+        assert (np.isfinite(got).sum(-1) > top_k).all()
+
+
+def test_top_k_one_sampling_is_greedy(pair):
+    _, llm = pair
+    ids, mask = prompts()
+    greedy = gen.generate_ids(llm, ids, mask, gen.GenerationConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD))
+    cfg = gen.GenerationConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD, method="sample", temperature=1.5, top_k=1)
+    np.testing.assert_array_equal(gen.generate_ids(llm, ids, mask, cfg, rng=jax.random.key(5)).tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_k=2.5), "top_k must be an integer >= 0"),
+    (dict(method="sample", temperature=0.0), "finite temperature > 0"),
+    (dict(method="sample", temperature=float("inf")), "finite temperature > 0"),
+    (dict(method="sample", top_p=0.0), "0 < top_p <= 1"),
+    (dict(method="sample", top_p=1.5), "0 < top_p <= 1"),
+])
+def test_bad_sampling_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        gen.GenerationConfig(**kw)
+
+
 def test_prompt_too_long_is_refused_before_compute(pair):
     _, llm = pair
     with pytest.raises(ValueError, match="exceeds the model's context"):

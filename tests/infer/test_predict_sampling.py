@@ -1,0 +1,128 @@
+"""`jaxground predict` decoding flags: greedy by default, `--num-beams`, `--sample` / `--demo-sampling` with
+`--temperature`, `--top-k`, `--top-p`, `--seed` reach `GenerationConfig` and the sampling key; the same seed gives
+the same answer; contradictory or bad values are refused in one line before the checkpoint loads."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxground.cli import main
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "eval"))
+from test_end_to_end import build_model, overrides
+
+
+@pytest.fixture(scope="module")
+def config_args(tmp_path_factory):
+    """Overrides of configs/eval_shapes.py for a tiny model without a mask head, its tokenizer from a tiny shapes
+    set."""
+    from jaxground.data.shapes import write_dataset
+
+    root = tmp_path_factory.mktemp("sampling")
+    write_dataset(root / "shapes", train=2, val=1, test=1, size=32, max_objects=2)
+    return [a for a in overrides(root / "shapes") if not a.startswith("model.sam.")]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    return path
+
+
+def predict_args(config_args, checkpoint, image, *extra):
+    return ["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(checkpoint), "--image", str(image),
+            "--prompt", "what is [0]?", "--box", "2,2,20,15", "--json", "--max-new-tokens", "6", *extra, *config_args]
+
+
+@pytest.mark.parametrize("flags, want", [
+    ([], {"method": "greedy"}),
+    (["--num-beams", "3"], {"method": "beam", "num_beams": 3}),
+    (["--sample"], {"method": "sample", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}),
+    (["--demo-sampling"], {"method": "sample", "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 0}),
+    (["--demo-sampling", "--top-k", "10", "--seed", "7"],
+     {"method": "sample", "temperature": 0.8, "top_k": 10, "top_p": 0.7, "seed": 7}),
+    (["--sample", "--temperature", "0.5", "--top-p", "0.9", "--seed", "3"],
+     {"method": "sample", "temperature": 0.5, "top_k": 0, "top_p": 0.9, "seed": 3}),
+])
+def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys, monkeypatch, flags, want):
+    """The model load and prediction are stubbed: what the command hands `predict`, and what `--json` records."""
+    from jaxground.infer import command, predict
+
+    calls = []
+
+    def fake_predict(model, encoder, image, prompt, boxes, cfg, *, rng=None, **kw):
+        calls.append((cfg, rng))
+        return predict.Prediction(text="it", boxes=np.zeros((0, 4), np.float32), first_ref=0, masks=None)
+
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: SimpleNamespace(cfg=SimpleNamespace(sam=None)))
+    monkeypatch.setattr(predict, "predict", fake_predict)
+    code = main(predict_args(config_args, tmp_path, image_file, *flags))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["decoding"] == want
+    (cfg, rng), = calls
+    assert cfg.method == want["method"]
+    assert cfg.num_beams == want.get("num_beams", 1)
+    for field, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+        assert getattr(cfg, field) == want.get(field, neutral), field
+    if "seed" in want:
+        np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(want["seed"])))
+    else:
+        assert rng is None  # greedy and beams draw nothing
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0.5"], "--temperature needs --sample"),
+    (["--top-k", "5"], "--top-k needs --sample"),
+    (["--seed", "1"], "--seed needs --sample"),
+    (["--sample", "--num-beams", "2"], "--num-beams > 1 exclude each other"),
+    (["--demo-sampling", "--num-beams", "2"], "--num-beams > 1 exclude each other"),
+    (["--sample", "--temperature", "0"], r"--temperature must be a finite number > 0, got 0.0"),
+    (["--sample", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--sample", "--top-k", "-1"], r"--top-k must be >= 0 \(0: off\), got -1"),
+    (["--sample", "--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--demo-sampling", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1.5"),
+    (["--sample", "--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
+    (["--sample", "--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32\)"),
+])
+def test_bad_decoding_flags_are_refused_before_the_checkpoint_loads(config_args, tmp_path, image_file, capsys,
+                                                                     monkeypatch, flags, message):
+    import re
+
+    from jaxground.infer import command
+
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: pytest.fail("the checkpoint was loaded"))
+    assert main(predict_args(config_args, tmp_path / "no_such_run", image_file, *flags)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith("jaxground predict: ") and re.search(message, captured.err), captured.err
+
+
+def test_same_seed_same_answer(config_args, image_file, tmp_path, capsys, monkeypatch):
+    """The command with a real tiny random model (its load stubbed), at the demo's settings but hotter: one seed
+    gives one answer (text and boxes), other seeds give others; `--json` records the seed."""
+    from jaxground.config import load_config
+    from jaxground.infer import command
+
+    model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+
+    def answer(seed):
+        code = main(predict_args(config_args, tmp_path, image_file, "--demo-sampling", "--temperature", "1.5",
+                                 "--seed", str(seed)))
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        out = json.loads(captured.out)
+        assert out["decoding"]["seed"] == seed
+        return out["answer"], out["objects"]
+
+    first = answer(0)
+    assert answer(0) == first
+    assert any(answer(seed) != first for seed in (1, 2, 3))
