@@ -16,10 +16,11 @@ def load(name: str) -> ConfigDict:
 
 
 def eval_section(datasets: dict, tasks: tuple, batch_size: int, *, max_new_tokens: int = 32,
-                 trigger_state: str = "at", pope_parser: str = "nextchat", meteor: bool = True) -> ConfigDict:
+                 trigger_state: str = "at", pope_parser: str = "nextchat", meteor: bool = True,
+                 res_pixels: str = "grid") -> ConfigDict:
     return ConfigDict({"datasets": datasets, "tasks": tasks, "batch_size": batch_size,
                        "max_new_tokens": max_new_tokens, "trigger_state": trigger_state,
-                       "pope_parser": pope_parser, "meteor": meteor})
+                       "pope_parser": pope_parser, "meteor": meteor, "res_pixels": res_pixels})
 
 
 REFCOCO_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco_plus": ("val", "testA", "testB"),

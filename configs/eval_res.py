@@ -8,11 +8,12 @@ of a greedy answer (`res_gen`), plus the box of the teacher-forced pass (`rec`).
 
 The authors' protocol is `res_gen` with `eval.trigger_state=predicting` (the released generate() reads each
 trigger from the state that chose `<at>`), 20 new tokens (set here), and its `ciou_released` figure (a sample
-without exactly one trigger scores an empty mask). Ground-truth masks come from the refs' COCO polygons and are
-compared with the predicted mask on the padded square's grid at `data.mask_size` = 256 (SAM's own logit grid
-for 1024 inputs), counting only the pixels inside the image (`mask_region`: SAM's postprocessing crops the
-padding). The authors score at original image pixels after SAM's upsampling; this grid is coarser for images
-larger than 256 px.
+without exactly one trigger scores an empty mask). Masks are scored at original image pixels as the released
+evaluation scores them (`eval.res_pixels = "original"`, `jaxground.eval.res_pixels`): SAM's logits upsampled to
+1024, bilinear to the image's long side, `> 0`, the centred padding cut, against the refs' COCO polygons
+rasterised at the image size (summed per polygon, as there). `eval.res_pixels=grid` scores on the padded square's
+grid at `data.mask_size` = 256 (SAM's own logit grid for 1024 inputs) inside the image instead: no host work,
+coarser for images larger than 256 px.
 """
 
 import importlib.util
@@ -28,6 +29,7 @@ _spec.loader.exec_module(_eval)
 def get_config() -> ConfigDict:
     c = _eval.load("nextchat_7b_stage3")
     datasets = _eval.refcoco_datasets(c)
-    c.eval = _eval.eval_section(datasets, ("res", "res_gen", "rec"), batch_size=16, max_new_tokens=20)
+    c.eval = _eval.eval_section(datasets, ("res", "res_gen", "rec"), batch_size=16, max_new_tokens=20,
+                                res_pixels="original")
     c.data.mask_size = 256
     return c

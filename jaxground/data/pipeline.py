@@ -287,15 +287,29 @@ def build_source(entry, max_objects: int = 0):
 
 # ---------------------------------------------------------------- the sample transform
 
+def _image_file(ex: Example, image_root: str):
+    if ex.image is not None:
+        return io.BytesIO(ex.image)
+    return Path(image_root) / ex.image_path if image_root else Path(ex.image_path)
+
+
 def _load_image(ex: Example, image_root: str) -> np.ndarray:
     from PIL import Image
 
-    if ex.image is not None:
-        f = io.BytesIO(ex.image)
-    else:
-        f = Path(image_root) / ex.image_path if image_root else Path(ex.image_path)
-    with Image.open(f) as im:
+    with Image.open(_image_file(ex, image_root)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def image_size(ex: Example, image_root: str = "") -> tuple[int, int]:
+    """(height, width) of the Example's image: its annotation's, else its masks', else the image file's header."""
+    if ex.height and ex.width:
+        return ex.height, ex.width
+    if ex.masks is not None:
+        return ex.masks.shape[1:]
+    from PIL import Image
+
+    with Image.open(_image_file(ex, image_root)) as im:
+        return im.height, im.width
 
 
 def _check_boxes(boxes: np.ndarray, h: int, w: int, key: str) -> None:
@@ -480,8 +494,10 @@ class DataIterator:
     loader's state before the batch in hand and how many of its rows were taken. `skipped` counts bad samples
     by reason (`BadSample.reason`, or the exception's type name)."""
 
-    def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict):
+    def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict,
+                 mixture: Mixture | None = None, image_roots: dict | None = None):
         self._loader, self._it = loader, iter(loader)
+        self._mixture, self._image_roots = mixture, image_roots or {}
         self.batch_size, self.training, self.strict = batch_size, training, strict
         self._pad = _empty_row(template)
         self.skipped: Counter = Counter()
@@ -551,6 +567,17 @@ class DataIterator:
             self._skip(str(held["skip"][i]), str(held["reason"][i]))
         self._taken = len(held["skip"])
         return {k: np.concatenate([held[k], np.repeat(self._pad[k][None], short, 0)]) for k in self._pad}
+
+    def example(self, sample: int) -> tuple[Example, str]:
+        """Evaluation: the split's sample number `sample` (the epoch's order, as `eval.gather` numbers rows) ->
+        (its Example, its dataset's image_root). Raises LookupError for a padding slot or an unreadable record
+        (their rows are invalid)."""
+        if self.training or self._mixture is None:
+            raise LookupError("DataIterator.example needs an evaluation pipeline (make_pipeline(training=False))")
+        name, ex = self._mixture[sample]  # an evaluation's epoch keys are 0, 1, ... (`Mixture.epoch_keys`)
+        if ex is None or isinstance(ex, str):  # padding, or an unreadable record's error text
+            raise LookupError(f"sample {sample} has no record: {ex or 'padding'}")
+        return ex, self._image_roots.get(name, "")
 
     def _skip(self, message: str, reason: str) -> None:
         if self.strict:
@@ -632,7 +659,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
                               worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size,
                               read_options=grain.ReadOptions(num_threads=cfg.read_threads,
                                                              prefetch_buffer_size=cfg.read_buffer))
-    return DataIterator(loader, cfg.batch_size, training, cfg.strict, template)
+    return DataIterator(loader, cfg.batch_size, training, cfg.strict, template, mixture, maker.image_roots)
 
 
 def _template(cfg, encoder) -> dict:

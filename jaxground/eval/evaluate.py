@@ -19,7 +19,8 @@ reads `batch_size / hosts` rows of its shard; it must divide over the mesh's dat
 `tasks` (default ("rec",)), `max_new_tokens` (32; the authors' RES uses 20), `trigger_state` ("at" | "predicting":
 the state each generation task reads a trigger's box and mask from, `GenerationConfig.trigger_state`; "predicting"
 is the released generate()), `pope_parser` ("nextchat" | "pope"), `meteor` (True: use java for the PTB tokenizer
-and METEOR when java is installed).
+and METEOR when java is installed), `res_pixels` ("grid" | "original": where `res` and `res_gen` masks are scored,
+`jaxground.eval.res_pixels`).
 
 On a mesh: the model is placed by the rules table (`jaxground.infer.command.load_model`), each batch becomes
 global arrays split over (data, fsdp) (`parallel.global_batch`), and each host takes back the rows it fed
@@ -37,7 +38,7 @@ import jax
 from flax import nnx
 
 from jaxground import parallel
-from jaxground.eval import runners, steps
+from jaxground.eval import res_pixels, runners, steps
 from jaxground.eval.gather import gather_rows, process_sum
 from jaxground.eval.metrics import pointing_summary, rec_summary, res_gen_summary, res_summary
 from jaxground.eval.prompts import generated_text, prompt_batch, reference_answers
@@ -120,7 +121,8 @@ def plan(config, model_cfg, tasks) -> list[tuple[str, str, object]]:
 
 
 def check_options(config) -> None:
-    """Raises EvalConfigError for an unknown `eval.pope_parser` or `eval.trigger_state` (before any compute)."""
+    """Raises EvalConfigError for an unknown `eval.pope_parser`, `eval.trigger_state` or `eval.res_pixels`
+    (before any compute)."""
     from jaxground.infer.generate import TRIGGER_STATES
 
     parser = config.eval.get("pope_parser", "nextchat")
@@ -129,6 +131,9 @@ def check_options(config) -> None:
     state = config.eval.get("trigger_state", "at")
     if state not in TRIGGER_STATES:
         raise EvalConfigError(f"eval.trigger_state {state!r} is not one of {list(TRIGGER_STATES)}")
+    pixels = config.eval.get("res_pixels", "grid")
+    if pixels not in res_pixels.RES_PIXELS:
+        raise EvalConfigError(f"eval.res_pixels {pixels!r} is not one of {list(res_pixels.RES_PIXELS)}")
 
 
 def generation_config(model_cfg, max_new_tokens: int, trigger_state: str = "at"):
@@ -212,6 +217,7 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     ev = config.eval
     max_new = max_new_tokens or ev.get("max_new_tokens", 32)
     parser = ev.get("pope_parser", "nextchat")
+    original = ev.get("res_pixels", "grid") == "original"
     pipelines = plan(config, model.cfg, tasks)
     if any(TASKS[t].kind != "forward" for t, _, _ in pipelines):
         width = prompt_width(model.cfg, config.data.max_len, max_new)
@@ -222,15 +228,18 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     rows: list[dict] = []
     with jax.set_mesh(mesh):  # activations constrained by the rules table, as in training
         for task, split, batches in pipelines:
-            if TASKS[task].kind == "forward":
-                step, run, summarize = _STEPS[task]
-                # cached_partial: the model's graph is walked once, not on every batch (`bench generate --what
-                # rec`, tiny: 217.8 -> 252.9-283.4 ex/s)
-                summary, task_rows = runners.add_up(
-                    gather_rows(run(on_mesh(nnx.cached_partial(step, model), mesh), batches)), summarize)
-            elif TASKS[task].kind == "generate_masks":
-                summary, task_rows = runners.add_up(
-                    gather_rows(runners.run_res_generated(generate_masks, batches)), res_gen_summary)
+            kind = TASKS[task].kind
+            if kind in ("forward", "generate_masks"):  # jitted steps whose rows carry their metric terms
+                if kind == "forward":
+                    fn, run, summarize = _STEPS[task]
+                    # cached_partial: the model's graph is walked once, not on every batch (`bench generate
+                    # --what rec`, tiny: 217.8 -> 252.9-283.4 ex/s)
+                    step = on_mesh(nnx.cached_partial(fn, model), mesh)
+                else:
+                    step, run, summarize = generate_masks, runners.run_res_generated, res_gen_summary
+                if original and TASKS[task].needs_masks:
+                    step = res_pixels.at_original_pixels(step, batches, model.cfg.sam.img_size)
+                summary, task_rows = runners.add_up(gather_rows(run(step, batches)), summarize)
             else:
                 task_rows = runners.run_generation(
                     generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))

@@ -20,9 +20,14 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     "index" renumbered 0, 1, ... as on one process. Every process must call it (a collective)."""
     n = jax.process_count()
     parts = [rows] if n == 1 else [json.loads(b) for b in _allgather_bytes(json.dumps(rows).encode())]
-    numbered = sorted(((r["index"] * n + host, r) for host, part in enumerate(parts) for r in part),
+    numbered = sorted(((sample_number(r["index"], host, n), r) for host, part in enumerate(parts) for r in part),
                       key=lambda t: t[0])
     return [r | {"index": i} for i, (_, r) in enumerate(numbered)]
+
+
+def sample_number(position: int, process: int, processes: int) -> int:
+    """The split's sample number of the row at `position` of process `process`'s batches (padding rows counted)."""
+    return position * processes + process
 
 
 def process_sum(value: int) -> int:

@@ -43,9 +43,9 @@ def run_rec(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]
 
 
 def run_res(step: Callable[[dict], dict], batches: Iterable[dict]) -> list[dict]:
-    """step(batch) -> {"sums" (res_sums per row), "iou" [B], "counted" [B], "box" [B,4]} -> rows."""
+    """step(batch) -> {"sums" (`steps.res_terms` per row), "counted" [B], "box" [B,4]} -> rows."""
     return forward_rows(step, batches, lambda out, i: {
-        "mask_iou": round(float(out["iou"][i]), 4) if out["counted"][i] else None,
+        "mask_iou": round(float(out["sums"]["iou"][i]), 4) if out["counted"][i] else None,
         "pred": _rounded(out["box"][i])})
 
 

@@ -19,11 +19,11 @@ from jaxground.data.conversation import IGNORE
 from jaxground.eval.metrics import pointing_choice, pointing_sums, rec_sums
 from jaxground.infer.generate import GenerationConfig
 from jaxground.models.nextchat import resize_mask_logits
-from jaxground.ops.mask_metrics import mask_iou, res_sums
+from jaxground.ops.mask_metrics import intersection_union
 
 
 def per_row(sums_fn, *args) -> dict:
-    """A batch-summing metric (`rec_sums`, `res_sums`, ...) applied to each row alone: {name: [B]}."""
+    """A batch-summing metric (`rec_sums`, `pointing_sums`) applied to each row alone: {name: [B]}."""
     return jax.vmap(lambda *row: sums_fn(*(a[None] for a in row)))(*args)
 
 
@@ -48,9 +48,33 @@ def scored_masks(mask_logits: jax.Array, masks: jax.Array, region: jax.Array | N
     return pred, (masks[:, :q] > 0.5) & region
 
 
+def res_terms(inter: jax.Array, union: jax.Array, counted: jax.Array) -> dict:
+    """Per-row RES terms from each row's mask intersection and union [B] (pixel counts): {"intersection",
+    "union", "iou" (an empty union scores 1), "count"}, zero on rows not counted [B]. Jittable, and NumPy works."""
+    v = jnp.asarray(counted, jnp.float32)
+    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+    return {"intersection": inter * v, "union": union * v, "iou": iou * v, "count": v}
+
+
+def res_generated_terms(inter: jax.Array, union: jax.Array, gt_area: jax.Array, num_triggers: jax.Array,
+                        counted: jax.Array) -> dict:
+    """Per-row `res_gen` terms from the first trigger's mask against the ground truth (intersection, union,
+    ground-truth area [B]) and each row's trigger count: `res_terms` of that mask (an empty mask without a
+    trigger), "released_*" the same under the released rule (an empty mask unless exactly one trigger: more masks
+    than the ground truth's one are not scored there), and the 0/1 counts "no_trigger", "multi_trigger" and
+    "failed" (zero intersection under the released rule, the authors' `failed`)."""
+    n = num_triggers
+    first = res_terms(jnp.where(n > 0, inter, 0.0), jnp.where(n > 0, union, gt_area), counted)
+    released = res_terms(jnp.where(n == 1, inter, 0.0), jnp.where(n == 1, union, gt_area), counted)
+    v = jnp.asarray(counted, jnp.float32)
+    return (first | {f"released_{k}": x for k, x in released.items()}
+            | {"no_trigger": v * (n == 0), "multi_trigger": v * (n > 1), "failed": v * (released["intersection"] == 0)})
+
+
 def res_step(model, batch: dict) -> dict:
     """RES: the teacher-forced forward pass with SAM images; the first trigger's mask against `masks[:, 0]`
-    (`scored_masks`) -> per-row cIoU/gIoU sums, IoU [B]."""
+    (`scored_masks`) -> per-row `res_terms`, "counted" bool[B], "box" [B,4] and the scored "mask_logits"
+    [B,1,h,w] (for `eval.res_pixels="original"`, `eval.res_pixels`)."""
     b = Batch(**batch)
     if b.sam_images is None or b.masks is None:
         raise ValueError("RES needs a batch with sam_images and masks (data.with_sam and data.with_masks)")
@@ -58,9 +82,10 @@ def res_step(model, batch: dict) -> dict:
     if out.mask_logits is None:
         raise ValueError("RES needs a model with a mask head (model.sam)")
     pred, gt = scored_masks(out.mask_logits[:, :1], b.masks, b.mask_region)  # [B,1,Hm,Wm]
-    valid = b.valid[:, None] & b.target_mask[:, :1] & b.mask_valid[:, :1]
-    return {"sums": per_row(res_sums, pred, gt, valid), "iou": mask_iou(pred, gt)[:, 0], "counted": valid[:, 0],
-            "box": out.pred_boxes[:, 0]}
+    valid = b.valid & b.target_mask[:, 0] & b.mask_valid[:, 0]
+    inter, union = (x[:, 0] for x in intersection_union(pred, gt))
+    return {"sums": res_terms(inter, union, valid), "counted": valid, "box": out.pred_boxes[:, 0],
+            "mask_logits": out.mask_logits[:, :1]}
 
 
 def res_generated_step(model, batch: dict, cfg: GenerationConfig) -> dict:
@@ -72,24 +97,18 @@ def res_generated_step(model, batch: dict, cfg: GenerationConfig) -> dict:
     "box_mask") with "images", and the teacher-forced batch's "sam_images", "masks", "mask_valid", "target_mask",
     "valid" (and "mask_region" when it has one).
     -> {"tokens" int32[B,N], "num_triggers" int32[B], "box" [B,4] (first trigger's F(t)), "counted" bool[B],
-    "sums"}: "sums" per row holds `res_sums` of the first trigger's mask (an empty mask without a trigger),
-    "released_*" the same for the released rule (an empty mask unless exactly one trigger: more masks than
-    the ground truth's one are not scored there), and the 0/1 counts "no_trigger", "multi_trigger" and
-    "failed" (zero intersection under the released rule, the authors' `failed`)."""
+    "mask_logits" [B,1,h,w] (the first trigger's), "sums" (`res_generated_terms`)}."""
     from jaxground.infer.predict import generate_nextchat
 
     g = generate_nextchat(model, batch["images"], batch["input_ids"], batch["attention_mask"], batch["boxes"],
                           batch["box_mask"], None, cfg)  # rng None: greedy, and no host-made key on several hosts
     logits, _ = model.segment(batch["sam_images"], g.trigger_states[:, :1], g.boxes[:, :1])  # [B,1,h,w]
     pred, gt = scored_masks(logits, batch["masks"], batch.get("mask_region"))  # [B,1,Hm,Wm]
-    n = g.num_triggers  # int32[B]
-    valid = batch["valid"][:, None] & batch["target_mask"][:, :1] & batch["mask_valid"][:, :1]  # [B,1]
-    sums = per_row(res_sums, pred & (n > 0)[:, None, None, None], gt, valid)
-    released = per_row(res_sums, pred & (n == 1)[:, None, None, None], gt, valid)
-    v = valid[:, 0].astype(jnp.float32)
-    sums |= {f"released_{k}": x for k, x in released.items()}
-    sums |= {"no_trigger": v * (n == 0), "multi_trigger": v * (n > 1), "failed": v * (released["intersection"] == 0)}
-    return {"tokens": g.tokens, "num_triggers": n, "box": g.boxes[:, 0], "counted": valid[:, 0], "sums": sums}
+    valid = batch["valid"] & batch["target_mask"][:, 0] & batch["mask_valid"][:, 0]  # [B]
+    inter, union = (x[:, 0] for x in intersection_union(pred, gt))
+    gt_area = jnp.sum(gt[:, 0], (1, 2)).astype(jnp.float32)
+    return {"tokens": g.tokens, "num_triggers": g.num_triggers, "box": g.boxes[:, 0], "counted": valid,
+            "mask_logits": logits, "sums": res_generated_terms(inter, union, gt_area, g.num_triggers, valid)}
 
 
 def question_box_mask(batch: Batch, boxes_id: int) -> jnp.ndarray:

@@ -155,14 +155,21 @@ def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
     """Two processes, each reading its half of every split, write exactly the eval.json and predictions.jsonl of
     one process on the same 8-device mesh and global batch; process 1 writes nothing. Two tasks keep it short:
     `res_gen` (a jitted step whose rows carry their metric terms, as the forward tasks', with generation and the
-    mask head inside) and counting (host-scored generation on the 9 questions: 5 and 4 + a padding row per host)."""
+    mask head inside), scored at original pixels (`eval.res_pixels=original`: each host scores its own rows
+    against the records of the samples they are), and counting (host-scored generation on the 9 questions: 5 and
+    4 + a padding row per host)."""
     root, args = tiny
     figures, rows, _ = on_eight
     tasks = ("res_gen", "count")
-    outs = [tmp_path / "out0", tmp_path / "out1"]
-    common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", ",".join(tasks), *args]
-    run_two([outs[0], *common], [outs[1], *common])
-    assert read(outs[0]) == ({t: figures[t] for t in tasks}, [r for r in rows if r["task"] in tasks])
+    pixels = "eval.res_pixels=original"
+    outs = [tmp_path / "out0", tmp_path / "out1", tmp_path / "one"]
+    common = ["--config", CONFIG, "--checkpoint", root / "run", *args, pixels]
+    run_two([outs[0], *common, "--tasks", ",".join(tasks)], [outs[1], *common, "--tasks", ",".join(tasks)])
+    assert cli.main(["eval", "--out", str(outs[2]), *map(str, common), "--tasks", "res_gen"]) == 0
+    one_figures, one_rows = read(outs[2])
+    assert one_figures["res_gen"] != figures["res_gen"]  # not the grid's figures
+    assert read(outs[0]) == ({"res_gen": one_figures["res_gen"], "count": figures["count"]},
+                             one_rows + [r for r in rows if r["task"] == "count"])
     assert not outs[1].exists()
 
 

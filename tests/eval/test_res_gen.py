@@ -1,7 +1,8 @@
 """`res_gen`: RES by free generation, the mask head on the first trigger. An unrigged tiny random NextChat (its
 `<at>` logit scaled so that some answers hold no trigger, most one, some two) whose mask head is shifted so that
 some masks are on and some off (the tiny SAM of `build_model` gives each sample a mask that is all on or all
-off), evaluated on one device over 24 REC expressions of 3 shapes images."""
+off), evaluated on one device over 24 REC expressions of 3 shapes images; at original pixels
+(`eval.res_pixels=original`) also on the same images placed on wide and tall canvases."""
 
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from test_end_to_end import build_model, overrides
+from test_res_pixels import decode_mask, released_reference
 
 CONFIG = "configs/eval_shapes.py"
 
@@ -144,3 +146,97 @@ def test_unknown_trigger_state_refused_before_loading(tiny, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err == "jaxground eval: eval.trigger_state 'chosen' is not one of ['at', 'predicting']"
+
+
+@pytest.fixture(scope="module")
+def non_square(tiny, tmp_path_factory):
+    """The shapes test images placed off-centre on wide (32 x 45) and tall (47 x 32) canvases: (records dir,
+    Examples). The first image's objects become COCO polygons (the box and a triangle over part of it, so
+    pixels inside both count twice, as the released ground truth counts them); the others keep their masks."""
+    import dataclasses
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from jaxground.data.records import RecordSource, png_bytes, write_records
+
+    args, _, _ = tiny
+    shapes = Path(next(a for a in args if a.startswith("paths.shapes=")).split("=", 1)[1])
+    src = RecordSource([shapes / "test.array_record"])
+    out = []
+    for i, ex in enumerate(src[k] for k in range(len(src))):
+        (h, w), (top, left) = ((32, 45), (0, 9)) if i % 2 == 0 else ((47, 32), (6, 0))
+        image = np.zeros((h, w, 3), np.uint8)
+        with Image.open(io.BytesIO(ex.image)) as im:
+            image[top : top + 32, left : left + 32] = np.asarray(im.convert("RGB"))
+        boxes = ex.boxes + np.array([left, top, left, top], np.float32)
+        masks = np.zeros((len(boxes), h, w), bool)
+        masks[:, top : top + 32, left : left + 32] = ex.masks
+        polygons = None
+        if i == 0:
+            polygons = [[[x0, y0, x1, y0, x1, y1, x0, y1], [x0, y0, (x0 + x1) / 2, y1 + 3, x0 - 2, y1]]
+                        for x0, y0, x1, y1 in boxes.tolist()]
+            masks = None
+        out.append(dataclasses.replace(ex, image=png_bytes(image), width=w, height=h, boxes=boxes, masks=masks,
+                                       polygons=polygons))
+    root = tmp_path_factory.mktemp("non_square")
+    shutil.copytree(shapes / "tokenizer", root / "tokenizer")
+    write_records(root / "test.array_record", out)
+    return root, out
+
+
+def test_res_at_original_pixels_equals_the_released_rule(tiny, non_square, monkeypatch):
+    """`eval.res_pixels=original` on wide and tall images: every counted row of `res` and `res_gen` scores the
+    intersection and union of the released code (its mask from the step's logits by `released_reference`, its
+    ground truth by pycocotools' `decode_mask` or the record's mask), and the figures add them up."""
+    from jaxground.config import load_config
+    from jaxground.eval import evaluate
+    from jaxground.parallel import make_mesh
+
+    args, model, encoder = tiny
+    root, examples = non_square
+    captured = []
+    real = evaluate.res_pixels.at_original_pixels
+
+    def spy(step, batches, sam_size):  # keeps each batch's step outputs (the mask logits), task by task
+        outputs = []
+        captured.append(outputs)
+
+        def kept(batch):
+            outputs.append(step(batch))
+            return outputs[-1]
+
+        return real(kept, batches, sam_size)
+
+    monkeypatch.setattr(evaluate.res_pixels, "at_original_pixels", spy)
+    config = load_config(CONFIG, [*args, f"paths.shapes={root}", "eval.res_pixels=original"])
+    figures, rows = evaluate.evaluate(model, encoder, config, ("res", "res_gen"),
+                                      mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+    samples = [(ex, item["obj"]) for ex in examples for item in ex.tasks["rec"]]
+    gts = [decode_mask(ex.polygons[o], ex.height, ex.width) if ex.polygons else ex.masks[o].astype(np.uint8)
+           for ex, o in samples]
+    assert max(g.max() for g in gts) == 2 and {g.shape[0] > g.shape[1] for g in gts} == {True, False}
+    assert len(captured) == 2  # each task's step went through the original-pixel scoring
+    for task, outputs in zip(("res", "res_gen"), captured):
+        task_rows = [r for r in rows if r["task"] == task]
+        logits = np.concatenate([o["mask_logits"] for o in outputs])[: len(samples), 0]
+        triggers = (np.concatenate([o["num_triggers"] for o in outputs])[: len(samples)] if task == "res_gen"
+                    else np.ones(len(samples), int))
+        inter, union = [], []
+        for x, gt, n in zip(logits, gts, triggers):
+            pred = released_reference(x, *gt.shape, 32)[0] & (n > 0)
+            inter.append(float((pred * gt).sum()))
+            union.append(float(pred.sum() + gt.sum()) - inter[-1])
+        inter, union = np.array(inter), np.array(union)
+        assert len(task_rows) == len(samples) == figures[task]["shapes_test"]["count"]
+        np.testing.assert_allclose([r["mask_iou"] for r in task_rows], np.round(inter / union, 4))
+        f = figures[task]["shapes_test"]
+        if task == "res_gen":
+            assert [(r["intersection"], r["union"]) for r in task_rows] == list(zip(inter, union))
+            one = triggers == 1  # the released rule: an empty mask unless exactly one trigger
+            areas = np.array([g.sum() for g in gts], float)
+            assert f["ciou_released"] == pytest.approx(np.where(one, inter, 0).sum() / np.where(one, union, areas).sum())
+        assert np.isfinite(list(f.values())).all() and 0 < inter.sum() and (inter == 0).any()
+        assert f["ciou"] == pytest.approx(inter.sum() / union.sum())
+        assert f["giou"] == pytest.approx(np.mean(inter / union))

@@ -84,7 +84,7 @@ def test_res_and_pointing_runners_skip_padding():
 
     def res_step(batch):
         v = batch["valid"].astype(float)
-        return {"sums": {"intersection": 2 * v, "union": 4 * v, "iou": 0.5 * v, "count": v}, "iou": 0.5 * v,
+        return {"sums": {"intersection": 2 * v, "union": 4 * v, "iou": 0.5 * v, "count": v},
                 "counted": batch["valid"], "box": np.zeros((3, 4))}
 
     valid = [np.array([True, True, True]), np.array([True, False, False])]
@@ -138,6 +138,6 @@ def test_res_step_scores_only_inside_the_image():
         return SimpleNamespace(mask_logits=jnp.ones((b, 1, s, s)), pred_boxes=jnp.zeros((b, 1, 4)))
 
     out = res_step(model, batch)
-    np.testing.assert_allclose(np.asarray(out["iou"]), [1.0, 1.0])
+    np.testing.assert_allclose(np.asarray(out["sums"]["iou"]), [1.0, 1.0])
     out = res_step(model, {k: v for k, v in batch.items() if k != "mask_region"})
-    np.testing.assert_allclose(np.asarray(out["iou"]), [0.5, 0.5])  # without the region the padding counts
+    np.testing.assert_allclose(np.asarray(out["sums"]["iou"]), [0.5, 0.5])  # without the region the padding counts
