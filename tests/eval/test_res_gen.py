@@ -148,6 +148,17 @@ def test_unknown_trigger_state_refused_before_loading(tiny, capsys):
     assert err == "jaxground eval: eval.trigger_state 'chosen' is not one of ['at', 'predicting']"
 
 
+def test_unknown_res_pixels_refused_before_loading(tiny, capsys):
+    """One line, exit status 2, before the checkpoint (which does not exist) is read."""
+    from jaxground import cli
+
+    args, _, _ = tiny
+    code = cli.main(["eval", "--config", CONFIG, "--checkpoint", "no_such_run", "--tasks", "res", *args,
+                     "eval.res_pixels=native"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "jaxground eval: eval.res_pixels 'native' is not one of ['grid', 'original']"
+
+
 @pytest.fixture(scope="module")
 def non_square(tiny, tmp_path_factory):
     """The shapes test images placed off-centre on wide (32 x 45) and tall (47 x 32) canvases: (records dir,
