@@ -19,7 +19,7 @@ from jaxground.data.conversation import IGNORE
 from jaxground.eval.metrics import pointing_choice, pointing_sums, rec_sums
 from jaxground.infer.generate import GenerationConfig
 from jaxground.models.nextchat import resize_mask_logits
-from jaxground.ops.mask_metrics import intersection_union
+from jaxground.ops.mask_metrics import intersection_union, iou_of_counts
 
 
 def per_row(sums_fn, *args) -> dict:
@@ -52,7 +52,7 @@ def res_terms(inter: jax.Array, union: jax.Array, counted: jax.Array) -> dict:
     """Per-row RES terms from each row's mask intersection and union [B] (pixel counts): {"intersection",
     "union", "iou" (an empty union scores 1), "count"}, zero on rows not counted [B]. Jittable, and NumPy works."""
     v = jnp.asarray(counted, jnp.float32)
-    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+    iou = iou_of_counts(inter, union)
     return {"intersection": inter * v, "union": union * v, "iou": iou * v, "count": v}
 
 

@@ -18,9 +18,8 @@ def intersection_union(pred: jax.Array, gt: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.sum(p & t, axes).astype(jnp.float32), jnp.sum(p | t, axes).astype(jnp.float32)
 
 
-def mask_iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
-    """[B, Q] IoU; 1 where the union is empty."""
-    inter, union = intersection_union(pred, gt)
+def iou_of_counts(inter: jax.Array, union: jax.Array) -> jax.Array:
+    """IoU from pixel counts of any shape; 1 where the union is empty. Jittable, and NumPy arrays work."""
     return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
 
 
@@ -28,7 +27,7 @@ def res_sums(pred: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax.
     """Per-batch sums: intersection, union, iou (sum of per-mask IoU), count (real masks)."""
     inter, union = intersection_union(pred, gt)
     v = valid.astype(bool)
-    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+    iou = iou_of_counts(inter, union)
     return {
         "intersection": jnp.sum(jnp.where(v, inter, 0.0)),
         "union": jnp.sum(jnp.where(v, union, 0.0)),

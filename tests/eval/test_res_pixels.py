@@ -3,6 +3,8 @@
 side, `> 0`, the centred padding cut), `decode_mask` (pycocotools polygons summed) and the I / U of its
 `prediction_step`."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,9 @@ def decode_mask(polygons: list, height: int, width: int) -> np.ndarray:
     """mllm/dataset/single_image_dataset/res.py's `decode_mask`."""
     from pycocotools import mask as maskutil
 
-    return np.sum(maskutil.decode(maskutil.frPyObjects(polygons, height, width)), axis=2).astype(np.uint8)
+    with warnings.catch_warnings():  # its decode calls np.asarray(copy=False) on an object without NumPy 2's signature
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        return np.sum(maskutil.decode(maskutil.frPyObjects(polygons, height, width)), axis=2).astype(np.uint8)
 
 
 @pytest.mark.parametrize(("hw", "low", "sam"), [

@@ -36,5 +36,5 @@ def test_against_numpy():
         float(sums["iou"]), np.where(union > 0, inter / np.maximum(union, 1), 1).sum(), rtol=1e-6
     )
     np.testing.assert_allclose(
-        M.mask_iou(jnp.asarray(pred), jnp.asarray(gt))[valid], inter / union, rtol=1e-6
+        M.iou_of_counts(*M.intersection_union(jnp.asarray(pred), jnp.asarray(gt)))[valid], inter / union, rtol=1e-6
     )
