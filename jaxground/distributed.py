@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import jax
 
@@ -57,6 +58,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
                         help="declare a process dead after this long without its heartbeat (JAX's default: 100); "
                              "raise it where a host can stall that long, e.g. heavily shared CPU hosts")
+
+
+def start(args, command: str) -> bool:
+    """`initialize` from the flags of `add_arguments` for `jaxground {command}`; False (after a one-line message on
+    stderr) when they are bad, so the command exits 2."""
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout=args.heartbeat_timeout)
+    except ValueError as e:
+        print(f"jaxground {command}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def initialize(

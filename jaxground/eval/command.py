@@ -40,11 +40,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxground import distributed
 
-    try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               heartbeat_timeout=args.heartbeat_timeout)
-    except ValueError as e:
-        print(f"jaxground eval: {e}", file=sys.stderr)
+    if not distributed.start(args, "eval"):
         return 2
 
     import jax

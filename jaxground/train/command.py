@@ -10,7 +10,6 @@ checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted (check
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -31,11 +30,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxground import distributed
 
-    try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               heartbeat_timeout=args.heartbeat_timeout)
-    except ValueError as e:
-        print(f"jaxground train: {e}", file=sys.stderr)
+    if not distributed.start(args, "train"):
         return 2
 
     import jax
