@@ -13,11 +13,60 @@ from __future__ import annotations
 import functools
 import re
 
-# the standard library's own regex parser (private, as `re._parser` since Python 3.11): a pattern as a tree
-from re import _constants as sre_op
-from re import _parser as sre_parse
-
 import numpy as np
+
+# what a rule pattern may hold besides escaped literals: `(\d+)` groups, `(?:a|b)` choices, `?` optional parts
+_SPECIAL = set("()|?*+.[]{}^$")
+
+
+def _fill(pattern: str, groups: dict[int, str]) -> str | None:
+    r"""One string `pattern` matches, with capture group i set to `groups[i]`: the first alternative of a choice,
+    optional parts included. None when the pattern has no one key to name (`.*`, a bare `\d+`, a group with no
+    value). Reads the subset of regex the rule tables use; anything else raises ValueError."""
+    pos, opened = 0, 0
+
+    def joined(pieces: list) -> str | None:
+        return None if None in pieces else "".join(pieces)
+
+    def choice() -> str | None:  # up to the closing parenthesis or the end: the first alternative
+        nonlocal pos
+        branches, pieces = [], []
+        while pos < len(pattern) and pattern[pos] != ")":
+            if pattern[pos] == "|":
+                branches.append(pieces)
+                pieces, pos = [], pos + 1
+                continue
+            piece = atom()
+            if pos < len(pattern) and pattern[pos] in "?*+":
+                piece = piece if pattern[pos] == "?" else None  # optional: included; any count: no one key
+                pos += 1
+            pieces.append(piece)
+        return joined(branches[0] if branches else pieces)
+
+    def atom() -> str | None:
+        nonlocal pos, opened
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            return None if pattern[pos - 1].isalnum() else pattern[pos - 1]  # \d and the like: a class
+        if c == "(":
+            capture = not pattern.startswith("(?:", pos)
+            pos += 1 if capture else 3
+            opened += capture
+            number, inner = opened, choice()
+            if pos >= len(pattern):
+                raise ValueError(f"unbalanced parenthesis in rule pattern {pattern!r}")
+            pos += 1
+            return groups.get(number) if capture else inner
+        if c in _SPECIAL and c != ".":
+            raise ValueError(f"rule pattern {pattern!r} uses {c!r}, which layout derivation does not read")
+        pos += 1
+        return None if c == "." else c
+
+    out = choice()
+    if pos != len(pattern):
+        raise ValueError(f"unbalanced parenthesis in rule pattern {pattern!r}")
+    return out
 
 
 @functools.cache
@@ -33,34 +82,6 @@ def _template(target: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-@functools.cache
-def _parsed(pattern: str):
-    return sre_parse.parse(pattern)
-
-
-def _fill(tree, groups: dict[int, str]) -> str | None:
-    """One string the parsed pattern matches, with capture groups set to `groups`; None when it cannot tell."""
-    out = []
-    for op, arg in tree:
-        if op is sre_op.LITERAL:
-            piece = chr(arg)
-        elif op is sre_op.SUBPATTERN:
-            group, _, _, sub = arg
-            piece = groups.get(group) if group is not None else _fill(sub, groups)
-        elif op is sre_op.BRANCH:
-            piece = _fill(arg[1][0], groups)
-        elif op in (sre_op.MAX_REPEAT, sre_op.MIN_REPEAT) and arg[:2] == (0, 1):
-            piece = _fill(arg[2], groups)
-        elif op is sre_op.IN and arg[0][0] is sre_op.LITERAL:  # a branch of single characters
-            piece = chr(arg[0][1])
-        else:  # a free repeat or character class outside a group: no one key to name
-            return None
-        if piece is None:
-            return None
-        out.append(piece)
-    return "".join(out)
-
-
 def torch_key(rule, target: str) -> str | None:
     """The torch key `rule` maps onto `target` (an NNX path, or `path[i]` for a row of a stacked one), or None."""
     if rule.target is None:
@@ -68,7 +89,7 @@ def torch_key(rule, target: str) -> str | None:
     m = _template(rule.target).fullmatch(target)
     if m is None:
         return None
-    key = _fill(_parsed(rule.pattern), {int(k[1:]): v for k, v in m.groupdict().items()})
+    key = _fill(rule.pattern, {int(k[1:]): v for k, v in m.groupdict().items()})
     return key if key is not None and rule.match(key) == (True, target) else None
 
 
