@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 # what a rule pattern may hold besides escaped literals: `(\d+)` groups, `(?:a|b)` choices, `?` optional parts
-_SPECIAL = set("()|?*+.[]{}^$")
+_SPECIAL = set("()|?*+[]{}^$")
 
 
 def _fill(pattern: str, groups: dict[int, str]) -> str | None:
@@ -58,10 +58,10 @@ def _fill(pattern: str, groups: dict[int, str]) -> str | None:
                 raise ValueError(f"unbalanced parenthesis in rule pattern {pattern!r}")
             pos += 1
             return groups.get(number) if capture else inner
-        if c in _SPECIAL and c != ".":
+        if c in _SPECIAL:
             raise ValueError(f"rule pattern {pattern!r} uses {c!r}, which layout derivation does not read")
         pos += 1
-        return None if c == "." else c
+        return None if c == "." else c  # an unescaped dot: any character
 
     out = choice()
     if pos != len(pattern):
