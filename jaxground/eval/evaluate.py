@@ -162,10 +162,14 @@ def check_batch(config, mesh) -> None:
         raise parallel.MeshError(f"eval.batch_size {config.eval.batch_size}: {e}") from None
 
 
-def on_mesh(fn: Callable[[dict], dict], mesh) -> Callable[[dict], dict]:
+def on_mesh(fn: Callable[[dict], dict], mesh, drop: tuple[str, ...] = ()) -> Callable[[dict], dict]:
     """fn(global batch) -> batch-leading outputs, as a function of this host's numpy rows -> its rows of the
-    outputs (numpy)."""
-    return lambda batch: parallel.host_rows(fn(parallel.global_batch(batch, mesh)), mesh)
+    outputs (numpy), without the outputs named in `drop` (left on the devices, never copied to the host)."""
+    def rows(batch: dict) -> dict:
+        out = fn(parallel.global_batch(batch, mesh))
+        return parallel.host_rows({k: v for k, v in out.items() if k not in drop}, mesh)
+
+    return rows
 
 
 def batch_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[dict], dict]:
@@ -191,12 +195,12 @@ def batch_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[di
     return generate
 
 
-def mask_generator(model, tokenizer, gen_cfg, width: int, mesh) -> Callable[[dict], dict]:
+def mask_generator(model, tokenizer, gen_cfg, width: int, mesh, drop: tuple[str, ...] = ()) -> Callable[[dict], dict]:
     """This host's batch (with SAM images and masks) -> `steps.res_generated_step`'s outputs for its rows (numpy),
-    "tokens" decoded to "text"; the rows split over the mesh."""
+    "tokens" decoded to "text", without those named in `drop` (`on_mesh`); the rows split over the mesh."""
     ids = model.cfg.tokens
     step = nnx.cached_partial(_RES_GENERATED, model)
-    rows = on_mesh(lambda g: step(g, cfg=gen_cfg), mesh)
+    rows = on_mesh(lambda g: step(g, cfg=gen_cfg), mesh, drop)
     keys = ("images", "sam_images", "masks", "mask_valid", "mask_region", "target_mask", "valid")
 
     def generate(batch: dict) -> dict:
@@ -218,12 +222,15 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     max_new = max_new_tokens or ev.get("max_new_tokens", 32)
     parser = ev.get("pope_parser", "nextchat")
     original = ev.get("res_pixels", "grid") == "original"
+    # the RES steps' low-resolution logits are read on the host only to score at original pixels; on the grid
+    # they stay on the devices (SAM's 256x256 grid: 256 KiB a row)
+    device_only = () if original else ("mask_logits",)
     pipelines = plan(config, model.cfg, tasks)
     if any(TASKS[t].kind != "forward" for t, _, _ in pipelines):
         width = prompt_width(model.cfg, config.data.max_len, max_new)
         gen_cfg = generation_config(model.cfg, max_new, ev.get("trigger_state", "at"))
         generate = batch_generator(model, encoder.tok, gen_cfg, width, mesh)
-        generate_masks = mask_generator(model, encoder.tok, gen_cfg, width, mesh)
+        generate_masks = mask_generator(model, encoder.tok, gen_cfg, width, mesh, device_only)
     results: dict = {}
     rows: list[dict] = []
     with jax.set_mesh(mesh):  # activations constrained by the rules table, as in training
@@ -234,7 +241,7 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
                     fn, run, summarize = _STEPS[task]
                     # cached_partial: the model's graph is walked once, not on every batch (`bench generate
                     # --what rec`, tiny: 217.8 -> 252.9-283.4 ex/s)
-                    step = on_mesh(nnx.cached_partial(fn, model), mesh)
+                    step = on_mesh(nnx.cached_partial(fn, model), mesh, device_only)
                 else:
                     step, run, summarize = generate_masks, runners.run_res_generated, res_gen_summary
                 if original and TASKS[task].needs_masks:

@@ -197,6 +197,23 @@ def non_square(tiny, tmp_path_factory):
     return root, out
 
 
+def test_grid_scoring_leaves_mask_logits_on_the_devices(tiny, monkeypatch):
+    """Under `eval.res_pixels=grid` (the default) nothing reads the RES steps' mask logits on the host, so
+    they are not copied there; the test below shows `original` gets them."""
+    from jaxground.config import load_config
+    from jaxground.eval import evaluate
+    from jaxground.parallel import make_mesh
+
+    args, model, encoder = tiny
+    copied, real = [], evaluate.parallel.host_rows
+    monkeypatch.setattr(evaluate.parallel, "host_rows", lambda tree, mesh: copied.append(set(tree)) or real(tree, mesh))
+    figures, _ = evaluate.evaluate(model, encoder, load_config(CONFIG, args), ("res", "res_gen"),
+                                   mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+    assert {"sums", "counted", "box"} <= copied[0] and {"tokens", "sums"} <= copied[-1]
+    assert not any("mask_logits" in keys for keys in copied)
+    assert figures["res"]["shapes_test"]["count"] == figures["res_gen"]["shapes_test"]["count"] == 24
+
+
 def test_res_at_original_pixels_equals_the_released_rule(tiny, non_square, monkeypatch):
     """`eval.res_pixels=original` on wide and tall images: every counted row of `res` and `res_gen` scores the
     intersection and union of the released code (its mask from the step's logits by `released_reference`, its
