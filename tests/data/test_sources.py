@@ -53,6 +53,24 @@ def test_refcoco_shikra_jsonl(tmp_path):
     assert ex.tasks == {"rec": [{"expr": "red car", "obj": 0}]} and (ex.width, ex.height) == (40, 30)
 
 
+@pytest.mark.parametrize("kind, good", [
+    ("refcoco_jsonl", {"img_path": "a.jpg", "expression": "red car", "bbox": [1, 2, 30, 20]}),
+    ("pope", {"image": "a.jpg", "text": "Is there a dog in the image?", "label": "no"}),
+])
+def test_jsonl_bad_line_named(tmp_path, kind, good):
+    """A line that is not JSON, or lacks a key the reader needs, is refused as FILE:LINE (blank lines count)."""
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps(good)[:-3] + "\n")
+    with pytest.raises(sources.SourceError, match=rf"x\.jsonl:3: not JSON"):
+        _read(kind, f)
+    key = sorted(good)[0]
+    f.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != key}) + "\n")
+    with pytest.raises(sources.SourceError, match=rf"x\.jsonl:2: no '{key}'"):
+        _read(kind, f)
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    assert [ex.key.split(" ")[0] for ex in _read(kind, f)] == ["x.jsonl:1", "x.jsonl:3"]
+
+
 def test_flickr30k_entities(tmp_path):
     (tmp_path / "train.txt").write_text("100\n")
     (tmp_path / "Sentences").mkdir()

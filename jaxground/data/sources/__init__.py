@@ -8,6 +8,8 @@ reader's `OPTIONS`.
 from __future__ import annotations
 
 import importlib
+import json
+from collections.abc import Iterator
 
 from jaxground.data.records import Example
 
@@ -42,3 +44,20 @@ def read(kind: str, entry) -> list[Example]:
 
 def xywh_to_xyxy(x, y, w, h) -> list[float]:
     return [float(x), float(y), float(x) + float(w), float(y) + float(h)]
+
+
+def jsonl_items(path: str, keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number from 1, object) for each non-blank line of the jsonl file `path`; a line that is not a JSON
+    object holding `keys` is refused as FILE:LINE, so a bad line in a large file can be found."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{n}: not JSON ({e.msg})") from None
+            missing = [k for k in keys if not isinstance(item, dict) or k not in item]
+            if missing:
+                raise SourceError(f"{path}:{n}: no {', '.join(map(repr, missing))} in this line")
+            yield n, item

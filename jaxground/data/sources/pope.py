@@ -4,28 +4,24 @@ question kept verbatim)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from jaxground.data.records import Example
+from jaxground.data.sources import jsonl_items
 
 _OBJECT = re.compile(r"Is there an? (.+?) in the image", re.IGNORECASE)
 
 
 def read_pope(path: str, split: str) -> list[Example]:
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            m = _OBJECT.search(item["text"])
-            out.append(Example(
-                boxes=np.zeros((0, 4), np.float32), image_path=item["image"], source="pope",
-                tasks={"pope": [{"object": m.group(1) if m else "", "answer": item["label"].strip().lower(),
-                                 "question": item["text"]}]},
-                key=f"{Path(path).name}:{i + 1} (question {item.get('question_id')})"))
+    for n, item in jsonl_items(path, ("text", "image", "label")):
+        m = _OBJECT.search(item["text"])
+        out.append(Example(
+            boxes=np.zeros((0, 4), np.float32), image_path=item["image"], source="pope",
+            tasks={"pope": [{"object": m.group(1) if m else "", "answer": item["label"].strip().lower(),
+                             "question": item["text"]}]},
+            key=f"{Path(path).name}:{n} (question {item.get('question_id')})"))
     return out

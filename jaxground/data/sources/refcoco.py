@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxground.data.records import Example
-from jaxground.data.sources import SourceError, xywh_to_xyxy
+from jaxground.data.sources import SourceError, jsonl_items, xywh_to_xyxy
 
 _PREFERRED = ("refs(unc).p", "refs(umd).p", "refs(google).p", "refs(berkeley).p")
 
@@ -54,13 +54,9 @@ def read_refcoco(path: str, split: str) -> list[Example]:
 def read_refcoco_jsonl(path: str, split: str) -> list[Example]:
     """The Shikra jsonl file `path` (the split is the file); one Example per line."""
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            out.append(Example(
-                boxes=np.array([item["bbox"]], np.float32), tasks={"rec": [{"expr": item["expression"], "obj": 0}]},
-                image_path=item["img_path"], width=int(item.get("width", 0)), height=int(item.get("height", 0)),
-                names=[""], source="refcoco_jsonl", key=f"{Path(path).name}:{i + 1}"))
+    for n, item in jsonl_items(path, ("bbox", "expression", "img_path")):
+        out.append(Example(
+            boxes=np.array([item["bbox"]], np.float32), tasks={"rec": [{"expr": item["expression"], "obj": 0}]},
+            image_path=item["img_path"], width=int(item.get("width", 0)), height=int(item.get("height", 0)),
+            names=[""], source="refcoco_jsonl", key=f"{Path(path).name}:{n}"))
     return out
