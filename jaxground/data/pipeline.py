@@ -495,8 +495,9 @@ class DataIterator:
     by reason (`BadSample.reason`, or the exception's type name)."""
 
     def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict,
-                 mixture: Mixture | None = None, image_roots: dict | None = None):
+                 mixture: Mixture | None = None, image_roots: dict | None = None, num_batches: int | None = None):
         self._loader, self._it = loader, iter(loader)
+        self.num_batches = num_batches  # evaluation: the batches this host yields (None: training, endless)
         self._mixture, self._image_roots = mixture, image_roots or {}
         self.batch_size, self.training, self.strict = batch_size, training, strict
         self._pad = _empty_row(template)
@@ -659,7 +660,9 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
                               worker_count=cfg.workers, worker_buffer_size=cfg.worker_buffer_size,
                               read_options=grain.ReadOptions(num_threads=cfg.read_threads,
                                                              prefetch_buffer_size=cfg.read_buffer))
-    return DataIterator(loader, cfg.batch_size, training, cfg.strict, template, mixture, maker.image_roots)
+    host_samples = -(-int(mixture.counts.sum()) // process_count)  # evaluation pads the split to whole hosts
+    return DataIterator(loader, cfg.batch_size, training, cfg.strict, template, mixture, maker.image_roots,
+                        None if training else -(-host_samples // cfg.batch_size))
 
 
 def _template(cfg, encoder) -> dict:

@@ -1,5 +1,6 @@
 """`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,res_gen,pope,reg,v7w,count] [--out DIR]
-[--max-new-tokens N] [--coordinator HOST:PORT --num-processes N --process-id I] [key=value ...]`
+[--max-new-tokens N] [--resume] [--progress-every SECONDS] [--coordinator HOST:PORT --num-processes N --process-id I]
+[key=value ...]`
 
 Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`
 output on every split of `config.eval.datasets` for each task (`jaxground.eval.evaluate.TASKS`; default
@@ -12,8 +13,12 @@ the global batch, split over data x fsdp. Several hosts (SLURM, a TPU slice unde
 three flags) each read their own shard of every split; the prediction rows of all hosts are gathered in sample
 order, the figures computed over all of them, and only process 0 writes OUT/eval.json ({task: {split:
 metrics}}) and OUT/predictions.jsonl (one line per sample, with "task" and "split") and prints. OUT defaults to
-CHECKPOINT/eval. Exit status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser` included),
-task list, mesh, batch size or checkpoint, reported before any model compute.
+CHECKPOINT/eval. Each split is saved in OUT/splits as it ends and eval.json rewritten with the splits so far
+(`jaxground.eval.saved`), so a crash or preemption loses at most the split under way: `--resume` evaluates only
+the splits not saved yet. A progress line per split is printed at most every `--progress-every` seconds. Exit
+status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser` included), task list, mesh,
+batch size or checkpoint, reported before any model compute, and for saved splits of another checkpoint or
+config on `--resume`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default: "
                         "config.eval.max_new_tokens or 32)")
+    parser.add_argument("--resume", action="store_true", help="take the splits an earlier run of this evaluation "
+                        "saved in OUT/splits (same checkpoint and config) and evaluate only the others")
+    parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                        help="a progress line per split at most this often (default 30; 0: only its start and end)")
     distributed_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
@@ -47,28 +56,69 @@ def run(args) -> int:
 
     from jaxground import parallel
     from jaxground.config import ConfigError, load_config
-    from jaxground.eval.evaluate import check_batch, check_options, evaluate, parse_tasks
+    from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
+    from jaxground.eval.saved import Store, write_json
     from jaxground.infer.command import load_encoder, load_model
 
+    first = jax.process_index() == 0  # every process holds the same results; one writes them
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if not args.progress_every >= 0:
+            raise ValueError(f"--progress-every must be >= 0 seconds, got {args.progress_every}")
         config = load_config(args.config, args.overrides)
         tasks = parse_tasks(args.tasks or config.eval.get("tasks", ("rec",)))
         mesh = parallel.make_mesh(dict(config.mesh))
         check_batch(config, mesh)  # before the weights load
         check_options(config)
-        encoder, tokens = load_encoder(config)
-        model = load_model(config, args.checkpoint, tokens, mesh)
-        results, rows = evaluate(model, encoder, config, tasks, mesh=mesh, max_new_tokens=args.max_new_tokens)
+        out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+        store = Store(out, config, args.checkpoint, args.max_new_tokens)
+        done = _resumed(store, pairs(config, tasks)) if args.resume else {}
+        so_far: dict = {}
+        for (task, split), (figures, _) in done.items():
+            so_far.setdefault(task, {})[split] = figures
+
+        def saved(task: str, split: str, figures: dict, rows: list[dict]) -> None:
+            if first:  # a crash or preemption after this keeps the split (`--resume`)
+                store.save(task, split, figures, rows)
+                so_far.setdefault(task, {})[split] = figures
+                write_json(out / "eval.json", so_far, indent=2)
+
+        if len(done) < len(pairs(config, tasks)):
+            encoder, tokens = load_encoder(config)
+            model = load_model(config, args.checkpoint, tokens, mesh)
+            results, rows = evaluate(model, encoder, config, tasks, mesh=mesh, max_new_tokens=args.max_new_tokens,
+                                     done=done, on_split=saved, progress_every=args.progress_every)
+        else:  # all saved: nothing to load
+            results, rows = so_far, [r for pair in pairs(config, tasks) for r in done[pair][1]]
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"jaxground eval: {e}", file=sys.stderr)
         return 2
-    if jax.process_index() == 0:  # every process holds the same results; one writes them
-        out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(results, indent=2))
-        with open(out / "predictions.jsonl", "w") as f:
+    if first:
+        write_json(out / "eval.json", results, indent=2)
+        aside = out / "predictions.jsonl.partial"
+        with open(aside, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+        aside.replace(out / "predictions.jsonl")
         print(json.dumps(results))
     return 0
+
+
+def _resumed(store, pairs) -> dict:
+    """`store.load(pairs)` read by process 0, the same on every process (a collective; a refusal too)."""
+    import jax
+
+    from jaxground.eval.gather import from_first_process
+    from jaxground.eval.saved import ResumeError
+
+    if jax.process_index() == 0:
+        try:
+            loaded = {"done": [[t, s, f, r] for (t, s), (f, r) in store.load(pairs).items()]}
+        except ResumeError as e:
+            loaded = {"error": str(e)}
+    else:
+        loaded = None
+    loaded = from_first_process(loaded)
+    if "error" in loaded:
+        raise ResumeError(loaded["error"])
+    return {(t, s): (f, r) for t, s, f, r in loaded["done"]}

@@ -41,6 +41,7 @@ from jaxground import parallel
 from jaxground.eval import res_pixels, runners, steps
 from jaxground.eval.gather import gather_rows, process_sum
 from jaxground.eval.metrics import pointing_summary, rec_summary, res_gen_summary, res_summary
+from jaxground.eval.progress import Progress
 from jaxground.eval.prompts import generated_text, prompt_batch, reference_answers
 
 log = logging.getLogger(__name__)
@@ -99,19 +100,25 @@ def task_data_config(config, task: str, split: str, model_cfg):
     return cfg
 
 
-def plan(config, model_cfg, tasks) -> list[tuple[str, str, object]]:
-    """(task, split, pipeline) for every pair, built before any model compute; bad configs raise here."""
+def pairs(config, tasks) -> list[tuple[str, str]]:
+    """Every (task, split) to evaluate, in the order evaluated (task by task)."""
+    if not config.eval.datasets:
+        raise EvalConfigError("eval.datasets is empty")
+    return [(task, split) for task in parse_tasks(tasks) for split in config.eval.datasets]
+
+
+def plan(config, model_cfg, tasks, skip=frozenset()) -> list[tuple[str, str, object]]:
+    """(task, split, pipeline) for every pair not in `skip`, built before any model compute; bad configs raise
+    here."""
     from jaxground.data.pipeline import make_pipeline
 
     names = parse_tasks(tasks)
     masks = [t for t in names if TASKS[t].needs_masks]
     if masks and model_cfg.sam is None:
         raise EvalConfigError(f"tasks {', '.join(masks)} need a model with a mask head (model.sam)")
-    if not config.eval.datasets:
-        raise EvalConfigError("eval.datasets is empty")
     out = []
-    for task in names:
-        for split in config.eval.datasets:
+    for task, split in pairs(config, names):
+        if (task, split) not in skip:
             try:
                 out.append((task, split, make_pipeline(task_data_config(config, task, split, model_cfg),
                                                        training=False)))
@@ -211,13 +218,19 @@ def mask_generator(model, tokenizer, gen_cfg, width: int, mesh, drop: tuple[str,
     return generate
 
 
-def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None = None, done: dict | None = None,
+             on_split: Callable[[str, str, dict, list[dict]], None] | None = None,
+             progress_every: float | None = None) -> tuple[dict, list[dict]]:
     """-> ({task: {split: metrics}}, prediction rows with "task" and "split"), the same on every process.
 
     `model` is placed on `mesh` (`jaxground.infer.command.load_model`); every process calls this with its own
-    shard of each split (the pipeline reads `jax.process_index()` of `jax.process_count()`); see `check_batch`."""
+    shard of each split (the pipeline reads `jax.process_index()` of `jax.process_count()`); see `check_batch`.
+    `done` {(task, split): (metrics, rows)} holds splits evaluated before (`jaxground.eval.saved`), taken as they
+    are; `on_split(task, split, metrics, rows)` is called as each other split ends; `progress_every` (seconds, not
+    None) prints a split's start, its progress that often (0: never) and its end (`progress.Progress`)."""
     check_batch(config, mesh)
     check_options(config)
+    done = done or {}
     ev = config.eval
     max_new = max_new_tokens or ev.get("max_new_tokens", 32)
     parser = ev.get("pope_parser", "nextchat")
@@ -225,8 +238,8 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     # the RES steps' low-resolution logits are read on the host only to score at original pixels; on the grid
     # they stay on the devices (SAM's 256x256 grid: 256 KiB a row)
     device_only = () if original else ("mask_logits",)
-    pipelines = plan(config, model.cfg, tasks)
-    if any(TASKS[t].kind != "forward" for t, _, _ in pipelines):
+    pipelines = {(t, s): b for t, s, b in plan(config, model.cfg, tasks, skip=frozenset(done))}
+    if any(TASKS[t].kind != "forward" for t, _ in pipelines):
         width = prompt_width(model.cfg, config.data.max_len, max_new)
         gen_cfg = generation_config(model.cfg, max_new, ev.get("trigger_state", "at"))
         generate = batch_generator(model, encoder.tok, gen_cfg, width, mesh)
@@ -234,8 +247,14 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     results: dict = {}
     rows: list[dict] = []
     with jax.set_mesh(mesh):  # activations constrained by the rules table, as in training
-        for task, split, batches in pipelines:
-            kind = TASKS[task].kind
+        for task, split in pairs(config, tasks):
+            if (task, split) in done:
+                summary, task_rows = done[(task, split)]
+                results.setdefault(task, {})[split] = summary
+                rows += task_rows
+                continue
+            batches, kind = pipelines[(task, split)], TASKS[task].kind
+            shown = Progress(f"{task}/{split}", batches.num_batches, ev.batch_size, progress_every)
             if kind in ("forward", "generate_masks"):  # jitted steps whose rows carry their metric terms
                 if kind == "forward":
                     fn, run, summarize = _STEPS[task]
@@ -246,10 +265,10 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
                     step, run, summarize = generate_masks, runners.run_res_generated, res_gen_summary
                 if original and TASKS[task].needs_masks:
                     step = res_pixels.at_original_pixels(step, batches, model.cfg.sam.img_size)
-                summary, task_rows = runners.add_up(gather_rows(run(step, batches)), summarize)
+                summary, task_rows = runners.add_up(gather_rows(run(shown.wrap(step), batches)), summarize)
             else:
                 task_rows = runners.run_generation(
-                    generate, batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
+                    shown.wrap(generate), batches, lambda b: reference_answers(b, encoder.tok, model.cfg.tokens.eos))
                 summary, task_rows = _score_generation(task, gather_rows(task_rows), parser,
                                                        ev.get("meteor", True))
             if batches.skipped:
@@ -257,9 +276,12 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
             skipped = process_sum(sum(batches.skipped.values()))
             if skipped:
                 summary["skipped"] = skipped
+            task_rows = [{"task": task, "split": split, **r} for r in task_rows]
             results.setdefault(task, {})[split] = summary
-            rows += [{"task": task, "split": split, **r} for r in task_rows]
-            log.info("eval %s/%s: %s", task, split, summary)
+            rows += task_rows
+            shown.done(summary)
+            if on_split is not None:
+                on_split(task, split, summary, task_rows)
     return results, rows
 
 

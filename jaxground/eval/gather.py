@@ -39,6 +39,14 @@ def process_sum(value: int) -> int:
     return int(multihost_utils.process_allgather(np.int32(value)).sum())
 
 
+def from_first_process(value):
+    """Process 0's JSON-able `value` on every process (the others' are not read). A collective."""
+    if jax.process_count() == 1:
+        return value
+    payload = json.dumps(value).encode() if jax.process_index() == 0 else b""
+    return json.loads(_allgather_bytes(payload)[0])
+
+
 def _allgather_bytes(payload: bytes) -> list[bytes]:
     """Every process's `payload`, in process order (padded to the longest for the collective)."""
     from jax.experimental import multihost_utils

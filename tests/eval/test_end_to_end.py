@@ -143,6 +143,57 @@ def test_eval_every_shapes_task(setup, capsys):
     assert json.loads((out2 / "eval.json").read_text())["rec"] == figures["rec"]
 
 
+def test_eval_saves_each_split_and_resumes_after_a_crash(setup, capsys, monkeypatch):
+    """A crash in the second task keeps the first's figures and rows (OUT/splits, eval.json so far); `--resume`
+    evaluates only the rest and writes what one clean run writes, byte for byte; a saved split of another flag or
+    config is refused, one of another mesh and batch size taken; with every split saved nothing is loaded."""
+    from jaxground.eval import evaluate
+
+    root, args, _ = setup
+    clean, out = root / "resume_clean", root / "resume_crash"
+
+    def run(*flags, more=()):
+        return cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"), "--tasks",
+                         "rec,pope", "--out", str(out), *flags, *args, *more])
+
+    assert run("--out", str(clean)) == 0
+    printed, shown = capsys.readouterr()
+    assert re.search(r"eval rec/shapes_test: \d+ batches of 4 rows\n", shown)
+    assert re.search(r"eval pope/shapes_test: done in [\d.]+s: \{\"accuracy\": 0.5, ", shown)
+    figures = json.loads((clean / "eval.json").read_text())
+    assert printed == json.dumps(figures) + "\n"  # progress on stderr: stdout is the figures alone
+
+    real = evaluate.batch_generator
+
+    def preempted(*a, **k):
+        real(*a, **k)
+        return lambda batch: (_ for _ in ()).throw(RuntimeError("preempted"))
+
+    monkeypatch.setattr(evaluate, "batch_generator", preempted)
+    with pytest.raises(RuntimeError, match="preempted"):
+        run()
+    assert "eval pope/shapes_test: done" not in capsys.readouterr().err
+    assert json.loads((out / "eval.json").read_text()) == {"rec": figures["rec"]}
+    assert sorted(p.name for p in (out / "splits").iterdir()) == ["rec.shapes_test.json"]
+    assert not (out / "predictions.jsonl").exists()
+
+    monkeypatch.setattr(evaluate, "batch_generator", real)
+    monkeypatch.setitem(evaluate._STEPS, "rec", None)  # rec must come from its saved split
+    assert run("--resume") == 0
+    assert "eval rec/" not in capsys.readouterr().err
+    for name in ("eval.json", "predictions.jsonl"):
+        assert (out / name).read_text() == (clean / name).read_text()
+
+    for flags, more, key in ((["--max-new-tokens", "3"], [], "max_new_tokens"),
+                             ([], ["eval.pope_parser=pope"], "config.eval.pope_parser")):
+        assert run("--resume", *flags, more=more) == 2
+        assert re.search(rf"splits/rec\.shapes_test\.json was evaluated with another {key}; drop --resume",
+                         capsys.readouterr().err)
+    monkeypatch.setattr("jaxground.infer.command.load_model", None)  # every split saved: no model is loaded
+    assert run("--resume", more=["mesh.fsdp=2", "mesh.tensor=4", "eval.batch_size=8"]) == 0
+    assert (out / "eval.json").read_text() == (clean / "eval.json").read_text()
+
+
 def test_eval_predictions_do_not_depend_on_the_batch_size(setup):
     """An unrigged random model answers every sample differently (its `<at>` logit scaled up so that some answers
     hold a trigger and some none): the rows at batch size 1 and at 3 (the last batch padded) must be equal, so a

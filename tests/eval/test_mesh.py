@@ -138,8 +138,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two(*args) -> None:
-    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run."""
+def run_two(*args) -> str:
+    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run -> process 0's stderr."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
     procs = [subprocess.Popen([sys.executable, str(HERE / "run_eval_process.py"), str(port), str(i), *map(str, a)],
@@ -149,6 +149,7 @@ def run_two(*args) -> None:
     assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
     printed = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]  # not gloo's
     assert len(printed[0]) == 1 and printed[1] == []  # only process 0 prints the figures
+    return outputs[0][1]
 
 
 def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
@@ -157,7 +158,8 @@ def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
     `res_gen` (a jitted step whose rows carry their metric terms, as the forward tasks', with generation and the
     mask head inside), scored at original pixels (`eval.res_pixels=original`: each host scores its own rows
     against the records of the samples they are), and counting (host-scored generation on the 9 questions: 5 and
-    4 + a padding row per host)."""
+    4 + a padding row per host). Then, the count split's file dropped as if a crash had come before it was saved,
+    `--resume` on both: process 0's saved res_gen reaches process 1, and only count runs again."""
     root, args = tiny
     figures, rows, _ = on_eight
     tasks = ("res_gen", "count")
@@ -171,6 +173,14 @@ def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
     assert read(outs[0]) == ({"res_gen": one_figures["res_gen"], "count": figures["count"]},
                              one_rows + [r for r in rows if r["task"] == "count"])
     assert not outs[1].exists()
+
+    (outs[0] / "splits" / "count.shapes_test.json").unlink()
+    (outs[0] / "predictions.jsonl").unlink()
+    shown = run_two([outs[0], *common, "--tasks", ",".join(tasks), "--resume"],
+                    [outs[1], *common, "--tasks", ",".join(tasks), "--resume"])
+    assert "eval res_gen/" not in shown and "eval count/shapes_test: done" in shown
+    assert read(outs[0]) == ({"res_gen": one_figures["res_gen"], "count": figures["count"]},
+                             one_rows + [r for r in rows if r["task"] == "count"])
 
 
 def test_gather_rows_orders_by_sample(monkeypatch):
