@@ -57,7 +57,7 @@ def run(args) -> int:
     from jaxground import parallel
     from jaxground.config import ConfigError, load_config
     from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
-    from jaxground.eval.saved import Store, write_json
+    from jaxground.eval.saved import Store, write_text
     from jaxground.infer.command import load_encoder, load_model
 
     first = jax.process_index() == 0  # every process holds the same results; one writes them
@@ -82,7 +82,7 @@ def run(args) -> int:
             if first:  # a crash or preemption after this keeps the split (`--resume`)
                 store.save(task, split, figures, rows)
                 so_far.setdefault(task, {})[split] = figures
-                write_json(out / "eval.json", so_far, indent=2)
+                write_text(out / "eval.json", json.dumps(so_far, indent=2))
 
         if len(done) < len(pairs(config, tasks)):
             encoder, tokens = load_encoder(config)
@@ -95,11 +95,8 @@ def run(args) -> int:
         print(f"jaxground eval: {e}", file=sys.stderr)
         return 2
     if first:
-        write_json(out / "eval.json", results, indent=2)
-        aside = out / "predictions.jsonl.partial"
-        with open(aside, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        aside.replace(out / "predictions.jsonl")
+        write_text(out / "eval.json", json.dumps(results, indent=2))
+        write_text(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         print(json.dumps(results))
     return 0
 

@@ -24,12 +24,12 @@ class ResumeError(ValueError):
     """A saved split that does not belong to this evaluation."""
 
 
-def write_json(path: Path, value, indent: int | None = None) -> None:
-    """`path` holds `value` as JSON, whole: written aside, flushed, then renamed over it."""
+def write_text(path: Path, text: str) -> None:
+    """`path` holds `text` whole or keeps what it held: written aside, flushed, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(path.name + ".partial")
     with open(aside, "w") as f:
-        json.dump(value, f, indent=indent)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(aside, path)
@@ -56,7 +56,7 @@ class Store:
         return self.run | {"dataset": self.datasets[split]}
 
     def save(self, task: str, split: str, figures: dict, rows: list[dict]) -> None:
-        write_json(self.path(task, split), {"run": self._run(split), "figures": figures, "rows": rows})
+        write_text(self.path(task, split), json.dumps({"run": self._run(split), "figures": figures, "rows": rows}))
 
     def load(self, pairs) -> dict:
         """{(task, split): (figures, rows)} of the `pairs` saved. Raises ResumeError, naming the first keys that
