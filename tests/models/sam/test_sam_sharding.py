@@ -5,6 +5,7 @@ qkv output and its gradient)."""
 import re
 
 import jax
+import pytest
 import jax.numpy as jnp
 from flax import nnx
 
@@ -15,11 +16,15 @@ from jaxground.parallel import RULES, make_mesh
 GRID = 6  # img_size 96 / patch 16; no parameter of a block has a 6 or 72/144 (the token counts) in its shape
 
 
-def test_vit_block_gathers_no_activations_over_tensor():
+@pytest.mark.parametrize("window, activation_dims", [
+    (0, {GRID, GRID * GRID * 2, GRID * GRID * 4}),
+    (4, {GRID, 8}),  # 4 x 4 windows: the map padded to 8 x 8, 8 windows on each fsdp shard
+])
+def test_vit_block_gathers_no_activations_over_tensor(window, activation_dims):
     cfg = SamConfig.tiny(img_size=96, width=64, num_heads=4)
     mesh = make_mesh((1, 2, 2), devices=jax.devices()[:4])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        block = Block(cfg, 0, rngs=nnx.Rngs(0))
+        block = Block(cfg, window, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(block)
         state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
         assert state["attn"]["qkv"]["kernel"].sharding.spec == jax.P("fsdp", None, "tensor")
@@ -29,4 +34,4 @@ def test_vit_block_gathers_no_activations_over_tensor():
     gathered = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)
     assert gathered, "expected the fsdp parameter gathers"
     dims = [set(map(int, s.split(","))) if s else set() for s in gathered]
-    assert not [s for s, d in zip(gathered, dims) if d & {GRID, GRID * GRID * 2, GRID * GRID * 4}], gathered
+    assert not [s for s, d in zip(gathered, dims) if d & activation_dims], gathered
