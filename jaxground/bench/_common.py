@@ -18,6 +18,22 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def alternated(fns: dict, rounds: int, repeats: int) -> tuple[dict, dict]:
+    """Times the callables of `fns` in turn, round after round: each round runs every one once untimed (the other's
+    threads and caches settle) and then `repeats` times timed. Returns ({name: [seconds per call, one per round]},
+    {name: minor page faults per timed call}). A load that drifts over the run falls on every framework alike,
+    where timing one framework's steps after the other's put it all on one side."""
+    seconds = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            with minor_faults() as count:
+                seconds[name].append(timed(fn, repeats, warmup=0))
+            faults[name] += count[0]
+    return seconds, {name: n / (rounds * repeats) for name, n in faults.items()}
+
+
 @contextlib.contextmanager
 def minor_faults():
     """Yields a one-item list that holds, after the block, the process's minor page faults during it."""
@@ -101,21 +117,22 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
             f"JAXGROUND_MALLOC={host_memory.requested()} ({host_memory.state})")
 
 
-def jax_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """The float32 rate of a jitted [n,n] @ [n,n] in JAX, FLOP/s."""
+def jax_matmul_rate(n: int = 2048, repeats: int = 5, rounds: int = 3) -> float:
+    """The float32 rate of a jitted [n,n] @ [n,n] in JAX, FLOP/s: the best of `rounds` means of `repeats` calls (a
+    peak, so a slow moment of a shared host does not lower it)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
-    seconds = timed(lambda: jax.block_until_ready(mm(a, b)), repeats, warmup=2)
+    seconds = min(timed(lambda: jax.block_until_ready(mm(a, b)), repeats, warmup=2) for _ in range(rounds))
     return 2 * n**3 / seconds
 
 
-def torch_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """The same float32 matmul in torch eager, FLOP/s."""
+def torch_matmul_rate(n: int = 2048, repeats: int = 5, rounds: int = 3) -> float:
+    """The same float32 matmul in torch eager, FLOP/s, the best of `rounds` likewise."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeats, warmup=2)
+    return 2 * n**3 / min(timed(lambda: torch.mm(a, b), repeats, warmup=2) for _ in range(rounds))

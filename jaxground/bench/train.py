@@ -6,15 +6,18 @@ cycle) and AdamW after clipping the gradient norm to 1, in torch eager and, when
 loss function under `torch.compile`. Its weights are converted to the JAX model by `jaxground.convert`
 (the released NExT-Chat layout). The JAX step is the project's own (`train.step.make_train_step`).
 
-Prints per config: samples/s of both, their ratio, the first-step loss of both (same computation check) and
-the JAX step's model-FLOP utilisation (`_common.step_flops` / step time) against this machine's float32
-matmul peak: the faster of a large jitted JAX matmul and the same matmul in torch, measured in the same run.
+The frameworks' steps are timed in alternating rounds (`_common.alternated`), so a shared host's load falls on
+both alike. Prints per config: samples/s of both (medians of the rounds), their ratio (the median of the
+per-round ratios, and their range), the first-step loss of both (same computation check) and the JAX step's
+model-FLOP utilisation (`_common.step_flops` / step time) against this machine's float32 matmul peak: the faster
+of a large jitted JAX matmul and the same matmul in torch, each the best of three rounds, measured in the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 
 # name -> (HF LLaMA fields, HF CLIP fields, batch, tokens, vision frozen)
@@ -39,7 +42,10 @@ def add_arguments(parser) -> None:
                         help="model size; repeat for several (default: tiny and 100m)")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 (tiny), 8 (100m)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sample; default 96 (tiny), 128 (100m)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per framework")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per framework and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds alternating the frameworks; step times are medians of the rounds, ratios the "
+                             "median (and range) of the per-round ratios")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", metavar="DIR", default=None,
@@ -220,7 +226,7 @@ def bench_size(name: str, args, peak: float) -> dict:
     import torch
     from flax import nnx
 
-    from jaxground.bench._common import minor_faults, param_count, step_flops, timed
+    from jaxground.bench._common import alternated, param_count, step_flops
     from jaxground.convert.nextchat import build
     from jaxground.ops.losses import count_supervised
 
@@ -260,13 +266,11 @@ def bench_size(name: str, args, peak: float) -> dict:
         state, m = step(state, batch_j)
         jax.block_until_ready(m)
 
-    jax_once()  # warm-up
-    with minor_faults() as jax_faults:
-        jax_s = timed(jax_once, args.repeats, warmup=0)
     profile = None
     if args.profile:
         from jaxground.bench._profile import op_breakdown
 
+        jax_once()  # warm-up
         hlo = step.lower(state, batch_j).compile().as_text()
         profile = op_breakdown(jax_once, args.repeats, f"{args.profile}/{name}", hlo)
 
@@ -277,30 +281,30 @@ def bench_size(name: str, args, peak: float) -> dict:
     loss_fn = torch_loss_fn(parts, tokens, frozen)
     eager = torch_step_fn(parts, loss_fn, frozen)
     torch_loss = eager(batch_t)  # the first step: same weights, same batch as JAX's first step
-    with minor_faults() as torch_faults:
-        torch_s = timed(lambda: eager(batch_t), args.repeats, warmup=0)
+    steps = {"jax": jax_once, "eager": lambda: eager(batch_t)}
 
-    compiled = compiled_s = compile_t = None
+    compile_t = compile_error = None
     if not args.no_torch_compile:
         try:
             compiled = torch_step_fn(parts, torch.compile(loss_fn), frozen)
             start = time.perf_counter()
             compiled(batch_t)
             compile_t = time.perf_counter() - start
-            compiled_s = timed(lambda: compiled(batch_t), args.repeats, warmup=0)
+            steps["compiled"] = lambda: compiled(batch_t)
         except Exception as e:  # noqa: BLE001 - any failure of torch.compile here is reported, not fatal
-            compiled = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    rounds, faults = alternated(steps, args.rounds, args.repeats)
+    seconds = {k: statistics.median(v) for k, v in rounds.items()}
+    ratios = {k: sorted(t / j for t, j in zip(rounds[k], rounds["jax"])) for k in rounds if k != "jax"}
     return {"name": name, "params": n_params, "batch": batch, "seq": seq, "frozen": frozen, "flops": flops,
-                "torch_flops": torch_flops, "head_rows": head_rows,
-                "jax_s": jax_s, "compile_s": compile_s, "torch_s": torch_s, "compiled_s": compiled_s, "compile_t": compile_t,
-                "compile_error": compiled if isinstance(compiled, str) else None, "mfu": flops / jax_s / peak,
-                "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss, "torch_loss": torch_loss,
-                "jax_faults": jax_faults[0] / args.repeats, "torch_faults": torch_faults[0] / args.repeats,
-                "profile": profile}
+            "torch_flops": torch_flops, "head_rows": head_rows, "seconds": seconds, "ratios": ratios,
+            "compile_s": compile_s, "compile_t": compile_t, "compile_error": compile_error,
+            "mfu": flops / seconds["jax"] / peak, "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss,
+            "torch_loss": torch_loss, "faults": faults, "profile": profile}
 
 
 def run(args) -> int:
-    for name in ("repeats",) + (("batch",) if args.batch is not None else ()) + (("seq",) if args.seq is not None else ()):
+    for name in ("repeats", "rounds") + (("batch",) if args.batch is not None else ()) + (("seq",) if args.seq is not None else ()):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.label_tokens < -1:
@@ -323,20 +327,20 @@ def run(args) -> int:
     notes = []
     for name in args.size or ["tiny", "100m"]:
         r = bench_size(name, args, peak)
-        comp = f"{r['compiled_s']:.3f}" if r["compiled_s"] else "failed" if r["compile_error"] else "skipped"
-        ratio_c = f"{r['compiled_s'] / r['jax_s']:.2f}x" if r["compiled_s"] else "-"
+        sec, ratios = r["seconds"], r["ratios"]
+        comp = f"{sec['compiled']:.3f}" if "compiled" in sec else "failed" if r["compile_error"] else "skipped"
         print(f"| {name}{' (vision frozen)' if r['frozen'] else ''} | {r['params'] / 1e6:.1f}M | "
-              f"{r['batch']} x {r['seq']} | {r['jax_s']:.3f} | {r['batch'] / r['jax_s']:.1f} | {100 * r['mfu']:.1f}% | "
-              f"{r['torch_s']:.3f} | {r['batch'] / r['torch_s']:.1f} | {comp} | {r['torch_s'] / r['jax_s']:.2f}x | "
-              f"{ratio_c} |", flush=True)
+              f"{r['batch']} x {r['seq']} | {sec['jax']:.3f} | {r['batch'] / sec['jax']:.1f} | {100 * r['mfu']:.1f}% | "
+              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {_ratio(ratios['eager'])} | "
+              f"{_ratio(ratios['compiled']) if 'compiled' in ratios else '-'} |", flush=True)
         notes.append(f"{name}: JAX {r['flops'] / 1e9:.1f} GFLOP/step (analytic; LM head at {r['head_rows']} of "
                      f"{r['seq']} positions), the reference {r['torch_flops'] / 1e9:.1f}; "
                      f"JAX compile {r['compile_s']:.1f} s"
                      + (f", torch.compile first step {r['compile_t']:.1f} s" if r["compile_t"] else "")
                      + (f", torch.compile failed: {r['compile_error']}" if r["compile_error"] else "")
                      + f"; first-step loss JAX {r['jax_loss']:.5f} vs torch {r['torch_loss']:.5f} "
-                       f"(|diff| {r['loss_diff']:.1e}); minor page faults per step JAX {r['jax_faults']:,.0f}, "
-                       f"torch {r['torch_faults']:,.0f}")
+                       f"(|diff| {r['loss_diff']:.1e}); minor page faults per step JAX {r['faults']['jax']:,.0f}, "
+                       f"torch {r['faults']['eager']:,.0f}")
         if r["profile"]:
             busy, rows = r["profile"]
             notes.append(f"{name} JAX step profile (under the tracer, summed over threads): ops {busy:.1f} ms per "
@@ -344,3 +348,9 @@ def run(args) -> int:
                          + ", ".join(f"{kind} {ms:.1f} ms ({n:.0f}x)" for kind, ms, n in rows[:8]))
     print("\n".join(notes))
     return 0
+
+
+def _ratio(per_round: list[float]) -> str:
+    """The median of the per-round ratios, and their range when there are several rounds: "1.52x (1.33-1.84)"."""
+    text = f"{statistics.median(per_round):.2f}x"
+    return text + (f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")

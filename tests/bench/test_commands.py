@@ -58,7 +58,8 @@ def test_convert(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_train_tiny_losses_agree(capsys):
-    out = _run(capsys, "train", "--size", "tiny", "--batch", "2", "--repeats", "1", "--no-torch-compile")
+    out = _run(capsys, "train", "--size", "tiny", "--batch", "2", "--repeats", "1", "--rounds", "3",
+               "--no-torch-compile")
     jax_loss, torch_loss = _floats(r"first-step loss JAX ([\d.]+) vs torch ([\d.]+)", out)
     assert abs(jax_loss - torch_loss) < 1e-4
     jax_rate, torch_rate, peak = _floats(
@@ -68,6 +69,9 @@ def test_train_tiny_losses_agree(capsys):
     step_s, mfu = _floats(r"\| tiny \| [^|]+\| [^|]+\| ([\d.]+) \| [\d.]+ \| ([\d.]+)% \|", out)
     (gflop,) = _floats(r"tiny: JAX ([\d.]+) GFLOP/step", out)
     assert mfu == pytest.approx(100 * gflop / step_s / peak, rel=0.1)
+    # JAX / eager: the median of the three rounds' ratios, within their printed range
+    median, low, high = _floats(r"\| ([\d.]+)x \(([\d.]+)-([\d.]+)\) \| - \|", out)
+    assert low <= median <= high
 
 
 def test_without_torch_one_line_and_exit_2(capsys, monkeypatch):
