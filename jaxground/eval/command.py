@@ -17,8 +17,8 @@ CHECKPOINT/eval. Each split is saved in OUT/splits as it ends and eval.json rewr
 (`jaxground.eval.saved`), so a crash or preemption loses at most the split under way: `--resume` evaluates only
 the splits not saved yet. A progress line per split is printed at most every `--progress-every` seconds. Exit
 status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser` included), task list, mesh,
-batch size or checkpoint, reported before any model compute, and for saved splits of another checkpoint or
-config on `--resume`.
+batch size or checkpoint, reported before any model compute, and for saved splits of another checkpoint, config
+or jaxground code on `--resume`.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@ the split it was on and `--resume` evaluates only what is missing.
 When a (task, split) ends, process 0 writes `OUT/splits/TASK.SPLIT.json` = {"run": what decides its figures,
 "figures": {...}, "rows": [...]} and rewrites `OUT/eval.json` with every split so far, each file whole or not at
 all (written aside, then renamed). "run" is what decides the split's figures: the checkpoint (for a run's workdir,
-the step it resolved to), `--max-new-tokens`, the split's dataset entry and the rest of the config without
-`NOT_DECIDING`; a split saved by another checkpoint or config is refused on `--resume`, never mixed in."""
+the step it resolved to), `--max-new-tokens`, the split's dataset entry, the rest of the config without
+`NOT_DECIDING`, and the jaxground code (`code_id`); a split saved by another checkpoint, config or code is refused
+on `--resume`, never mixed in."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -47,7 +50,8 @@ class Store:
             for p in parents:
                 node = node.get(p, {})
             node.pop(key, None)
-        self.run = {"checkpoint": _checkpoint_id(checkpoint), "max_new_tokens": max_new_tokens, "config": cfg}
+        self.run = {"checkpoint": _checkpoint_id(checkpoint), "max_new_tokens": max_new_tokens, "config": cfg,
+                    "code": code_id()}
 
     def path(self, task: str, split: str) -> Path:
         return self.out / SPLITS / re.sub(r"[^\w.+-]", "_", f"{task}.{split}.json")
@@ -73,6 +77,17 @@ class Store:
                                   f"{', ...' if len(diff) > 4 else ''}; drop --resume or choose another --out")
             done[(task, split)] = (saved["figures"], saved["rows"])
         return done
+
+
+@functools.cache
+def code_id() -> str:
+    """The jaxground code that computes the figures: a SHA-256 over the package's Python sources (relative paths
+    and bytes), 16 hex digits. Any edit or upgrade changes it, so a split evaluated by other code is not taken."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _checkpoint_id(checkpoint: str) -> str:

@@ -145,8 +145,8 @@ def test_eval_every_shapes_task(setup, capsys):
 
 def test_eval_saves_each_split_and_resumes_after_a_crash(setup, capsys, monkeypatch):
     """A crash in the second task keeps the first's figures and rows (OUT/splits, eval.json so far); `--resume`
-    evaluates only the rest and writes what one clean run writes, byte for byte; a saved split of another flag or
-    config is refused, one of another mesh and batch size taken; with every split saved nothing is loaded."""
+    evaluates only the rest and writes what one clean run writes, byte for byte; a saved split of another flag,
+    config or code is refused, one of another mesh and batch size taken; with every split saved nothing is loaded."""
     from jaxground.eval import evaluate
 
     root, args, _ = setup
@@ -189,6 +189,10 @@ def test_eval_saves_each_split_and_resumes_after_a_crash(setup, capsys, monkeypa
         assert run("--resume", *flags, more=more) == 2
         assert re.search(rf"splits/rec\.shapes_test\.json was evaluated with another {key}; drop --resume",
                          capsys.readouterr().err)
+    with monkeypatch.context() as m:  # the jaxground code edited or upgraded between the runs
+        m.setattr("jaxground.eval.saved.code_id", lambda: "0123456789abcdef")
+        assert run("--resume") == 2
+        assert "rec.shapes_test.json was evaluated with another code; drop --resume" in capsys.readouterr().err
     monkeypatch.setattr("jaxground.infer.command.load_model", None)  # every split saved: no model is loaded
     assert run("--resume", more=["mesh.fsdp=2", "mesh.tensor=4", "eval.batch_size=8"]) == 0
     assert (out / "eval.json").read_text() == (clean / "eval.json").read_text()
