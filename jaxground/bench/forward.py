@@ -1,13 +1,16 @@
 """LLaMA forward throughput: jit-compiled JAX vs HF torch eager, same weights (converted) and same input.
 
-Prints compile time separately, tokens/s of both, their ratio, and the max |logit diff| as a sanity check.
+The two are timed in alternating rounds (`_common.alternated`). Prints compile time separately, tokens/s of both
+(medians of the rounds), their ratio (the median of the per-round ratios and their range), and the max |logit
+diff| as a sanity check.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
-from jaxground.bench._common import machine
+from jaxground.bench._common import alternated, machine, ratio_text, ratios
 
 
 def add_arguments(parser) -> None:
@@ -19,17 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no grouping)")
     parser.add_argument("--intermediate", type=int, default=None, help="default: 8/3 x hidden, rounded to 64")
     parser.add_argument("--vocab", type=int, default=32005)
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per framework")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per framework and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the frameworks")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _timed(fn, repeats: int) -> float:
-    """Seconds per call, after one warm-up call."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def run(args) -> int:
@@ -42,7 +37,7 @@ def run(args) -> int:
 
     from jaxground.convert.llama import build
 
-    for name in ("batch", "seq", "layers", "hidden", "heads", "vocab", "repeats"):
+    for name in ("batch", "seq", "layers", "hidden", "heads", "vocab", "repeats", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     intermediate = args.intermediate or -(-8 * args.hidden // 3 // 64) * 64
@@ -67,12 +62,12 @@ def run(args) -> int:
     start = time.perf_counter()
     compiled = forward.lower(model, x).compile()
     compile_s = time.perf_counter() - start
-    jax_s = _timed(lambda: jax.block_until_ready(compiled(model, x)), args.repeats)
-
     ids_t = torch.tensor(ids, dtype=torch.long)
     with torch.no_grad():
-        torch_s = _timed(lambda: hf(input_ids=ids_t), args.repeats)
+        rounds, _ = alternated({"jax": lambda: jax.block_until_ready(compiled(model, x)),
+                                "torch": lambda: hf(input_ids=ids_t)}, args.rounds, args.repeats)
         diff = np.abs(np.asarray(compiled(model, x)) - hf(input_ids=ids_t).logits.numpy()).max()
+    jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
 
     params = sum(p.numel() for p in hf.parameters())
     print(
@@ -84,5 +79,5 @@ def run(args) -> int:
         f"jax  jit   : compile {compile_s:.2f} s, {jax_s * 1e3:.1f} ms/forward, {tokens / jax_s:,.0f} tokens/s"
     )
     print(f"torch eager: {torch_s * 1e3:.1f} ms/forward, {tokens / torch_s:,.0f} tokens/s")
-    print(f"ratio jax/torch: {torch_s / jax_s:.2f}x   (max |logit diff| {diff:.2e})")
+    print(f"ratio jax/torch: {ratio_text(ratios(rounds, 'jax')['torch'])}   (max |logit diff| {diff:.2e})")
     return 0

@@ -9,13 +9,17 @@ tokens of both are compared as a sanity check.
 first trigger): the jitted NextChat step of `jaxground eval` over padded batches of `--rec-batch` vs a batch-1
 torch loop (HF CLIP + HF LLaMA + torch projector and F, as `bench train` builds them, converted with
 `jaxground.convert.nextchat.build`). The boxes of both are compared (max |diff|).
+
+JAX and torch are timed in alternating rounds (`_common.alternated`, `--rounds`): rates are medians of the rounds,
+ratios the median of the per-round ratios with their range.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
-from jaxground.bench._common import machine
+from jaxground.bench._common import alternated, machine, ratio_text, ratios
 
 
 def add_arguments(parser) -> None:
@@ -26,7 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32005)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per framework and batch")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per framework, batch and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the frameworks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--what", choices=("generate", "rec", "both"), default="both")
     parser.add_argument("--rec-size", choices=("tiny", "100m"), default="tiny", help="model of `bench train`")
@@ -51,8 +56,8 @@ def _prompts(batch: int, longest: int, vocab: int, seed: int):
 
 def run(args) -> int:
     print(f"machine: {machine()}", flush=True)
-    if args.rec_batch < 1 or args.rec_samples < 1:
-        raise SystemExit("--rec-batch and --rec-samples must be >= 1")
+    if args.rec_batch < 1 or args.rec_samples < 1 or args.rounds < 1:
+        raise SystemExit("--rec-batch, --rec-samples and --rounds must be >= 1")
     if args.torch_threads:
         import torch
 
@@ -95,26 +100,25 @@ def run_rec(args) -> None:
         return [step(batch)["pred"] for batch in batches]
 
     start = time.perf_counter()
-    jax.block_until_ready(jax_pass())
+    jax_boxes = np.concatenate([np.asarray(p) for p in jax.block_until_ready(jax_pass())])[:n]
     first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        preds = jax.block_until_ready(jax_pass())
-    jax_s = (time.perf_counter() - start) / args.repeats
-    jax_boxes = np.concatenate([np.asarray(p) for p in preds])[:n]
 
     forward = torch_rec_forward(parts, tokens)
+
+    def torch_pass():
+        return np.concatenate([forward({k: torch.from_numpy(v[i:i + 1]) for k, v in data.items()})
+                               for i in range(n)])
+
     with torch.no_grad():
-        sample = {k: torch.from_numpy(v[:1]) for k, v in data.items()}
-        forward(sample)  # warm-up
-        start = time.perf_counter()
-        torch_boxes = np.concatenate([forward({k: torch.from_numpy(v[i:i + 1]) for k, v in data.items()})
-                                      for i in range(n)])
-        torch_s = time.perf_counter() - start
+        torch_boxes = torch_pass()
+        rounds, _ = alternated({"jax": lambda: jax.block_until_ready(jax_pass()), "torch": torch_pass},
+                               args.rounds, args.repeats)
+    jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
     params = sum(p.numel() for m in parts.values() for p in m.parameters())
     print(f"REC evaluation ({args.rec_size}: {params / 1e6:.1f}M params, {seq} tokens, {n} examples, float32): "
           f"jax jit batch {b} {n / jax_s:8.1f} ex/s ({jax_s:.2f} s; first pass incl. compile {first_s:.1f} s) | "
-          f"torch eager batch 1 ({torch.get_num_threads()} threads) {n / torch_s:8.1f} ex/s ({torch_s:.2f} s) | ratio {torch_s / jax_s:5.2f}x | "
+          f"torch eager batch 1 ({torch.get_num_threads()} threads) {n / torch_s:8.1f} ex/s ({torch_s:.2f} s) | "
+          f"ratio {ratio_text(ratios(rounds, 'jax')['torch'])} | "
           f"boxes max |diff| {np.abs(jax_boxes - torch_boxes).max():.1e}")
 
 
@@ -174,21 +178,18 @@ def run_generate(args) -> None:
         start = time.perf_counter()
         out = jax.block_until_ready(generate_ids(llm, ids, mask, cfg).tokens)  # first call: trace + compile + run
         first_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            out = jax.block_until_ready(generate_ids(llm, ids, mask, cfg).tokens)
-        jax_s = (time.perf_counter() - start) / args.repeats
 
         ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   pad_token_id=0, eos_token_id=None)
         with torch.no_grad():
-            hf.generate(input_ids=ids_t, attention_mask=mask_t, **kw)  # warm-up
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                ref = hf.generate(input_ids=ids_t, attention_mask=mask_t, **kw)
-            torch_s = (time.perf_counter() - start) / args.repeats
+            ref = hf.generate(input_ids=ids_t, attention_mask=mask_t, **kw)
+            rounds, _ = alternated(
+                {"jax": lambda i=ids, m=mask: jax.block_until_ready(generate_ids(llm, i, m, cfg).tokens),
+                 "torch": lambda i=ids_t, m=mask_t, kw=kw: hf.generate(input_ids=i, attention_mask=m, **kw)},
+                args.rounds, args.repeats)
+        jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
         same = float(np.mean(np.asarray(out) == ref[:, args.prompt:].numpy()))
         print(f"batch {batch:3d}: jax jit {tokens / jax_s:9,.0f} tok/s ({jax_s * 1e3:7.1f} ms; first call incl. "
               f"compile {first_s:.2f} s) | torch eager generate {tokens / torch_s:9,.0f} tok/s ({torch_s * 1e3:7.1f} ms)"
-              f" | ratio {torch_s / jax_s:5.2f}x | same tokens {same:.0%}")
+              f" | ratio {ratio_text(ratios(rounds, 'jax')['torch'])} | same tokens {same:.0%}")

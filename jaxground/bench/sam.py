@@ -1,27 +1,21 @@
-"""SAM image-encoder throughput (images/s): jitted JAX vs the official torch module on the same weights."""
+"""SAM image-encoder throughput (images/s): jitted JAX vs the official torch module on the same weights, timed in
+alternating rounds (`_common.alternated`): rates are medians of the rounds, ratios the median of the per-round
+ratios with their range."""
 
 from __future__ import annotations
 
-import time
+import statistics
 
-from jaxground.bench._common import machine
+from jaxground.bench._common import alternated, machine, ratio_text, ratios
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "vit_b", "vit_l", "vit_h"])
     parser.add_argument("--img-size", type=int, default=None, help="override the preset's img_size")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3, help="timed calls at least (and at least 2 s of them)")
-
-
-def _time(fn, iters: int) -> float:
-    """Seconds per call after a warm-up call (compile): at least `iters` calls and 2 s."""
-    fn()
-    start, n = time.perf_counter(), 0
-    while n < iters or time.perf_counter() - start < 2.0:
-        fn()
-        n += 1
-    return (time.perf_counter() - start) / n
+    parser.add_argument("--iters", type=int, default=3,
+                        help="timed calls per variant and round, at least (and at least 2 s of them)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the variants")
 
 
 def run(args) -> int:
@@ -59,13 +53,15 @@ def run(args) -> int:
     encode = nnx.jit(lambda m, im: m.image_encoder(im))
     graphdef, params = nnx.split(model)
     encode_split = jax.jit(lambda p, im: nnx.merge(graphdef, p).image_encoder(im))
-    t_nnx = _time(lambda: encode(model, xj).block_until_ready(), args.iters)
-    t_jax = _time(lambda: encode_split(params, xj).block_until_ready(), args.iters)
     with torch.no_grad():
         diff = float(
             np.abs(np.asarray(encode(model, xj)) - torch_enc(xt).numpy().transpose(0, 2, 3, 1)).max()
         )
-        t_torch = _time(lambda: torch_enc(xt), args.iters)
+        rounds, _ = alternated({"split": lambda: encode_split(params, xj).block_until_ready(),
+                                "nnx": lambda: encode(model, xj).block_until_ready(),
+                                "torch": lambda: torch_enc(xt)}, args.rounds, args.iters, min_seconds=2.0 / args.rounds)
+    t_jax, t_nnx, t_torch = (statistics.median(rounds[k]) for k in ("split", "nnx", "torch"))
+    over_split, over_nnx = ratios(rounds, "split"), ratios(rounds, "nnx")
     print(
         f"SAM image encoder {args.preset} img_size {cfg.img_size} batch {args.batch} "
         f"(threads: torch {torch.get_num_threads()}, JAX devices {jax.device_count()} {jax.default_backend()})"
@@ -73,5 +69,6 @@ def run(args) -> int:
     print(f"  jax, jit on the split state  {args.batch / t_jax:8.3f} images/s  ({t_jax * 1e3:.1f} ms/batch)")
     print(f"  jax, nnx.jit on the module   {args.batch / t_nnx:8.3f} images/s  ({t_nnx * 1e3:.1f} ms/batch)")
     print(f"  torch                        {args.batch / t_torch:8.3f} images/s  ({t_torch * 1e3:.1f} ms/batch)")
-    print(f"  ratio jax/torch {t_torch / t_jax:.2f}x (nnx.jit: {t_torch / t_nnx:.2f}x)   max |diff| {diff:.2e}")
+    print(f"  ratio jax/torch {ratio_text(over_split['torch'])} (nnx.jit: {ratio_text(over_nnx['torch'])})   "
+          f"max |diff| {diff:.2e}")
     return 0

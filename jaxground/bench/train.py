@@ -226,7 +226,7 @@ def bench_size(name: str, args, peak: float) -> dict:
     import torch
     from flax import nnx
 
-    from jaxground.bench._common import alternated, param_count, step_flops
+    from jaxground.bench._common import alternated, param_count, ratios, step_flops
     from jaxground.convert.nextchat import build
     from jaxground.ops.losses import count_supervised
 
@@ -295,9 +295,9 @@ def bench_size(name: str, args, peak: float) -> dict:
             compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     rounds, faults = alternated(steps, args.rounds, args.repeats)
     seconds = {k: statistics.median(v) for k, v in rounds.items()}
-    ratios = {k: sorted(t / j for t, j in zip(rounds[k], rounds["jax"])) for k in rounds if k != "jax"}
+    per_round = ratios(rounds, "jax")
     return {"name": name, "params": n_params, "batch": batch, "seq": seq, "frozen": frozen, "flops": flops,
-            "torch_flops": torch_flops, "head_rows": head_rows, "seconds": seconds, "ratios": ratios,
+            "torch_flops": torch_flops, "head_rows": head_rows, "seconds": seconds, "ratios": per_round,
             "compile_s": compile_s, "compile_t": compile_t, "compile_error": compile_error,
             "mfu": flops / seconds["jax"] / peak, "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss,
             "torch_loss": torch_loss, "faults": faults, "profile": profile}
@@ -312,7 +312,7 @@ def run(args) -> int:
     import jax
     import torch
 
-    from jaxground.bench._common import jax_matmul_rate, machine, torch_matmul_rate
+    from jaxground.bench._common import jax_matmul_rate, machine, ratio_text, torch_matmul_rate
 
     # the machine's peak is what its faster GEMM library reaches: on some hosts torch's is well ahead of JAX's
     rates = {"JAX": jax_matmul_rate(), "torch": torch_matmul_rate()}
@@ -331,8 +331,8 @@ def run(args) -> int:
         comp = f"{sec['compiled']:.3f}" if "compiled" in sec else "failed" if r["compile_error"] else "skipped"
         print(f"| {name}{' (vision frozen)' if r['frozen'] else ''} | {r['params'] / 1e6:.1f}M | "
               f"{r['batch']} x {r['seq']} | {sec['jax']:.3f} | {r['batch'] / sec['jax']:.1f} | {100 * r['mfu']:.1f}% | "
-              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {_ratio(ratios['eager'])} | "
-              f"{_ratio(ratios['compiled']) if 'compiled' in ratios else '-'} |", flush=True)
+              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {ratio_text(ratios['eager'])} | "
+              f"{ratio_text(ratios['compiled']) if 'compiled' in ratios else '-'} |", flush=True)
         notes.append(f"{name}: JAX {r['flops'] / 1e9:.1f} GFLOP/step (analytic; LM head at {r['head_rows']} of "
                      f"{r['seq']} positions), the reference {r['torch_flops'] / 1e9:.1f}; "
                      f"JAX compile {r['compile_s']:.1f} s"
@@ -349,8 +349,3 @@ def run(args) -> int:
     print("\n".join(notes))
     return 0
 
-
-def _ratio(per_round: list[float]) -> str:
-    """The median of the per-round ratios, and their range when there are several rounds: "1.52x (1.33-1.84)"."""
-    text = f"{statistics.median(per_round):.2f}x"
-    return text + (f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
