@@ -327,12 +327,12 @@ def run(args) -> int:
     notes = []
     for name in args.size or ["tiny", "100m"]:
         r = bench_size(name, args, peak)
-        sec, ratios = r["seconds"], r["ratios"]
+        sec, per_round = r["seconds"], r["ratios"]
         comp = f"{sec['compiled']:.3f}" if "compiled" in sec else "failed" if r["compile_error"] else "skipped"
         print(f"| {name}{' (vision frozen)' if r['frozen'] else ''} | {r['params'] / 1e6:.1f}M | "
               f"{r['batch']} x {r['seq']} | {sec['jax']:.3f} | {r['batch'] / sec['jax']:.1f} | {100 * r['mfu']:.1f}% | "
-              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {ratio_text(ratios['eager'])} | "
-              f"{ratio_text(ratios['compiled']) if 'compiled' in ratios else '-'} |", flush=True)
+              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {ratio_text(per_round['eager'])} | "
+              f"{ratio_text(per_round['compiled']) if 'compiled' in per_round else '-'} |", flush=True)
         notes.append(f"{name}: JAX {r['flops'] / 1e9:.1f} GFLOP/step (analytic; LM head at {r['head_rows']} of "
                      f"{r['seq']} positions), the reference {r['torch_flops'] / 1e9:.1f}; "
                      f"JAX compile {r['compile_s']:.1f} s"
@@ -348,4 +348,3 @@ def run(args) -> int:
                          + ", ".join(f"{kind} {ms:.1f} ms ({n:.0f}x)" for kind, ms, n in rows[:8]))
     print("\n".join(notes))
     return 0
-
