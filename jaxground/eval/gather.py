@@ -19,7 +19,7 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     """This process's rows ("index": position in its batches) -> the rows of all processes ordered by sample,
     "index" renumbered 0, 1, ... as on one process. Every process must call it (a collective)."""
     n = jax.process_count()
-    parts = [rows] if n == 1 else [json.loads(b) for b in _allgather_bytes(json.dumps(rows).encode())]
+    parts = from_every_process(rows)
     numbered = sorted(((sample_number(r["index"], host, n), r) for host, part in enumerate(parts) for r in part),
                       key=lambda t: t[0])
     return [r | {"index": i} for i, (_, r) in enumerate(numbered)]
@@ -37,6 +37,13 @@ def process_sum(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.process_allgather(np.int32(value)).sum())
+
+
+def from_every_process(value) -> list:
+    """Every process's JSON-able `value`, in process order, on every process. A collective."""
+    if jax.process_count() == 1:
+        return [value]
+    return [json.loads(b) for b in _allgather_bytes(json.dumps(value).encode())]
 
 
 def from_first_process(value):

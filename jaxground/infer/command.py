@@ -12,6 +12,12 @@ each request runs alone (batch 1), its inputs on every device. Decoding is greed
 `--sample` asks otherwise; every request samples with the key of `--seed`, so its answer does not depend on the
 others of a `--list`. Exit status 2 for bad input (image, boxes, prompt, decoding flags, checkpoint, mesh),
 reported before any model compute.
+
+Several hosts (SLURM, a TPU slice under JAXGROUND_MULTIHOST=1, or `--coordinator HOST:PORT --num-processes N
+--process-id I`, as `jaxground eval`) run the same command: the mesh spans every host's devices, each host reads
+its shards of the checkpoint and runs the same requests (each image and `--list` file must be readable on every
+host, the same pixels, prompts and boxes everywhere), and only process 0 prints and writes the `--out` images. A
+refusal on any host is every host's, before the model loads.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ def add_arguments(parser) -> None:
                         "released demo reads it)")
     parser.add_argument("--mask-iou-threshold", type=float, default=0.0, help="blank masks whose predicted IoU "
                         "is below this (the released demo: 0.3)")
+    from jaxground.distributed import add_arguments as distributed_arguments
+
+    distributed_arguments(parser)  # several hosts, as `jaxground eval`
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
@@ -131,13 +140,74 @@ def load_model(config, checkpoint: str, tokens, mesh):
 
 
 def run(args) -> int:
+    from jaxground import distributed
     from jaxground.infer.predict import PredictError
 
-    try:
-        return _run(args)
-    except PredictError as e:
-        print(f"jaxground predict: {e}", file=sys.stderr)
+    if not distributed.start(args, "predict"):  # before anything touches a device
         return 2
+    hosts = Hosts()
+    try:
+        return _run(args, hosts)
+    except PredictError as e:
+        print(f"jaxground predict: {hosts.refusal(e)}", file=sys.stderr)
+        return 2
+
+
+class Hosts:
+    """Makes the processes of a multi-host run refuse together. Each checks its flags and requests alone, then,
+    before the model loads, they compare verdicts (`agree`): a host that cannot read a file makes every host
+    refuse with its message, where exiting alone would leave the others waiting for it in the first collective.
+    On one process there is nothing to compare and the messages stay as they are."""
+
+    def __init__(self):
+        self.compared = False
+
+    def agree(self, requests: list[Request]) -> None:
+        """Raises PredictError on every process when any process refused, or read other inputs than process 0."""
+        self._compare(None, requests)
+
+    def refusal(self, error: Exception) -> str:
+        """The message to print for `error`. Raised before the comparison, it joins the comparison the others wait
+        in, and every process prints the first refusing process's message; raised after it, its own."""
+        import jax
+
+        from jaxground.infer.predict import PredictError
+
+        if self.compared or jax.process_count() == 1:
+            return str(error)
+        try:
+            self._compare(str(error), [])
+        except PredictError as first:
+            return str(first)
+        return str(error)  # not reached: this process refused
+
+    def _compare(self, error: str | None, requests: list[Request]) -> None:
+        from jaxground.eval.gather import from_every_process
+        from jaxground.infer.predict import PredictError
+
+        self.compared = True
+        verdicts = from_every_process({"error": error, "inputs": [_digest(r) for r in requests]})
+        if len(verdicts) == 1:
+            return
+        refused = [(i, v["error"]) for i, v in enumerate(verdicts) if v["error"] is not None]
+        if refused:
+            raise PredictError("process {}: {}".format(*refused[0]))
+        for i, v in enumerate(verdicts):
+            if v["inputs"] != verdicts[0]["inputs"]:
+                raise PredictError(f"process {i} read other requests than process 0 (image pixels, prompt or boxes): "
+                                   "every host must read the same files")
+
+
+def _digest(req: Request) -> str:
+    """A hash of what a request computes on: every host feeds its own copy of the inputs to the same devices."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(repr((req.image.shape, req.prompt)).encode())
+    h.update(np.ascontiguousarray(req.image).tobytes())
+    h.update(np.asarray(req.boxes, np.float32).tobytes())
+    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -238,7 +308,7 @@ def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
             raise PredictError(f"{req.where}{e}") from None
 
 
-def _run(args) -> int:
+def _run(args, hosts: Hosts) -> int:
     import jax
 
     from jaxground import parallel
@@ -265,6 +335,7 @@ def _run(args) -> int:
     except ValueError as e:
         raise PredictError(str(e)) from None
     _check_prompts(requests, encoder, context, cfg)
+    hosts.agree(requests)  # every refusal above, on any host, stops all hosts here
     try:
         model = load_model(config, args.checkpoint, ids, mesh)
     except (FileNotFoundError, ValueError) as e:
@@ -274,6 +345,8 @@ def _run(args) -> int:
         mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
         pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, rng=rng, mask_fn=mask_fn,
                        pad_fill=config.data.get("pad_fill", "mean"), mask_iou_threshold=args.mask_iou_threshold)
+        if jax.process_index() != 0:  # every host computes each answer (collectives); process 0 shows it
+            continue
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)

@@ -168,6 +168,20 @@ def answer_text(tokens: np.ndarray, tokenizer, ids, first_ref: int, num_objects:
     return re.sub(r"\s+([.,;:!?])", r"\1", " ".join(p for p in pieces if p))
 
 
+def to_host(tree):
+    """Device outputs -> numpy, whole, on every process. On several hosts the model's outputs are global arrays
+    spanning devices this process cannot address, which `np.asarray` refuses: JAX's `process_allgather` (as
+    `jaxground.eval.gather` uses it) copies each whole to every host, so every process calls this for the same
+    outputs in the same order (a collective). Host arrays (and a one-process run's) are taken as they are."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+    return jax.tree.map(fetch, tree)
+
+
 def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int, width: int):
     """The user turn of `prompt` with `[i]` -> `<at> <boxes>` of pixel box i -> the encoder's `Encoded`."""
     from jaxground.data.transforms import boxes_to_square
@@ -196,18 +210,21 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     in_boxes[0, : len(enc.boxes)] = enc.boxes
     box_mask = np.arange(q)[None] < len(enc.boxes)
     size = model.cfg.vision.image_size
+    # uncommitted host inputs: jit copies them whole to every device of the model's mesh, each host from its own
+    # copy, so on several hosts they must be the same on every one (`jaxground predict` checks that they are)
     out = generate_nextchat(model, jnp.asarray(clip_image(image, size, pad_fill))[None], jnp.asarray(enc.input_ids)[None],
                             jnp.ones((1, len(enc.input_ids)), bool), jnp.asarray(in_boxes), jnp.asarray(box_mask),
                             jax.random.key(0) if rng is None else rng, cfg)
-    n = int(out.num_triggers[0])
-    tokens = np.asarray(out.tokens[0, : int(out.lengths[0])])
+    got = to_host({"tokens": out.tokens, "lengths": out.lengths, "num_triggers": out.num_triggers, "boxes": out.boxes})
+    n = int(got["num_triggers"][0])
+    tokens = got["tokens"][0, : int(got["lengths"][0])]
     masks = iou = None
     if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
-        masks, iou = (np.asarray(x)[0, :n] for x in mask_fn(out.trigger_states, out.boxes))
+        masks, iou = (x[0, :n] for x in to_host(mask_fn(out.trigger_states, out.boxes)))
         masks = masks & (iou >= mask_iou_threshold)[:, None, None]
     return Prediction(
         text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px), n, cfg.trigger_state == "predicting"),
-        boxes=boxes_to_pixels(np.asarray(out.boxes[0, :n]), h, w),
+        boxes=boxes_to_pixels(got["boxes"][0, :n], h, w),
         first_ref=len(boxes_px),
         masks=masks,
         mask_iou=iou,

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -138,18 +139,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two(*args) -> str:
-    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run -> process 0's stderr."""
+def start_two(script: str, *args, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """SCRIPT PORT PROCESS_ID *args as processes 0 and 1 of one run -> each one's (exit status, stdout, stderr).
+    Both are killed after `timeout` seconds and the test fails: one process left waiting for the other hangs."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    procs = [subprocess.Popen([sys.executable, str(HERE / "run_eval_process.py"), str(port), str(i), *map(str, a)],
+    procs = [subprocess.Popen([sys.executable, str(HERE / script), str(port), str(i), *map(str, a)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, a in enumerate(args)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
-    printed = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]  # not gloo's
-    assert len(printed[0]) == 1 and printed[1] == []  # only process 0 prints the figures
-    return outputs[0][1]
+    deadline = time.monotonic() + timeout
+    try:
+        outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{script} still running after {timeout:.0f} s: " + " | ".join(p.communicate()[1][-2000:]
+                                                                                   for p in procs))
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def run_two(*args) -> str:
+    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run -> process 0's stderr."""
+    results = start_two("run_eval_process.py", *args)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
+    shown = [[line for line in out.splitlines() if line.startswith("{")] for _, out, _ in results]  # not gloo's
+    assert len(shown[0]) == 1 and shown[1] == []  # only process 0 prints the figures
+    return results[0][2]
 
 
 def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
@@ -251,3 +266,98 @@ def test_bad_mesh_or_batch_refused_before_loading(tiny, capsys, command, extra, 
     assert cli.main([command, "--config", CONFIG, "--checkpoint", missing, *request, *args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"jaxground {command}: ") and len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def shapes_image(path: Path, colour, box) -> Path:
+    """A 24 x 40 picture (one size for every request: one compile of the mask head) with one coloured box."""
+    image = np.zeros((24, 40, 3), np.uint8)
+    x0, y0, x1, y1 = box
+    image[y0:y1, x0:x1] = colour
+    Image.fromarray(image).save(path)
+    return path
+
+
+def predict_one_and_two(tiny, tmp_path, capsys, request: list, lines: list[str] | None = None):
+    """`jaxground predict --json` on the 8-device mesh in this process and by two processes of 4 devices ->
+    (one process's JSON lines, two processes' results). With `lines` (TSV lines whose OUT stands for the
+    out.png path) the request is a --list, each process its own file naming its own out.png (out0, out1; one:
+    out_one): only the images, prompts and boxes must agree between hosts."""
+    root, args = tiny
+    common = ["--config", CONFIG, "--checkpoint", root / "run", "--max-new-tokens", "12", "--json", *request, *args]
+
+    def requests(name: str) -> list:
+        if lines is None:
+            return []
+        tsv = tmp_path / f"{name}.tsv"
+        tsv.write_text("".join(line.replace("OUT", str(tmp_path / f"{name}.png")) + "\n" for line in lines))
+        return ["--list", tsv]
+
+    results = start_two("run_predict_process.py", [*requests("out0"), *common], [*requests("out1"), *common])
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        loaded = spy_load_model(mp)
+        code = cli.main(["predict", *map(str, [*requests("out_one"), *common])])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert_sharded_over_8(loaded[0])
+    return [json.loads(line) for line in captured.out.splitlines()], results
+
+
+def assert_same_answers(got: list[dict], want: list[dict]) -> None:
+    """Answers, object references, masks (COCO RLE) and the decoding record exact; boxes within 0.0101 pixels
+    (--json rounds them to 0.01: float round-off may tip one rounding), mask IoUs within 1.01e-4 (rounded to
+    4 decimals)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() and g["answer"] == w["answer"] and g["decoding"] == w["decoding"], (g, w)
+        assert [o["ref"] for o in g["objects"]] == [o["ref"] for o in w["objects"]]
+        for a, b in zip(g["objects"], w["objects"]):
+            np.testing.assert_allclose(a["box"], b["box"], atol=0.0101, rtol=0)
+            assert a["mask_rle"] == b["mask_rle"] and a["mask_area"] == b["mask_area"]
+            assert abs(a["mask_iou"] - b["mask_iou"]) <= 1.01e-4
+
+
+def test_predict_two_hosts_equal_one(tiny, tmp_path, capsys):
+    """Two processes (4 devices each, the 8-device mesh fsdp=4 x tensor=2 across them) answer a --list of two
+    images as one process on 8 devices does: the same answer text, boxes and masks, and process 0's out.png has
+    the one process's pixels; process 1 prints nothing and writes no file."""
+    a = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
+    b = shapes_image(tmp_path / "b.png", (40, 200, 40), (2, 10, 16, 22))
+    lines = [f"{a}\twhat is [0]?\tOUT\t8,4,30,20", f"{b}\twhat is [0]?\t\t2,10,16,22"]  # one prompt length
+    want, results = predict_one_and_two(tiny, tmp_path, capsys, [], lines)
+    assert sum(len(w["objects"]) for w in want) > 0  # some answers hold a boxed object with its mask
+    (_, out0, _), (_, out1, _) = results
+    assert_same_answers([json.loads(line) for line in out0.splitlines()], want)
+    assert out1 == "" and not (tmp_path / "out1.png").exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out0.png")),
+                                  np.asarray(Image.open(tmp_path / "out_one.png")))
+
+
+def test_predict_two_hosts_sample_as_one(tiny, tmp_path, capsys):
+    """`--sample --seed 5` (hot: temperature 1.5; this seed's answer holds an object) draws the same answer, box and
+    mask on two processes as one process of 8 devices does."""
+    a = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
+    request = ["--image", a, "--prompt", "what is [0]?", "--box", "8,4,30,20"]
+    want, results = predict_one_and_two(tiny, tmp_path, capsys, [*request, "--sample", "--seed", "5", "--temperature", "1.5"])
+    (_, out0, _), (_, out1, _) = results
+    assert_same_answers([json.loads(line) for line in out0.splitlines()], want)
+    assert out1 == ""
+    assert want[0]["decoding"] == {"method": "sample", "temperature": 1.5, "top_k": 0, "top_p": 1.0, "seed": 5}
+    assert len(want[0]["objects"]) == 1
+
+
+def test_predict_refused_on_every_host_when_one_cannot_read_its_image(tiny, tmp_path):
+    """Process 1 cannot read the image: both processes refuse with its message and exit status 2 before the model
+    loads, neither left waiting for the other (a hang fails at the timeout), and neither prints on stdout."""
+    root, args = tiny
+    image = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
+    missing = tmp_path / "elsewhere" / "a.png"
+    common = ["--config", CONFIG, "--checkpoint", root / "run", "--prompt", "what is [0]?", "--box", "8,4,30,20",
+              "--max-new-tokens", "4", *args]
+    results = start_two("run_predict_process.py", ["--image", image, *common], ["--image", missing, *common],
+                        timeout=120)
+    for code, out, err in results:
+        assert code == 2, err[-3000:]
+        assert out == ""
+        assert f"jaxground predict: process 1: image not found: {missing}" in err.splitlines(), err[-3000:]

@@ -148,3 +148,38 @@ def test_rle_round_trip_column_major():
 
 def test_boxes_to_pixels_orders_corners():
     np.testing.assert_allclose(boxes_to_pixels(np.array([[0.8, 0.9, 0.2, 0.1]]), 10, 10), [[2, 1, 8, 9]], atol=1e-5)
+
+
+def test_hosts_refuse_together(image_file, monkeypatch):
+    """Before the model loads, the processes compare verdicts (`command.Hosts`): a refusal on any host is every
+    host's, named by its process; hosts whose images, prompts or boxes differ are refused; agreeing hosts go on.
+    Two processes are simulated: `from_every_process` returns this process's verdict and the other's."""
+    import dataclasses
+
+    import jax
+
+    from jaxground.eval import gather
+    from jaxground.infer import command
+
+    request = command._request(str(image_file), "where is [0]?", ["1,1,10,10"], None)
+    others = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(gather, "from_every_process", lambda mine: [mine, others[-1]])
+
+    def verdict(error=None, requests=(request,)):
+        others.append({"error": error, "inputs": [command._digest(r) for r in requests]})
+        return command.Hosts()
+
+    verdict().agree([request])  # the same request on both: no refusal
+    with pytest.raises(PredictError, match=r"^process 1: image not found: b.png$"):
+        verdict("image not found: b.png", []).agree([request])
+    for changed in ({"prompt": "where is it [0]?"}, {"boxes": [np.array([1, 1, 10, 11], np.float32)]},
+                    {"image": request.image + 1}):
+        with pytest.raises(PredictError, match="process 1 read other requests than process 0"):
+            verdict(requests=[dataclasses.replace(request, **changed)]).agree([request])
+    # refused here before comparing: this process joins the comparison and prints the first refusing process's line
+    assert verdict().refusal(PredictError("--list x.tsv not found")) == "process 0: --list x.tsv not found"
+    assert verdict("no image").refusal(PredictError("no list")) == "process 0: no list"
+    hosts = verdict()
+    hosts.agree([request])
+    assert hosts.refusal(PredictError("cannot load ckpt")) == "cannot load ckpt"  # after it: its own line

@@ -1,0 +1,29 @@
+"""One process of the two-process prediction tests (test_mesh.py): `jaxground predict` on 4 CPU devices here, 8 in
+the global mesh, collectives over gloo. argv: PORT PROCESS_ID [predict arguments ...]."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax
+
+jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py, for the one-process run
+
+from jaxground import cli
+
+
+def main() -> int:
+    port, pid, *args = sys.argv[1:]
+    # gloo prints its connections from C++ on file descriptor 1, in pieces that can split an answer's line: send
+    # them to stderr, and Python's prints alone to the original stdout
+    sys.stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    # a generous heartbeat, as run_eval_process.py: a parallel test run can starve one process of CPU
+    return cli.main(["predict", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
+                     "--heartbeat-timeout", "300", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
