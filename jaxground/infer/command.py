@@ -1,5 +1,5 @@
 """`jaxground predict --config CFG --checkpoint DIR --image IMG --prompt TEXT [--box x0,y0,x1,y1 ...]
-[--out PNG] [--json] [--num-beams W | --sample [--temperature T] [--top-k K] [--top-p P] [--seed S]]
+[--out PNG] [--json] [--num-beams W] [--sample [--temperature T] [--top-k K] [--top-p P] [--seed S]]
 [key=value ...]`, or `... --list TSV` for many images with one model load
 
 Answers a prompt about one image (or each line's of `--list`: `image<TAB>prompt[<TAB>out.png[<TAB>boxes]]`,
@@ -9,8 +9,9 @@ head (`model.sam`) also draws each object's mask (translucent) and `--json` give
 `--checkpoint` is a training checkpoint or a `jaxground convert` output. The model is split over the mesh of the
 run config's `mesh.data/fsdp/tensor` (e.g. `mesh.fsdp=4 mesh.tensor=2`; by default every device, as training);
 each request runs alone (batch 1), its inputs on every device. Decoding is greedy unless `--num-beams` or
-`--sample` asks otherwise; every request samples with the key of `--seed`, so its answer does not depend on the
-others of a `--list`. Exit status 2 for bad input (image, boxes, prompt, decoding flags, checkpoint, mesh),
+`--sample` asks otherwise (both: HF's sampled beam search, as transformers 4.31 runs it); every request samples
+with the key of `--seed`, so its answer does not depend on the others of a `--list`. Exit status 2 for bad input
+(image, boxes, prompt, decoding flags, checkpoint, mesh),
 reported before any model compute.
 
 Several hosts (SLURM, a TPU slice under JAXGROUND_MULTIHOST=1, or `--coordinator HOST:PORT --num-processes N
@@ -44,11 +45,13 @@ def add_arguments(parser) -> None:
                         "request per line, image<TAB>prompt[<TAB>out.png[<TAB>boxes]] (boxes: x0,y0,x1,y1 ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (per request) instead of text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: "
+                        "greedy); with --sample, HF's sampled beam search (transformers 4.31's beam_sample)")
     parser.add_argument("--sample", action="store_true", help="sample each token instead of greedy decoding: "
                         "logits divided by --temperature, then --top-k, then --top-p, as HF generate applies them")
     parser.add_argument("--demo-sampling", action="store_true", help="--sample with the released demo's settings: "
-                        "temperature 0.8, top-k 5, top-p 0.7 (each flag given beside it wins)")
+                        "temperature 0.8, top-k 5, top-p 0.7 (each flag given beside it wins); add --num-beams 5 for "
+                        "the demo's sampled beam search")
     parser.add_argument("--temperature", type=float, default=None, help="with --sample; default 1")
     parser.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k most likely tokens (and "
                         "ties); default 0, off")
@@ -278,9 +281,6 @@ def decoding(args) -> tuple[dict, int | None]:
         if given:
             raise PredictError(f"--{next(iter(given)).replace('_', '-')} needs --sample (decoding is greedy otherwise)")
         return ({"method": "beam", "num_beams": args.num_beams} if args.num_beams > 1 else {"method": "greedy"}), None
-    if args.num_beams > 1:
-        raise PredictError("sampling (--sample, --demo-sampling) and --num-beams > 1 exclude each other: sampled "
-                           "beam search is not implemented")
     v = NEUTRAL_SAMPLING | (DEMO_SAMPLING if args.demo_sampling else {}) | given
     if not (math.isfinite(v["temperature"]) and v["temperature"] > 0):
         raise PredictError(f"--temperature must be a finite number > 0, got {v['temperature']}")
@@ -291,6 +291,8 @@ def decoding(args) -> tuple[dict, int | None]:
     if not 0 <= v["seed"] < 2**32:
         raise PredictError(f"--seed must be in [0, 2**32), got {v['seed']}")
     seed = v.pop("seed")
+    if args.num_beams > 1:  # HF generate with do_sample and num_beams > 1 (the demo's other reading, README)
+        return {"method": "beam_sample", "num_beams": args.num_beams, **v}, seed
     return {"method": "sample", **v}, seed
 
 

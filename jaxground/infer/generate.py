@@ -3,11 +3,23 @@
 Axes: B prompts, W beams, R = B·W rows decoded together, T prompt tokens (left-padded), N max new tokens,
 D model width, V vocabulary, Q max triggers per row.
 
-Decoding: greedy, sampling (temperature, then top-k, then top-p, as HF `generate` warps logits) or beam search
-(`num_beams` W; rows of one prompt are adjacent). Each row stops at `eos_id` or after N tokens; tokens after the
-end are `pad_id`. Beam search is HF `generate`'s (`early_stopping=False`): hypotheses that end leave the running
-beams for a finished set ranked by sum log p / length ** length_penalty, and a prompt stops once no running beam
-can beat its worst finished one.
+Decoding: greedy, sampling (temperature, then top-k, then top-p, as HF `generate` warps logits), beam search
+(`num_beams` W; rows of one prompt are adjacent) or sampled beam search. Each row stops at `eos_id` or after N
+tokens; tokens after the end are `pad_id`. Beam search is HF `generate`'s (`early_stopping=False`): hypotheses
+that end leave the running beams for a finished set ranked by sum log p / length ** length_penalty, and a prompt
+stops once no running beam can beat its worst finished one.
+
+Sampled beam search ("beam_sample") is transformers 4.31's `beam_sample`, the version the released NExT-Chat
+demo runs (`generate` with inputs_embeds, `do_sample=True`, `num_beams` > 1), step by step: the running beam
+score is added to the log-probabilities first and the warpers (temperature, top-k, top-p, each keeping at least 2
+tokens) are applied to that sum, so a beam's score is the warped sum, divided by the temperature again at every
+step; 2W candidates are drawn without replacement over each prompt's W·V continuations from the softmax of the
+warped scores, sorted by score and handed to the same finished set as beam search. Where 4.31 differs from the
+beam search above (HF 5.x's), it is followed: all W beams start at score 0 (the first draw is over W copies of one
+row); hypothesis lengths count 4.31's one placeholder input id (a hypothesis ending in eos at token n has length
+n, a beam still running after N tokens length N + 1, added to the finished set only after the last step); a
+prompt stops once its W finished slots are full and the worst of them is >= the best drawn candidate's
+score / (n + 1) ** length_penalty.
 
 pixel2emb (when a locator is given): whenever the token fed last was `<at>`, its hidden state t (last layer,
 after the final norm) is decoded to a box F(t), recorded in the row's next trigger slot ([R,Q,4] buffer, plus
@@ -36,7 +48,9 @@ from flax import nnx, struct
 from jaxground.models.kv_cache import KVCache
 from jaxground.models.llama import Llama
 
-METHODS = ("greedy", "sample", "beam")
+METHODS = ("greedy", "sample", "beam", "beam_sample")
+BEAM_METHODS = ("beam", "beam_sample")
+SAMPLING_METHODS = ("sample", "beam_sample")
 TRIGGER_STATES = ("at", "predicting")
 
 
@@ -61,25 +75,33 @@ class GenerationConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.trigger_state not in TRIGGER_STATES:
             raise ValueError(f"trigger_state must be one of {TRIGGER_STATES}, got {self.trigger_state!r}")
-        if self.trigger_state == "predicting" and self.method == "beam":
+        if self.trigger_state == "predicting" and self.method in BEAM_METHODS:
             raise ValueError("trigger_state='predicting' is built for greedy and sampling, not beam search")
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.max_triggers < 1:
             raise ValueError("max_new_tokens, num_beams and max_triggers must be >= 1")
-        if self.method == "sample" and not (math.isfinite(self.temperature) and self.temperature > 0
-                                            and 0 < self.top_p <= 1):
+        if self.method in SAMPLING_METHODS and not (math.isfinite(self.temperature) and self.temperature > 0
+                                                    and 0 < self.top_p <= 1):
             raise ValueError(f"sampling needs a finite temperature > 0 and 0 < top_p <= 1, got temperature "
                              f"{self.temperature}, top_p {self.top_p}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
-        if self.num_beams > 1 and self.method != "beam":
-            raise ValueError(f"num_beams={self.num_beams} needs method='beam'")
+        if self.num_beams > 1 and self.method not in BEAM_METHODS:
+            raise ValueError(f"num_beams={self.num_beams} needs method='beam' or 'beam_sample'")
+        if self.method == "beam_sample" and self.num_beams < 2:
+            # as in HF, whose beam scorer refuses one beam: sampling one sequence is method="sample"
+            raise ValueError("method='beam_sample' needs num_beams >= 2 (one sampled sequence: method='sample')")
+
+    @property
+    def beams(self) -> int:
+        """Rows decoded per prompt (W for the beam methods, else 1)."""
+        return self.num_beams if self.method in BEAM_METHODS else 1
 
 
 @struct.dataclass
 class Generation:
     tokens: jax.Array  # int32[B,N], pad_id after the end
     lengths: jax.Array  # int32[B], eos included
-    scores: jax.Array  # float32[B], sum of log-probabilities of the chosen tokens
+    scores: jax.Array  # float32[B], sum of log-probabilities of the chosen tokens ("beam_sample": its warped beam score)
     boxes: jax.Array  # float32[B,Q,4], F(t) per trigger, normalised xyxy of the padded square
     trigger_states: jax.Array  # [B,Q,D], t per trigger (input of the mask head)
     num_triggers: jax.Array  # int32[B], recorded triggers (<= Q)
@@ -117,15 +139,17 @@ class _Finished:
     flag: jax.Array  # bool[R] the slot holds a hypothesis
 
 
-def sampling_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def sampling_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_keep: int = 1) -> jax.Array:
     """[R,V] logits -> the logits sampling draws from, warped as HF `generate` warps them and in its order:
-    divided by `temperature`, then `top_k_filter`, then `top_p_filter` (filtered tokens -inf). A filter at its
-    neutral value (top_k 0 or >= V, top_p 1) is skipped, as HF skips it; the arguments are static."""
+    divided by `temperature`, then `top_k_filter`, then `top_p_filter` (filtered tokens -inf), each keeping at
+    least `min_keep` tokens (HF's `min_tokens_to_keep`: 2 when num_beams > 1). A filter at its neutral value
+    (top_k 0, top_p 1) is skipped, as HF skips it; the arguments are static."""
     logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        logits = top_k_filter(logits, top_k)
+    if 0 < top_k and max(top_k, min_keep) < logits.shape[-1]:
+        logits = top_k_filter(logits, max(top_k, min_keep))
     if top_p < 1:
-        logits = top_p_filter(logits, top_p)
+        logits = top_p_filter(logits, top_p, min_keep)
     return logits
 
 
@@ -136,15 +160,15 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-    """[R,V] logits with every token outside the nucleus set to -inf (the most likely token always stays): a token
-    stays while the tokens more likely than it hold less than top_p, HF's `TopPLogitsWarper` rule. Of tokens tied at
-    the nucleus edge the lower indices stay (HF's unstable torch sort picks any)."""
+def top_p_filter(logits: jax.Array, top_p: float, min_keep: int = 1) -> jax.Array:
+    """[R,V] logits with every token outside the nucleus set to -inf (the `min_keep` most likely tokens always
+    stay): a token stays while the tokens more likely than it hold less than top_p, HF's `TopPLogitsWarper` rule.
+    Of tokens tied at the nucleus edge the lower indices stay (HF's unstable torch sort picks any)."""
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    keep_sorted = before < top_p
+    keep_sorted = (before < top_p) | (jnp.arange(logits.shape[-1]) < min_keep)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep, logits, -jnp.inf)
 
@@ -226,6 +250,8 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
     def body(s: _State):
         if cfg.method == "beam":
             return _beam_body(llm, locator, head, s, cfg, beams)
+        if cfg.method == "beam_sample":
+            return _beam_sample_body(llm, locator, head, s, cfg, beams)
         logp, forced = _step_logp(s, cfg)
         box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
         token, scores = _choose(s, logp, cfg)
@@ -242,7 +268,8 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
         )
         return _feed(llm, locator, head, s, token, forced, box, active)
 
-    return jax.lax.while_loop(cond, body, state)
+    state = jax.lax.while_loop(cond, body, state)
+    return _finalize_running(state, cfg, beams) if cfg.method == "beam_sample" else state
 
 
 def _feed(llm: Llama, locator, head, s: _State, token, forced, box, active) -> _State:
@@ -276,12 +303,31 @@ def _beam_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: i
     n_gen = s.step + 1
     ends = (token == cfg.eos_id) | (n_gen >= cfg.max_new_tokens)
 
-    # finished: merge the ending candidates among the first W into the W best so far
-    new_fin = ends & (jnp.arange(k) < w)[None, :]
-    scored = cand / n_gen.astype(jnp.float32) ** cfg.length_penalty
-    scored = scored + _MASKED * (~s.searching[:, None]) + _MASKED * (~new_fin)
+    # finished: the ending candidates among the first W, merged into the W best so far
+    new_fin = ends & (jnp.arange(k) < w)[None, :] & s.searching[:, None]
+    finished = _merge_finished(s, w, new_fin, cand, n_gen.astype(jnp.float32), parent, token, n_gen, cfg, _MASKED)
+
+    # running: the W best candidates that do not end
+    scores, sel = jax.lax.top_k(cand + _MASKED * ends, w)
+    best = scores[:, 0] / n_gen.astype(jnp.float32) ** cfg.length_penalty
+    worst = jnp.where(finished.flag.reshape(b, w), jnp.min(finished.scores.reshape(b, w), axis=1, keepdims=True),
+                      _MASKED)
+    searching = s.searching & jnp.any(best[:, None] > worst, axis=1)
+    return _run_on(llm, locator, head, s, cfg, w, sel, scores, parent, token, forced, box, finished, searching)
+
+
+def _merge_finished(s: _State, w: int, new, raw, length, parent, token, n_tokens, cfg: GenerationConfig,
+                    empty: float) -> _Finished:
+    """Each prompt's W best of its finished hypotheses and the new ones, best first (HF's `BeamHypotheses`).
+
+    The K candidates of a prompt ([B,K] arrays): `new` marks those that finish now, `raw` is their beam score,
+    ranked as raw / length ** length_penalty (`length` a scalar); candidate c is running row `parent[c]` (before
+    this step's reordering) with `token[c]` written at position n_tokens - 1, `n_tokens` its token count. An empty
+    slot scores `empty`."""
+    b = new.shape[0]
     f = s.finished
-    merged = jnp.concatenate([f.scores.reshape(b, w), scored], axis=1)  # [B,3W]
+    scored = jnp.where(new, raw / length ** cfg.length_penalty, empty)
+    merged = jnp.concatenate([f.scores.reshape(b, w), scored], axis=1)  # [B,W+K]
     _, keep = jax.lax.top_k(merged, w)
     from_old = (keep < w).reshape(-1)  # [R]: kept slot r holds an earlier hypothesis ...
     old_rows = (jnp.arange(b)[:, None] * w + jnp.minimum(keep, w - 1)).reshape(-1)  # ... from this slot
@@ -291,47 +337,105 @@ def _beam_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: i
     def by_row(old, new):  # [R,...] per slot, from the old slot or from the extended running row
         return jnp.where(from_old.reshape((-1,) + (1,) * (old.ndim - 1)), old[old_rows], new[src_rows])
 
-    def by_candidate(old, new):  # old [R], new [B,2W] per candidate -> [R]
+    def by_candidate(old, new):  # old [R], new [B,K] per candidate -> [R]
         return jnp.where(from_old, old[old_rows], jnp.take_along_axis(new, cand_idx, 1).reshape(-1))
 
     ending_token = jnp.take_along_axis(token, cand_idx, 1).reshape(-1)
-    finished = _Finished(
+    return _Finished(
         tokens=jnp.where(from_old[:, None], f.tokens[old_rows],
-                         s.tokens[src_rows].at[:, s.step].set(ending_token)),
-        lengths=by_candidate(f.lengths, jnp.broadcast_to(n_gen, token.shape)),
-        raw=by_candidate(f.raw, cand),
+                         s.tokens[src_rows].at[:, n_tokens - 1].set(ending_token)),
+        lengths=by_candidate(f.lengths, jnp.broadcast_to(n_tokens, token.shape)),
+        raw=by_candidate(f.raw, raw),
         scores=jnp.take_along_axis(merged, keep, 1).reshape(-1),
         boxes=by_row(f.boxes, s.boxes),
         states=by_row(f.states, s.states),
         num_triggers=by_row(f.num_triggers, s.num_triggers),
-        flag=by_candidate(f.flag, new_fin),
+        flag=by_candidate(f.flag, new),
     )
 
-    # running: the W best candidates that do not end
-    running = cand + _MASKED * ends
-    scores, sel = jax.lax.top_k(running, w)
+
+def _run_on(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int, sel, scores, parent, token, forced,
+            box, finished: _Finished, searching) -> _State:
+    """Continues the W selected candidates `sel` int32[B,W] (of `parent`, `token` [B,K]) with beam scores
+    `scores` [B,W]: rows reordered, their tokens written and fed."""
+    b = sel.shape[0]
     parent = jnp.take_along_axis(parent, sel, 1).reshape(-1)
     token = jnp.take_along_axis(token, sel, 1).reshape(-1)
     s = _gather_rows(s, parent)
     forced, box = forced[parent], box[parent]
-    best = scores[:, 0] / n_gen.astype(jnp.float32) ** cfg.length_penalty
-    worst = jnp.where(finished.flag.reshape(b, w), jnp.min(finished.scores.reshape(b, w), axis=1, keepdims=True),
-                      _MASKED)
-    searching = s.searching & jnp.any(best[:, None] > worst, axis=1)
     s = s.replace(
         tokens=s.tokens.at[:, s.step].set(token),
-        done=jnp.repeat(~searching, w) | (n_gen >= cfg.max_new_tokens),
-        scores=scores.reshape(-1),
+        done=jnp.repeat(~searching, w) | (s.step + 1 >= cfg.max_new_tokens),
+        scores=scores.reshape(b * w),
         finished=finished,
         searching=searching,
     )
     return _feed(llm, locator, head, s, token, forced, box, jnp.ones_like(s.done))
 
 
+def _draw_without_replacement(key: jax.Array, scores: jax.Array, k: int) -> jax.Array:
+    """Indices int32[B,k] of k draws without replacement from softmax(scores [B,M]), as `torch.multinomial(probs,
+    k)` draws them, as an exponential race: with E ~ Exp(1) drawn from `key` for every entry ([B,M] float32), the k
+    largest p / E (taken here as log p - log E) arrive first in successive sampling proportional to p. Entries of
+    probability 0 come last (HF's multinomial refuses to draw them)."""
+    e = jax.random.exponential(key, scores.shape, jnp.float32)
+    return jax.lax.top_k(jax.nn.log_softmax(scores, axis=-1) - jnp.log(e), k)[1]
+
+
+def _beam_sample_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int) -> _State:
+    """One step of transformers 4.31's `beam_sample` with its `BeamSearchScorer.process` (module docstring).
+
+    Forced rows (<boxes> after <at>) and the trigger record are as in `_beam_body`. The draw at step i uses the key
+    `fold_in(rng, i)` and `_draw_without_replacement` over the [B, W·V] warped scores."""
+    logp, forced = _step_logp(s, cfg)
+    box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
+    s = _record_trigger(s, forced, box)
+    rows, vocab = logp.shape
+    b, k = rows // w, 2 * w
+    # 4.31 warps the sum (log p + running beam score), not log p: the temperature divides the whole history again
+    # at every step, and the warped sum is the beam score carried on (its own note: "intentionally")
+    warped = sampling_logits(logp + s.scores[:, None], cfg.temperature, cfg.top_k, cfg.top_p, min_keep=2)
+    flat = warped.reshape(b, w * vocab)
+    drawn = _draw_without_replacement(jax.random.fold_in(s.rng, s.step), flat, k)  # [B,2W]
+    cand, order = jax.lax.top_k(jnp.take_along_axis(flat, drawn, 1), k)  # the drawn scores, best first
+    drawn = jnp.take_along_axis(drawn, order, 1)
+    parent = jnp.arange(b)[:, None] * w + drawn // vocab
+    token = (drawn % vocab).astype(jnp.int32)
+    n_gen = s.step + 1
+    ends = token == cfg.eos_id  # the last step ends nothing: `_finalize_running` adds the running beams after it
+
+    # 4.31's hypothesis of an eos at token n is the placeholder and the n - 1 tokens before eos: length n
+    new_fin = ends & (jnp.arange(k) < w)[None, :] & s.searching[:, None]
+    finished = _merge_finished(s, w, new_fin, cand, n_gen.astype(jnp.float32), parent, token, n_gen, cfg, -jnp.inf)
+
+    # running: the first W candidates (by rank) that are not eos, as 4.31's scorer walks them
+    rank = jnp.arange(k)[None, :]
+    sel = jax.lax.top_k(-jnp.where(ends, k + rank, rank), w)[1]
+    scores = jnp.take_along_axis(cand, sel, 1)
+    # done once W hypotheses are in and none beats the best drawn score at 4.31's cur_len (placeholder + n tokens)
+    full = jnp.all(finished.flag.reshape(b, w), axis=1)
+    worst = jnp.min(jnp.where(finished.flag, finished.scores, jnp.inf).reshape(b, w), axis=1)
+    best = cand[:, 0] / (n_gen + 1).astype(jnp.float32) ** cfg.length_penalty
+    searching = s.searching & ~(full & (worst >= best))
+    return _run_on(llm, locator, head, s, cfg, w, sel, scores, parent, token, forced, box, finished, searching)
+
+
+def _finalize_running(s: _State, cfg: GenerationConfig, w: int) -> _State:
+    """4.31's `BeamSearchScorer.finalize` for "beam_sample": each prompt still searching after the last step adds
+    its W running beams (N tokens; length N + 1 with the placeholder) to its finished set."""
+    rows = s.scores.shape[0]
+    b, n = rows // w, cfg.max_new_tokens
+    new = jnp.broadcast_to(s.searching[:, None], (b, w))
+    row = jnp.arange(rows).reshape(b, w)
+    finished = _merge_finished(s, w, new, s.scores.reshape(b, w), jnp.float32(n + 1), row,
+                               s.tokens[:, n - 1].reshape(b, w), n, cfg, -jnp.inf)
+    return s.replace(finished=finished)
+
+
 def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
     """Runs the prompts (each repeated W times) through the model and builds the initial loop state."""
     b, t, d = embeds.shape
-    w = cfg.num_beams if cfg.method == "beam" else 1
+    w = cfg.beams
     rows, n, q = b * w, cfg.max_new_tokens, cfg.max_triggers
     repeat = functools.partial(jnp.repeat, repeats=w, axis=0)
     embeds, mask = repeat(embeds), repeat(mask)
@@ -340,6 +444,8 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
     hidden, _, cache = llm.forward_embeds(embeds, mask, cache=cache, with_logits=False)  # logits: last token only
     last_fed = jnp.full((rows,), -1, jnp.int32)
     first_scores = jnp.where(jnp.arange(rows) % w == 0, 0.0, -jnp.inf)  # beams of a prompt start as one
+    if cfg.method == "beam_sample":  # 4.31's beam_sample starts every beam at 0: W copies of one row
+        first_scores = jnp.zeros((rows,))
     state = _State(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -355,10 +461,13 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
         num_triggers=jnp.zeros((rows,), jnp.int32),
         rng=rng,
     )
-    if cfg.method == "beam":
+    if cfg.method in BEAM_METHODS:
+        # beam_sample's warped scores are divided by the temperature at every step (0.5 doubles them), so they can
+        # pass beam search's -1e9 mask: its empty slots are -inf
+        empty = _MASKED if cfg.method == "beam" else -jnp.inf
         state = state.replace(searching=jnp.ones((b,), bool), finished=_Finished(
             tokens=state.tokens, lengths=state.lengths, raw=jnp.zeros((rows,), jnp.float32),
-            scores=jnp.full((rows,), _MASKED, jnp.float32), boxes=state.boxes, states=state.states,
+            scores=jnp.full((rows,), empty, jnp.float32), boxes=state.boxes, states=state.states,
             num_triggers=state.num_triggers, flag=jnp.zeros((rows,), bool)))
     return state
 
@@ -379,7 +488,7 @@ def generate_from_embeds(
     Call inside `jit` (see `generate_jit`).
     """
     b = embeds.shape[0]
-    w = cfg.num_beams if cfg.method == "beam" else 1
+    w = cfg.beams
     if cfg.at_id >= 0 and locator is None:
         raise ValueError("at_id is set but no locator (G, F) was given")
     rng = jax.random.key(0) if rng is None else rng
@@ -391,9 +500,10 @@ def generate_from_embeds(
 
 
 def _best_beams(state: _State, cfg: GenerationConfig, b: int, w: int) -> Generation:
-    """Each prompt's answer: its row (greedy, sampling) or its best finished hypothesis (beam search; the
-    finished slots are sorted, best first)."""
-    if cfg.method == "beam":
+    """Each prompt's answer: its row (greedy, sampling) or its best finished hypothesis (beam search and sampled
+    beam search; the finished slots are sorted, best first; its score is the beam score, for "beam_sample" the
+    warped one)."""
+    if cfg.method in BEAM_METHODS:
         src, scores, rows = state.finished, state.finished.raw, jnp.arange(b) * w
     else:
         src, scores, rows = state, state.scores, jnp.arange(b)

@@ -1,6 +1,7 @@
 """`jaxground predict` decoding flags: greedy by default, `--num-beams`, `--sample` / `--demo-sampling` with
-`--temperature`, `--top-k`, `--top-p`, `--seed` reach `GenerationConfig` and the sampling key; the same seed gives
-the same answer; contradictory or bad values are refused in one line before the checkpoint loads."""
+`--temperature`, `--top-k`, `--top-p`, `--seed` (and with `--num-beams` > 1: sampled beam search) reach
+`GenerationConfig` and the sampling key; the same seed gives the same answer; contradictory or bad values are
+refused in one line before the checkpoint loads."""
 
 import json
 import sys
@@ -50,6 +51,10 @@ def predict_args(config_args, checkpoint, image, *extra):
      {"method": "sample", "temperature": 0.8, "top_k": 10, "top_p": 0.7, "seed": 7}),
     (["--sample", "--temperature", "0.5", "--top-p", "0.9", "--seed", "3"],
      {"method": "sample", "temperature": 0.5, "top_k": 0, "top_p": 0.9, "seed": 3}),
+    (["--sample", "--num-beams", "2"],
+     {"method": "beam_sample", "num_beams": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}),
+    (["--demo-sampling", "--num-beams", "5", "--seed", "9"],
+     {"method": "beam_sample", "num_beams": 5, "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 9}),
 ])
 def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys, monkeypatch, flags, want):
     """The model load and prediction are stubbed: what the command hands `predict`, and what `--json` records."""
@@ -82,8 +87,9 @@ def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys
     (["--temperature", "0.5"], "--temperature needs --sample"),
     (["--top-k", "5"], "--top-k needs --sample"),
     (["--seed", "1"], "--seed needs --sample"),
-    (["--sample", "--num-beams", "2"], "--num-beams > 1 exclude each other"),
-    (["--demo-sampling", "--num-beams", "2"], "--num-beams > 1 exclude each other"),
+    (["--num-beams", "3", "--top-p", "0.5"], "--top-p needs --sample"),
+    (["--demo-sampling", "--num-beams", "2", "--trigger-state", "predicting"], "not beam search"),
+    (["--demo-sampling", "--num-beams", "2", "--temperature", "-1"], "--temperature must be a finite number > 0"),
     (["--sample", "--temperature", "0"], r"--temperature must be a finite number > 0, got 0.0"),
     (["--sample", "--temperature", "nan"], "--temperature must be a finite number > 0"),
     (["--sample", "--top-k", "-1"], r"--top-k must be >= 0 \(0: off\), got -1"),
@@ -126,3 +132,25 @@ def test_same_seed_same_answer(config_args, image_file, tmp_path, capsys, monkey
     first = answer(0)
     assert answer(0) == first
     assert any(answer(seed) != first for seed in (1, 2, 3))
+
+
+def test_sampled_beam_search_runs(config_args, image_file, tmp_path, capsys, monkeypatch):
+    """`--demo-sampling --num-beams 3` through the command with a real tiny random model: an answer, the same one
+    for the same seed, and `--json` records the sampled beam search."""
+    from jaxground.config import load_config
+    from jaxground.infer import command
+
+    model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+
+    def answer():
+        code = main(predict_args(config_args, tmp_path, image_file, "--demo-sampling", "--num-beams", "3",
+                                 "--seed", "4"))
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    first = answer()
+    assert first["decoding"] == {"method": "beam_sample", "num_beams": 3, "temperature": 0.8, "top_k": 5,
+                                 "top_p": 0.7, "seed": 4}
+    assert answer() == first
