@@ -351,6 +351,7 @@ def _run(args, hosts: Hosts) -> int:
             continue
         if req.out:
             labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
+            Path(req.out).parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not lose the answer
             draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
         if args.json:
             record = fields | ({"seed": seed} if seed is not None else {})

@@ -248,7 +248,7 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
     path = root / "img.png"
     Image.fromarray(image).save(path)
     for ckpt in ("run",):  # loading a converted checkpoint is shared with eval (tested there)
-        png = root / f"pred_{ckpt}.png"
+        png = root / "drawn" / ckpt / "pred.png"  # folders that do not exist yet are made
         code = cli.main(["predict", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / ckpt),
                          "--image", str(path), "--prompt", "what is [0]?", "--box", "8,4,30,20",
                          "--max-new-tokens", "4", "--out", str(png), "--json", *args])
