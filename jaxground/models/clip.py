@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxground.models.layers import layer_norm, linear
+from jaxground.models.layers import layer_norm, linear, softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ClipBlock(nnx.Module):
             jnp.einsum("BPNH,BQNH->BNPQ", q, k, preferred_element_type=jnp.float32)
             * (d // self.heads) ** -0.5
         )
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = softmax(scores, axis=-1).astype(v.dtype)
         x = x + self.o(jnp.einsum("BNPQ,BQNH->BPNH", probs, v).reshape(b, p, d))
         h = self.fc1(self.layer_norm2(x))
         return x + self.fc2(h * jax.nn.sigmoid(1.702 * h))

@@ -7,6 +7,7 @@ of MLPs), `heads` (attention heads x head dim), `kv` (key/value heads x head dim
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -59,3 +60,11 @@ def layer_norm(dim: int, *, eps: float, rngs: nnx.Rngs, dtype=None, param_dtype=
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
         rngs=rngs,
     )
+
+
+def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jax.nn.softmax` under JAX's custom-JVP rule (`jax.softmax_custom_jvp`): the gradient is y * (dy - sum(y dy))
+    from the output y alone. JAX's default still differentiates exp(x - max) / sum, whose backward XLA:CPU runs as a
+    longer fusion with four saved inputs; the attention softmaxes of the train step use this one."""
+    with jax.softmax_custom_jvp(True):
+        return jax.nn.softmax(x, axis=axis)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxground.models.kv_cache import KVCache, write_layer
-from jaxground.models.layers import linear
+from jaxground.models.layers import linear, softmax
 from jaxground.parallel import constrain
 
 REMAT_POLICIES = {
@@ -134,7 +134,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("BKRH,BKSH->BKRS", q, k, preferred_element_type=jnp.float32) * h**-0.5
     scores = jnp.where(mask[:, None, None], scores.reshape(b, kv_heads, g, t, s), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    probs = softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
     out = jnp.einsum("BKRS,BKSH->BKRH", probs, v).reshape(b, kv_heads, g, t, h)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 

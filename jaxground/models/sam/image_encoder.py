@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxground.models.layers import layer_norm, linear
+from jaxground.models.layers import layer_norm, linear, softmax
 from jaxground.models.sam.common import conv, gelu, norm2d, zeros_param
 from jaxground.models.sam.config import SamConfig
 
@@ -96,7 +96,7 @@ class Attention(nnx.Module):
         rel_h = jnp.take_along_axis(r[..., 0, :], idx[None, None, :, None], axis=-1)  # [B, N, Y, X, K]
         rel_w = jnp.take_along_axis(r[..., 1, :], idx[None, None, None], axis=-1)  # [B, N, Y, X, L]
         attn = attn.reshape(b, n, y, w, y, w) + rel_h[..., :, None] + rel_w[..., None, :]
-        attn = jax.nn.softmax(attn.reshape(b, n, t, t), axis=-1)
+        attn = softmax(attn.reshape(b, n, t, t), axis=-1)
         out = jnp.einsum("BNTU,BNUH->BNTH", attn, v)
         return out.transpose(0, 2, 1, 3).reshape(b, y, w, d)
 

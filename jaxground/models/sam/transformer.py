@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxground.models.layers import layer_norm, linear
+from jaxground.models.layers import layer_norm, linear, softmax
 from jaxground.models.sam.common import LN_EPS
 from jaxground.models.sam.config import SamConfig
 
@@ -33,7 +33,7 @@ class Attention(nnx.Module):
 
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
         logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
-        out = jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+        out = jnp.einsum("BNTS,BSNH->BTNH", softmax(logits, axis=-1), v)
         return self.out_proj(out.reshape(*out.shape[:-2], -1))
 
 
