@@ -1,6 +1,7 @@
 """`jaxground predict --config CFG --checkpoint DIR --image IMG --prompt TEXT [--box x0,y0,x1,y1 ...]
-[--out PNG] [--json] [--num-beams W] [--sample [--temperature T] [--top-k K] [--top-p P] [--seed S]]
-[key=value ...]`, or `... --list TSV` for many images with one model load
+[--out PNG] [--json] [--num-beams W [--beam-rules hf|released]] [--demo-beams] [--sample [--temperature T]
+[--top-k K] [--top-p P] [--seed S]] [--demo-sampling] [key=value ...]`, or `... --list TSV` for many images with
+one model load
 
 Answers a prompt about one image (or each line's of `--list`: `image<TAB>prompt[<TAB>out.png[<TAB>boxes]]`,
 boxes as `x0,y0,x1,y1` separated by spaces). Input boxes (pixels) are referred to in the prompt as `[0]`, `[1]`, ...;
@@ -9,8 +10,10 @@ head (`model.sam`) also draws each object's mask (translucent) and `--json` give
 `--checkpoint` is a training checkpoint or a `jaxground convert` output. The model is split over the mesh of the
 run config's `mesh.data/fsdp/tensor` (e.g. `mesh.fsdp=4 mesh.tensor=2`; by default every device, as training);
 each request runs alone (batch 1), its inputs on every device. Decoding is greedy unless `--num-beams` or
-`--sample` asks otherwise (both: HF's sampled beam search, as transformers 4.31 runs it); every request samples
-with the key of `--seed`, so its answer does not depend on the others of a `--list`. Exit status 2 for bad input
+`--sample` asks otherwise (both: HF's sampled beam search, as transformers 4.31 runs it); `--beam-rules released`
+runs beam search as transformers 4.31 does (the released demo's), `hf` (the default) as the installed HF 5.x does;
+`--demo-beams` is the demo's `--num-beams 5 --beam-rules released`. Every request samples with the key of `--seed`,
+so its answer does not depend on the others of a `--list`. Exit status 2 for bad input
 (image, boxes, prompt, decoding flags, checkpoint, mesh),
 reported before any model compute.
 
@@ -31,6 +34,8 @@ from pathlib import Path
 
 # The released NExT-Chat demo's sampling settings (its web UI's defaults and NextChatInference's; README, Prediction)
 DEMO_SAMPLING = {"temperature": 0.8, "top_k": 5, "top_p": 0.7}
+# Its beam search: HF generate (transformers 4.31) with num_beams=5 (README, Prediction)
+DEMO_BEAMS = {"num_beams": 5, "beam_rules": "released"}
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
@@ -45,8 +50,15 @@ def add_arguments(parser) -> None:
                         "request per line, image<TAB>prompt[<TAB>out.png[<TAB>boxes]] (boxes: x0,y0,x1,y1 ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (per request) instead of text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: "
+    parser.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (default 1: "
                         "greedy); with --sample, HF's sampled beam search (transformers 4.31's beam_sample)")
+    parser.add_argument("--beam-rules", default=None, help="with --num-beams > 1: 'hf', beam search as the installed "
+                        "HF generate (5.x) runs it (default), or 'released', as transformers 4.31 runs it (the "
+                        "released demo's; lengths count its placeholder input id, beams at the limit are ranked after "
+                        "the last step); sampled beam search is always 'released'")
+    parser.add_argument("--demo-beams", action="store_true", help="the released demo's beam search: --num-beams 5 "
+                        "--beam-rules released (each flag given beside it wins); with --demo-sampling, the demo's "
+                        "sampled beam search")
     parser.add_argument("--sample", action="store_true", help="sample each token instead of greedy decoding: "
                         "logits divided by --temperature, then --top-k, then --top-p, as HF generate applies them")
     parser.add_argument("--demo-sampling", action="store_true", help="--sample with the released demo's settings: "
@@ -275,12 +287,13 @@ def decoding(args) -> tuple[dict, int | None]:
     Contradictory or bad values raise PredictError naming the flag (before the model loads)."""
     from jaxground.infer.predict import PredictError
 
+    beams = beam_fields(args)
     given = {k: v for k, v in [("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                ("seed", args.seed)] if v is not None}
     if not (args.sample or args.demo_sampling):
         if given:
             raise PredictError(f"--{next(iter(given)).replace('_', '-')} needs --sample (decoding is greedy otherwise)")
-        return ({"method": "beam", "num_beams": args.num_beams} if args.num_beams > 1 else {"method": "greedy"}), None
+        return ({"method": "beam", **beams} if beams else {"method": "greedy"}), None
     v = NEUTRAL_SAMPLING | (DEMO_SAMPLING if args.demo_sampling else {}) | given
     if not (math.isfinite(v["temperature"]) and v["temperature"] > 0):
         raise PredictError(f"--temperature must be a finite number > 0, got {v['temperature']}")
@@ -291,9 +304,37 @@ def decoding(args) -> tuple[dict, int | None]:
     if not 0 <= v["seed"] < 2**32:
         raise PredictError(f"--seed must be in [0, 2**32), got {v['seed']}")
     seed = v.pop("seed")
-    if args.num_beams > 1:  # HF generate with do_sample and num_beams > 1 (the demo's other reading, README)
-        return {"method": "beam_sample", "num_beams": args.num_beams, **v}, seed
+    if beams:  # HF generate with do_sample and num_beams > 1 (the demo's other reading, README)
+        if beams["beam_rules"] != "released":
+            raise PredictError("--beam-rules hf: sampled beam search runs only as transformers 4.31 does "
+                               "(--beam-rules released)")
+        return {"method": "beam_sample", "num_beams": beams["num_beams"], **v, "beam_rules": "released"}, seed
     return {"method": "sample", **v}, seed
+
+
+def num_beams(args) -> int:
+    """--num-beams, else 5 under --demo-beams, else 1."""
+    if args.num_beams is not None:
+        return args.num_beams
+    return DEMO_BEAMS["num_beams"] if args.demo_beams else 1
+
+
+def beam_fields(args) -> dict:
+    """{"num_beams", "beam_rules"} for beam search (num_beams > 1; the rules: --beam-rules, else "released" under
+    --demo-beams, else "released" with sampling and "hf" without), {} for one beam. A bad or idle --beam-rules
+    raises PredictError."""
+    from jaxground.infer.generate import BEAM_RULES
+    from jaxground.infer.predict import PredictError
+
+    if args.beam_rules is not None and args.beam_rules not in BEAM_RULES:
+        raise PredictError(f"--beam-rules must be one of {', '.join(BEAM_RULES)}, got {args.beam_rules!r}")
+    w = num_beams(args)
+    if w < 2:
+        if args.beam_rules is not None:
+            raise PredictError("--beam-rules needs --num-beams > 1 (decoding is not beam search otherwise)")
+        return {}
+    default = "released" if args.demo_beams or args.sample or args.demo_sampling else "hf"
+    return {"num_beams": w, "beam_rules": args.beam_rules or default}
 
 
 def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
@@ -320,7 +361,7 @@ def _run(args, hosts: Hosts) -> int:
     from jaxground.infer.predict import PredictError, mask_function, predict
 
     requests = _requests(args)
-    if min(args.max_new_tokens, args.num_beams, args.max_triggers) < 1:
+    if min(args.max_new_tokens, num_beams(args), args.max_triggers) < 1:
         raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
     fields, seed = decoding(args)
     try:

@@ -5,21 +5,28 @@ D model width, V vocabulary, Q max triggers per row.
 
 Decoding: greedy, sampling (temperature, then top-k, then top-p, as HF `generate` warps logits), beam search
 (`num_beams` W; rows of one prompt are adjacent) or sampled beam search. Each row stops at `eos_id` or after N
-tokens; tokens after the end are `pad_id`. Beam search is HF `generate`'s (`early_stopping=False`): hypotheses
-that end leave the running beams for a finished set ranked by sum log p / length ** length_penalty, and a prompt
-stops once no running beam can beat its worst finished one.
+tokens; tokens after the end are `pad_id`. Beam search keeps hypotheses that end in a finished set ranked by
+sum log p / length ** length_penalty, under one of two rules (`beam_rules`):
 
-Sampled beam search ("beam_sample") is transformers 4.31's `beam_sample`, the version the released NExT-Chat
-demo runs (`generate` with inputs_embeds, `do_sample=True`, `num_beams` > 1), step by step: the running beam
-score is added to the log-probabilities first and the warpers (temperature, top-k, top-p, each keeping at least 2
-tokens) are applied to that sum, so a beam's score is the warped sum, divided by the temperature again at every
-step; 2W candidates are drawn without replacement over each prompt's W·V continuations from the softmax of the
-warped scores, sorted by score and handed to the same finished set as beam search. Where 4.31 differs from the
-beam search above (HF 5.x's), it is followed: all W beams start at score 0 (the first draw is over W copies of one
-row); hypothesis lengths count 4.31's one placeholder input id (a hypothesis ending in eos at token n has length
-n, a beam still running after N tokens length N + 1, added to the finished set only after the last step); a
-prompt stops once its W finished slots are full and the worst of them is >= the best drawn candidate's
-score / (n + 1) ** length_penalty.
+- "hf" (method "beam"'s default): HF `generate`'s beam search as the installed transformers 5.x runs it
+  (`early_stopping=False`): beams 2..W start at -inf; the ending candidates (eos, or any token at the limit) among
+  the first W enter the finished set with length n (the tokens generated, eos included), and a prompt stops once no
+  running beam can beat its worst finished one (the best running score / n ** length_penalty).
+- "released": transformers 4.31's `beam_search` and `BeamSearchScorer`, the version the released NExT-Chat demo
+  runs (`generate` with the prompt as inputs_embeds, `num_beams` 5), whose `input_ids` start as one placeholder
+  id: beams 2..W start at -1e9; a hypothesis ending in eos at token n has length n (placeholder and n - 1 tokens,
+  eos not counted); the first W candidates by rank that are not eos run on, also at the limit, and the beams still
+  running after N tokens join the finished set after the last step with length N + 1 (`BeamSearchScorer.finalize`);
+  a prompt stops once its W finished slots are full and the worst of them is >= the best candidate's
+  score / (n + 1) ** length_penalty (`BeamHypotheses.is_done` at 4.31's cur_len).
+
+Sampled beam search ("beam_sample") is transformers 4.31's `beam_sample`, the demo's other reading
+(`do_sample=True`), and runs only under the "released" rules, through the same scorer: the running beam score is
+added to the log-probabilities first and the warpers (temperature, top-k, top-p, each keeping at least 2 tokens)
+are applied to that sum, so a beam's score is the warped sum, divided by the temperature again at every step; 2W
+candidates are drawn without replacement over each prompt's W·V continuations from the softmax of the warped
+scores and sorted by score. Unlike 4.31's `beam_search`, all W beams start at score 0 (the first draw is over W
+copies of one row).
 
 pixel2emb (when a locator is given): whenever the token fed last was `<at>`, its hidden state t (last layer,
 after the final norm) is decoded to a box F(t), recorded in the row's next trigger slot ([R,Q,4] buffer, plus
@@ -51,6 +58,7 @@ from jaxground.models.llama import Llama
 METHODS = ("greedy", "sample", "beam", "beam_sample")
 BEAM_METHODS = ("beam", "beam_sample")
 SAMPLING_METHODS = ("sample", "beam_sample")
+BEAM_RULES = ("hf", "released")
 TRIGGER_STATES = ("at", "predicting")
 
 
@@ -69,6 +77,9 @@ class GenerationConfig:
     at_id: int = -1  # <at>; -1 disables box decoding
     boxes_id: int = -1  # <boxes>
     trigger_state: str = "at"  # see the module docstring
+    # beam methods: "hf" (HF 5.x's beam search; the default of "beam") or "released" (transformers 4.31's, as the
+    # released demo runs it; the only rules of "beam_sample"); None: the method's default (see `rules`)
+    beam_rules: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -90,6 +101,29 @@ class GenerationConfig:
         if self.method == "beam_sample" and self.num_beams < 2:
             # as in HF, whose beam scorer refuses one beam: sampling one sequence is method="sample"
             raise ValueError("method='beam_sample' needs num_beams >= 2 (one sampled sequence: method='sample')")
+        self._check_beam_rules()
+
+    def _check_beam_rules(self):
+        if self.beam_rules is None:
+            return
+        if self.beam_rules not in BEAM_RULES:
+            raise ValueError(f"beam_rules must be one of {BEAM_RULES} (or None), got {self.beam_rules!r}")
+        if self.method not in BEAM_METHODS:
+            raise ValueError(f"beam_rules is for method='beam' or 'beam_sample', not {self.method!r}")
+        if self.method == "beam_sample" and self.beam_rules != "released":
+            # HF 5.x's sampled beam search is another algorithm (it warps log p before adding the beam score)
+            raise ValueError("method='beam_sample' runs only as transformers 4.31 does: beam_rules='released'")
+        if self.beam_rules == "released" and self.num_beams < 2:
+            # as 4.31's BeamSearchScorer, which refuses one beam (its generate runs greedy search then)
+            raise ValueError("beam_rules='released' needs num_beams >= 2 (one beam: method='greedy')")
+
+    @property
+    def rules(self) -> str | None:
+        """The beam rules in force: `beam_rules`, else "hf" for "beam" and "released" for "beam_sample"; None for
+        greedy and sampling."""
+        if self.method not in BEAM_METHODS:
+            return None
+        return self.beam_rules or ("released" if self.method == "beam_sample" else "hf")
 
     @property
     def beams(self) -> int:
@@ -248,10 +282,8 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _State):
-        if cfg.method == "beam":
-            return _beam_body(llm, locator, head, s, cfg, beams)
-        if cfg.method == "beam_sample":
-            return _beam_sample_body(llm, locator, head, s, cfg, beams)
+        if cfg.method in BEAM_METHODS:
+            return _beam_step(llm, locator, head, s, cfg, beams)
         logp, forced = _step_logp(s, cfg)
         box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
         token, scores = _choose(s, logp, cfg)
@@ -269,7 +301,7 @@ def _decode_loop(llm: Llama, locator, state: _State, cfg: GenerationConfig, beam
         return _feed(llm, locator, head, s, token, forced, box, active)
 
     state = jax.lax.while_loop(cond, body, state)
-    return _finalize_running(state, cfg, beams) if cfg.method == "beam_sample" else state
+    return _finalize_running(state, cfg, beams) if cfg.rules == "released" else state
 
 
 def _feed(llm: Llama, locator, head, s: _State, token, forced, box, active) -> _State:
@@ -285,35 +317,91 @@ def _feed(llm: Llama, locator, head, s: _State, token, forced, box, active) -> _
 _MASKED = -1.0e9  # HF's additive mask for beam scores
 
 
-def _beam_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int) -> _State:
-    """One beam-search step as HF `generate` does it (`early_stopping=False`): the 2W best continuations of
-    each prompt; those among the first W that end (eos, or the last allowed token) enter the finished set,
-    scored sum log p / length ** length_penalty, where the W best finished stay; the W best that do not end
-    run on. A prompt stops searching once no running beam can beat its worst finished one (HF's heuristic:
-    the best running score normalised at the current length)."""
+def _beam_step(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int) -> _State:
+    """One step of beam search or sampled beam search: each prompt's 2W candidates (best first), the finished set
+    and the W running beams chosen from them by the rules in force (module docstring), the chosen run on.
+
+    A row forced to <boxes> (after <at>) offers only <boxes>; its box is recorded before the finished set is built,
+    so a hypothesis whose last token is this forced <boxes> keeps it."""
     logp, forced = _step_logp(s, cfg)
     box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
-    # recorded before the finished set is built: a hypothesis whose last token is this forced <boxes> keeps its box
     s = _record_trigger(s, forced, box)
+    if cfg.method == "beam_sample":
+        cand, flat = _drawn_candidates(s, logp, cfg, w)
+    else:
+        cand, flat = _best_candidates(s, logp, w)
+    vocab = logp.shape[-1]
+    parent = jnp.arange(cand.shape[0])[:, None] * w + flat // vocab  # [B,2W] rows
+    token = (flat % vocab).astype(jnp.int32)
+    scorer = _released_scorer if cfg.rules == "released" else _hf_scorer
+    finished, sel, scores, searching = scorer(s, cfg, w, cand, parent, token)
+    return _run_on(llm, locator, head, s, cfg, w, sel, scores, parent, token, forced, box, finished, searching)
+
+
+def _best_candidates(s: _State, logp: jax.Array, w: int) -> tuple[jax.Array, jax.Array]:
+    """Beam search's candidates: the 2W best of each prompt's W·V continuations (beam score + log p [R,V]) ->
+    (their scores float32[B,2W], best first; their indices int32[B,2W] into W·V)."""
+    rows, vocab = logp.shape
+    return jax.lax.top_k((s.scores[:, None] + logp).reshape(rows // w, w * vocab), 2 * w)
+
+
+def _drawn_candidates(s: _State, logp: jax.Array, cfg: GenerationConfig, w: int) -> tuple[jax.Array, jax.Array]:
+    """4.31 `beam_sample`'s candidates: 2W drawn without replacement from the warped scores, sorted by score
+    (`_best_candidates`' shapes). The draw at step i uses the key `fold_in(rng, i)` over the [B, W·V] warped
+    scores."""
     rows, vocab = logp.shape
     b, k = rows // w, 2 * w
-    cand, flat = jax.lax.top_k((s.scores[:, None] + logp).reshape(b, w * vocab), k)  # [B,2W]
-    parent = jnp.arange(b)[:, None] * w + flat // vocab  # [B,2W] rows
-    token = (flat % vocab).astype(jnp.int32)
+    # 4.31 warps the sum (log p + running beam score), not log p: the temperature divides the whole history again
+    # at every step, and the warped sum is the beam score carried on (its own note: "intentionally")
+    warped = sampling_logits(logp + s.scores[:, None], cfg.temperature, cfg.top_k, cfg.top_p, min_keep=2)
+    flat = warped.reshape(b, w * vocab)
+    drawn = _draw_without_replacement(jax.random.fold_in(s.rng, s.step), flat, k)  # [B,2W]
+    cand, order = jax.lax.top_k(jnp.take_along_axis(flat, drawn, 1), k)  # the drawn scores, best first
+    return cand, jnp.take_along_axis(drawn, order, 1)
+
+
+def _hf_scorer(s: _State, cfg: GenerationConfig, w: int, cand, parent, token):
+    """HF 5.x's beam search step (`early_stopping=False`) on the candidates `cand` [B,2W] (best first; candidate c
+    extends row `parent[c]` by `token[c]`): those among the first W that end (eos, or the last allowed token) enter
+    the finished set with length n, where the W best finished stay; the W best that do not end run on. A prompt
+    stops searching once no running beam can beat its worst finished one (HF's heuristic: the best running score
+    normalised at the current length). -> (finished, sel int32[B,W] into the candidates, their scores [B,W],
+    searching bool[B])."""
+    b, k = cand.shape
     n_gen = s.step + 1
     ends = (token == cfg.eos_id) | (n_gen >= cfg.max_new_tokens)
-
-    # finished: the ending candidates among the first W, merged into the W best so far
     new_fin = ends & (jnp.arange(k) < w)[None, :] & s.searching[:, None]
     finished = _merge_finished(s, w, new_fin, cand, n_gen.astype(jnp.float32), parent, token, n_gen, cfg, _MASKED)
-
-    # running: the W best candidates that do not end
     scores, sel = jax.lax.top_k(cand + _MASKED * ends, w)
     best = scores[:, 0] / n_gen.astype(jnp.float32) ** cfg.length_penalty
     worst = jnp.where(finished.flag.reshape(b, w), jnp.min(finished.scores.reshape(b, w), axis=1, keepdims=True),
                       _MASKED)
     searching = s.searching & jnp.any(best[:, None] > worst, axis=1)
-    return _run_on(llm, locator, head, s, cfg, w, sel, scores, parent, token, forced, box, finished, searching)
+    return finished, sel, scores, searching
+
+
+def _released_scorer(s: _State, cfg: GenerationConfig, w: int, cand, parent, token):
+    """transformers 4.31's `BeamSearchScorer.process` (`_hf_scorer`'s arguments and results), shared by "beam" under
+    the released rules and "beam_sample": candidates among the first W that are eos enter the finished set, the
+    first W by rank that are not eos run on (also at the limit: `_finalize_running` adds them after the last step),
+    and a prompt is done once its W finished slots are full and the worst is >= the best candidate's score at 4.31's
+    cur_len."""
+    b, k = cand.shape
+    n_gen = s.step + 1
+    ends = token == cfg.eos_id
+    # 4.31's hypothesis of an eos at token n is the placeholder and the n - 1 tokens before eos: length n
+    new_fin = ends & (jnp.arange(k) < w)[None, :] & s.searching[:, None]
+    finished = _merge_finished(s, w, new_fin, cand, n_gen.astype(jnp.float32), parent, token, n_gen, cfg, -jnp.inf)
+    # running: the first W candidates (by rank) that are not eos, as 4.31's scorer walks them
+    rank = jnp.arange(k)[None, :]
+    sel = jax.lax.top_k(-jnp.where(ends, k + rank, rank), w)[1]
+    scores = jnp.take_along_axis(cand, sel, 1)
+    # cur_len = placeholder + n tokens; the best candidate may be an eos one, as 4.31 takes the max of all 2W
+    full = jnp.all(finished.flag.reshape(b, w), axis=1)
+    worst = jnp.min(jnp.where(finished.flag, finished.scores, jnp.inf).reshape(b, w), axis=1)
+    best = cand[:, 0] / (n_gen + 1).astype(jnp.float32) ** cfg.length_penalty
+    searching = s.searching & ~(full & (worst >= best))
+    return finished, sel, scores, searching
 
 
 def _merge_finished(s: _State, w: int, new, raw, length, parent, token, n_tokens, cfg: GenerationConfig,
@@ -382,47 +470,9 @@ def _draw_without_replacement(key: jax.Array, scores: jax.Array, k: int) -> jax.
     return jax.lax.top_k(jax.nn.log_softmax(scores, axis=-1) - jnp.log(e), k)[1]
 
 
-def _beam_sample_body(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int) -> _State:
-    """One step of transformers 4.31's `beam_sample` with its `BeamSearchScorer.process` (module docstring).
-
-    Forced rows (<boxes> after <at>) and the trigger record are as in `_beam_body`. The draw at step i uses the key
-    `fold_in(rng, i)` and `_draw_without_replacement` over the [B, W·V] warped scores."""
-    logp, forced = _step_logp(s, cfg)
-    box = locator[1](s.hidden) if locator is not None else jnp.zeros((s.hidden.shape[0], 4), jnp.float32)
-    s = _record_trigger(s, forced, box)
-    rows, vocab = logp.shape
-    b, k = rows // w, 2 * w
-    # 4.31 warps the sum (log p + running beam score), not log p: the temperature divides the whole history again
-    # at every step, and the warped sum is the beam score carried on (its own note: "intentionally")
-    warped = sampling_logits(logp + s.scores[:, None], cfg.temperature, cfg.top_k, cfg.top_p, min_keep=2)
-    flat = warped.reshape(b, w * vocab)
-    drawn = _draw_without_replacement(jax.random.fold_in(s.rng, s.step), flat, k)  # [B,2W]
-    cand, order = jax.lax.top_k(jnp.take_along_axis(flat, drawn, 1), k)  # the drawn scores, best first
-    drawn = jnp.take_along_axis(drawn, order, 1)
-    parent = jnp.arange(b)[:, None] * w + drawn // vocab
-    token = (drawn % vocab).astype(jnp.int32)
-    n_gen = s.step + 1
-    ends = token == cfg.eos_id  # the last step ends nothing: `_finalize_running` adds the running beams after it
-
-    # 4.31's hypothesis of an eos at token n is the placeholder and the n - 1 tokens before eos: length n
-    new_fin = ends & (jnp.arange(k) < w)[None, :] & s.searching[:, None]
-    finished = _merge_finished(s, w, new_fin, cand, n_gen.astype(jnp.float32), parent, token, n_gen, cfg, -jnp.inf)
-
-    # running: the first W candidates (by rank) that are not eos, as 4.31's scorer walks them
-    rank = jnp.arange(k)[None, :]
-    sel = jax.lax.top_k(-jnp.where(ends, k + rank, rank), w)[1]
-    scores = jnp.take_along_axis(cand, sel, 1)
-    # done once W hypotheses are in and none beats the best drawn score at 4.31's cur_len (placeholder + n tokens)
-    full = jnp.all(finished.flag.reshape(b, w), axis=1)
-    worst = jnp.min(jnp.where(finished.flag, finished.scores, jnp.inf).reshape(b, w), axis=1)
-    best = cand[:, 0] / (n_gen + 1).astype(jnp.float32) ** cfg.length_penalty
-    searching = s.searching & ~(full & (worst >= best))
-    return _run_on(llm, locator, head, s, cfg, w, sel, scores, parent, token, forced, box, finished, searching)
-
-
 def _finalize_running(s: _State, cfg: GenerationConfig, w: int) -> _State:
-    """4.31's `BeamSearchScorer.finalize` for "beam_sample": each prompt still searching after the last step adds
-    its W running beams (N tokens; length N + 1 with the placeholder) to its finished set."""
+    """4.31's `BeamSearchScorer.finalize` (the "released" rules): each prompt still searching after the last step
+    adds its W running beams (N tokens; length N + 1 with the placeholder) to its finished set."""
     rows = s.scores.shape[0]
     b, n = rows // w, cfg.max_new_tokens
     new = jnp.broadcast_to(s.searching[:, None], (b, w))
@@ -443,9 +493,10 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
     cache = llm.init_cache(rows, t + n, dtype=embeds.dtype)
     hidden, _, cache = llm.forward_embeds(embeds, mask, cache=cache, with_logits=False)  # logits: last token only
     last_fed = jnp.full((rows,), -1, jnp.int32)
-    first_scores = jnp.where(jnp.arange(rows) % w == 0, 0.0, -jnp.inf)  # beams of a prompt start as one
-    if cfg.method == "beam_sample":  # 4.31's beam_sample starts every beam at 0: W copies of one row
-        first_scores = jnp.zeros((rows,))
+    # beams of a prompt start as one: beams 2..W at -inf (-1e9 in 4.31's beam_search, which can be carried on where
+    # a forced <boxes> leaves beam 1 fewer than 2W candidates); 4.31's beam_sample starts every beam at 0
+    later = {"beam_sample": 0.0}.get(cfg.method, _MASKED if cfg.rules == "released" else -jnp.inf)
+    first_scores = jnp.where(jnp.arange(rows) % w == 0, 0.0, later)
     state = _State(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -462,9 +513,9 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
         rng=rng,
     )
     if cfg.method in BEAM_METHODS:
-        # beam_sample's warped scores are divided by the temperature at every step (0.5 doubles them), so they can
-        # pass beam search's -1e9 mask: its empty slots are -inf
-        empty = _MASKED if cfg.method == "beam" else -jnp.inf
+        # the released rules' empty slots are -inf: beam_sample's warped scores are divided by the temperature at
+        # every step (0.5 doubles them), so they can pass -1e9, and 4.31's beam_search can finish a -1e9 beam
+        empty = _MASKED if cfg.rules == "hf" else -jnp.inf
         state = state.replace(searching=jnp.ones((b,), bool), finished=_Finished(
             tokens=state.tokens, lengths=state.lengths, raw=jnp.zeros((rows,), jnp.float32),
             scores=jnp.full((rows,), empty, jnp.float32), boxes=state.boxes, states=state.states,

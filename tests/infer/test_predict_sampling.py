@@ -1,7 +1,7 @@
-"""`jaxground predict` decoding flags: greedy by default, `--num-beams`, `--sample` / `--demo-sampling` with
-`--temperature`, `--top-k`, `--top-p`, `--seed` (and with `--num-beams` > 1: sampled beam search) reach
-`GenerationConfig` and the sampling key; the same seed gives the same answer; contradictory or bad values are
-refused in one line before the checkpoint loads."""
+"""`jaxground predict` decoding flags: greedy by default, `--num-beams` with `--beam-rules` (or `--demo-beams`),
+`--sample` / `--demo-sampling` with `--temperature`, `--top-k`, `--top-p`, `--seed` (and with `--num-beams` > 1:
+sampled beam search) reach `GenerationConfig` and the sampling key; the same seed gives the same answer;
+contradictory or bad values are refused in one line before the checkpoint loads."""
 
 import json
 import sys
@@ -44,7 +44,11 @@ def predict_args(config_args, checkpoint, image, *extra):
 
 @pytest.mark.parametrize("flags, want", [
     ([], {"method": "greedy"}),
-    (["--num-beams", "3"], {"method": "beam", "num_beams": 3}),
+    (["--num-beams", "3"], {"method": "beam", "num_beams": 3, "beam_rules": "hf"}),
+    (["--num-beams", "3", "--beam-rules", "released"], {"method": "beam", "num_beams": 3, "beam_rules": "released"}),
+    (["--demo-beams"], {"method": "beam", "num_beams": 5, "beam_rules": "released"}),
+    (["--demo-beams", "--num-beams", "3"], {"method": "beam", "num_beams": 3, "beam_rules": "released"}),
+    (["--demo-beams", "--beam-rules", "hf"], {"method": "beam", "num_beams": 5, "beam_rules": "hf"}),
     (["--sample"], {"method": "sample", "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}),
     (["--demo-sampling"], {"method": "sample", "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 0}),
     (["--demo-sampling", "--top-k", "10", "--seed", "7"],
@@ -52,9 +56,14 @@ def predict_args(config_args, checkpoint, image, *extra):
     (["--sample", "--temperature", "0.5", "--top-p", "0.9", "--seed", "3"],
      {"method": "sample", "temperature": 0.5, "top_k": 0, "top_p": 0.9, "seed": 3}),
     (["--sample", "--num-beams", "2"],
-     {"method": "beam_sample", "num_beams": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}),
+     {"method": "beam_sample", "num_beams": 2, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
+      "beam_rules": "released"}),
     (["--demo-sampling", "--num-beams", "5", "--seed", "9"],
-     {"method": "beam_sample", "num_beams": 5, "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 9}),
+     {"method": "beam_sample", "num_beams": 5, "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 9,
+      "beam_rules": "released"}),
+    (["--demo-sampling", "--demo-beams", "--beam-rules", "released"],
+     {"method": "beam_sample", "num_beams": 5, "temperature": 0.8, "top_k": 5, "top_p": 0.7, "seed": 0,
+      "beam_rules": "released"}),
 ])
 def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys, monkeypatch, flags, want):
     """The model load and prediction are stubbed: what the command hands `predict`, and what `--json` records."""
@@ -75,6 +84,7 @@ def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys
     (cfg, rng), = calls
     assert cfg.method == want["method"]
     assert cfg.num_beams == want.get("num_beams", 1)
+    assert cfg.rules == want.get("beam_rules")
     for field, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
         assert getattr(cfg, field) == want.get(field, neutral), field
     if "seed" in want:
@@ -97,6 +107,11 @@ def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys
     (["--demo-sampling", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1.5"),
     (["--sample", "--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
     (["--sample", "--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32\)"),
+    (["--beam-rules", "released"], r"--beam-rules needs --num-beams > 1"),
+    (["--demo-beams", "--num-beams", "1", "--beam-rules", "hf"], r"--beam-rules needs --num-beams > 1"),
+    (["--num-beams", "3", "--beam-rules", "demo"], r"--beam-rules must be one of hf, released, got 'demo'"),
+    (["--sample", "--num-beams", "2", "--beam-rules", "hf"], r"runs only as transformers 4.31 does"),
+    (["--demo-sampling", "--demo-beams", "--beam-rules", "hf"], r"runs only as transformers 4.31 does"),
 ])
 def test_bad_decoding_flags_are_refused_before_the_checkpoint_loads(config_args, tmp_path, image_file, capsys,
                                                                      monkeypatch, flags, message):
@@ -152,5 +167,21 @@ def test_sampled_beam_search_runs(config_args, image_file, tmp_path, capsys, mon
 
     first = answer()
     assert first["decoding"] == {"method": "beam_sample", "num_beams": 3, "temperature": 0.8, "top_k": 5,
-                                 "top_p": 0.7, "seed": 4}
+                                 "top_p": 0.7, "seed": 4, "beam_rules": "released"}
     assert answer() == first
+
+
+def test_demo_beams_runs(config_args, image_file, tmp_path, capsys, monkeypatch):
+    """`--demo-beams` (five beams, transformers 4.31's rules) through the command with a real tiny random model: an
+    answer, and `--json` records the rules."""
+    from jaxground.config import load_config
+    from jaxground.infer import command
+
+    model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+    code = main(predict_args(config_args, tmp_path, image_file, "--demo-beams"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["decoding"] == {"method": "beam", "num_beams": 5, "beam_rules": "released"}
+    assert isinstance(out["answer"], str)
