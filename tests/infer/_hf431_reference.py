@@ -7,7 +7,7 @@ n - 1 tokens; eos is not in `input_ids` yet), the beams still running after N to
 length N + 1, and `is_done` divides the best candidate by cur_len = n + 1.
 
 Shared by `test_beam_sample.py` and `test_beam_search_431.py` (loaded by path, as `tests/_sam_reference.py`), so
-4.31's scorer is written once. The model side is an object with `logits()` [R,V], `process(logp)` (logits
+4.31's scorer is written once; its tiny model and prompts also serve `test_generate.py`. The model side is an object with `logits()` [R,V], `process(logp)` (logits
 processors), `advance(rows, tokens)` and `answer(row, eos)`: `HFRows` here, or a test's own."""
 
 import jax.numpy as jnp

@@ -1,44 +1,33 @@
 """Generation: greedy and beam tokens identical to HF `generate` on the same weights (left-padded prompts of
 different lengths), sampling limits, and pixel2emb decoding (one box per <at>, G(F(t)) fed back)."""
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
 
-from jaxground.convert.llama import build
 from jaxground.infer import generate as gen
 from jaxground.models.locator import BoxDecoder, BoxEncoder
+
+_spec = importlib.util.spec_from_file_location("_hf431_reference", Path(__file__).parent / "_hf431_reference.py")
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)  # the tiny model and prompts shared by the generation tests
 
 VOCAB, EOS, PAD = 48, 37, 0  # an eos these weights emit mid-sequence
 
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(HFLlamaConfig(
-        attn_implementation="eager", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS,
-        pad_token_id=PAD)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():  # larger weights: peaked, varied next-token distributions
-            p.mul_(6.0) if p.ndim == 2 else None
-    return hf, build(hf.state_dict(), hf.config)
+    return ref.tiny_pair(VOCAB, EOS, PAD)
 
 
 def prompts(seed=0, lengths=(7, 3, 5, 1)):
-    rng = np.random.default_rng(seed)
-    t = max(lengths)
-    ids = np.zeros((len(lengths), t), np.int32)
-    mask = np.zeros((len(lengths), t), bool)
-    for i, n in enumerate(lengths):
-        ids[i, t - n:] = rng.integers(3, VOCAB, n)
-        mask[i, t - n:] = True
-    return ids, mask
+    return ref.prompts(seed, lengths, VOCAB)
 
 
 def hf_generate(hf, ids, mask, n, **kw):
