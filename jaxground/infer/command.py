@@ -156,73 +156,17 @@ def load_model(config, checkpoint: str, tokens, mesh):
 
 def run(args) -> int:
     from jaxground import distributed
+    from jaxground.infer.hosts import Hosts
     from jaxground.infer.predict import PredictError
 
     if not distributed.start(args, "predict"):  # before anything touches a device
         return 2
-    hosts = Hosts()
+    hosts = Hosts()  # several hosts refuse together
     try:
         return _run(args, hosts)
     except PredictError as e:
         print(f"jaxground predict: {hosts.refusal(e)}", file=sys.stderr)
         return 2
-
-
-class Hosts:
-    """Makes the processes of a multi-host run refuse together. Each checks its flags and requests alone, then,
-    before the model loads, they compare verdicts (`agree`): a host that cannot read a file makes every host
-    refuse with its message, where exiting alone would leave the others waiting for it in the first collective.
-    On one process there is nothing to compare and the messages stay as they are."""
-
-    def __init__(self):
-        self.compared = False
-
-    def agree(self, requests: list[Request]) -> None:
-        """Raises PredictError on every process when any process refused, or read other inputs than process 0."""
-        self._compare(None, requests)
-
-    def refusal(self, error: Exception) -> str:
-        """The message to print for `error`. Raised before the comparison, it joins the comparison the others wait
-        in, and every process prints the first refusing process's message; raised after it, its own."""
-        import jax
-
-        from jaxground.infer.predict import PredictError
-
-        if self.compared or jax.process_count() == 1:
-            return str(error)
-        try:
-            self._compare(str(error), [])
-        except PredictError as first:
-            return str(first)
-        return str(error)  # not reached: this process refused
-
-    def _compare(self, error: str | None, requests: list[Request]) -> None:
-        from jaxground.eval.gather import from_every_process
-        from jaxground.infer.predict import PredictError
-
-        self.compared = True
-        verdicts = from_every_process({"error": error, "inputs": [_digest(r) for r in requests]})
-        if len(verdicts) == 1:
-            return
-        refused = [(i, v["error"]) for i, v in enumerate(verdicts) if v["error"] is not None]
-        if refused:
-            raise PredictError("process {}: {}".format(*refused[0]))
-        for i, v in enumerate(verdicts):
-            if v["inputs"] != verdicts[0]["inputs"]:
-                raise PredictError(f"process {i} read other requests than process 0 (image pixels, prompt or boxes): "
-                                   "every host must read the same files")
-
-
-def _digest(req: Request) -> str:
-    """A hash of what a request computes on: every host feeds its own copy of the inputs to the same devices."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256(repr((req.image.shape, req.prompt)).encode())
-    h.update(np.ascontiguousarray(req.image).tobytes())
-    h.update(np.asarray(req.boxes, np.float32).tobytes())
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -351,7 +295,7 @@ def _check_prompts(requests: list[Request], encoder, context: int, cfg) -> None:
             raise PredictError(f"{req.where}{e}") from None
 
 
-def _run(args, hosts: Hosts) -> int:
+def _run(args, hosts) -> int:
     import jax
 
     from jaxground import parallel

@@ -151,7 +151,7 @@ def test_boxes_to_pixels_orders_corners():
 
 
 def test_hosts_refuse_together(image_file, monkeypatch):
-    """Before the model loads, the processes compare verdicts (`command.Hosts`): a refusal on any host is every
+    """Before the model loads, the processes compare verdicts (`hosts.Hosts`): a refusal on any host is every
     host's, named by its process; hosts whose images, prompts or boxes differ are refused; agreeing hosts go on.
     Two processes are simulated: `from_every_process` returns this process's verdict and the other's."""
     import dataclasses
@@ -159,7 +159,7 @@ def test_hosts_refuse_together(image_file, monkeypatch):
     import jax
 
     from jaxground.eval import gather
-    from jaxground.infer import command
+    from jaxground.infer import command, hosts
 
     request = command._request(str(image_file), "where is [0]?", ["1,1,10,10"], None)
     others = []
@@ -167,8 +167,8 @@ def test_hosts_refuse_together(image_file, monkeypatch):
     monkeypatch.setattr(gather, "from_every_process", lambda mine: [mine, others[-1]])
 
     def verdict(error=None, requests=(request,)):
-        others.append({"error": error, "inputs": [command._digest(r) for r in requests]})
-        return command.Hosts()
+        others.append({"error": error, "inputs": [hosts.digest(r) for r in requests]})
+        return hosts.Hosts()
 
     verdict().agree([request])  # the same request on both: no refusal
     with pytest.raises(PredictError, match=r"^process 1: image not found: b.png$"):
@@ -180,6 +180,6 @@ def test_hosts_refuse_together(image_file, monkeypatch):
     # refused here before comparing: this process joins the comparison and prints the first refusing process's line
     assert verdict().refusal(PredictError("--list x.tsv not found")) == "process 0: --list x.tsv not found"
     assert verdict("no image").refusal(PredictError("no list")) == "process 0: no list"
-    hosts = verdict()
-    hosts.agree([request])
-    assert hosts.refusal(PredictError("cannot load ckpt")) == "cannot load ckpt"  # after it: its own line
+    agreed = verdict()
+    agreed.agree([request])
+    assert agreed.refusal(PredictError("cannot load ckpt")) == "cannot load ckpt"  # after it: its own line
