@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import statistics
@@ -19,11 +20,31 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def alternated(fns: dict, rounds: int, repeats: int, min_seconds: float = 0.0) -> tuple[dict, dict]:
+@dataclasses.dataclass
+class Rounds:
+    """What `alternated` measured: per variant, the seconds per call of each round and the minor page faults per
+    timed call."""
+
+    seconds: dict  # name -> [seconds per call, one per round]
+    faults: dict  # name -> minor page faults per timed call
+
+    def median(self, name: str) -> float:
+        """Seconds per call of `name`: the median of its rounds."""
+        return statistics.median(self.seconds[name])
+
+    def ratio(self, name: str, over: str) -> str:
+        """How many times faster `over` ran than `name`: the median of the per-round ratios, and their range when
+        there are several rounds, "1.52x (1.33-1.84)"."""
+        per_round = sorted(t / o for t, o in zip(self.seconds[name], self.seconds[over]))
+        text = f"{statistics.median(per_round):.2f}x"
+        return text + (f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
+
+
+def alternated(fns: dict, rounds: int, repeats: int, min_seconds: float = 0.0) -> Rounds:
     """Times the callables of `fns` in turn, round after round: each round runs every one once untimed (the other's
-    threads and caches settle) and then timed, `repeats` calls and at least `min_seconds`. Returns ({name: [seconds
-    per call, one per round]}, {name: minor page faults per timed call}). A load that drifts over the run falls
-    on every framework alike, where timing one framework's calls after the other's put it all on one side."""
+    threads and caches settle) and then timed, `repeats` calls and at least `min_seconds`. A load that drifts over
+    the run falls on every framework alike, where timing one framework's calls after the other's put it all on one
+    side."""
     seconds = {name: [] for name in fns}
     faults, calls = dict.fromkeys(fns, 0), dict.fromkeys(fns, 0)
     for _ in range(rounds):
@@ -37,20 +58,7 @@ def alternated(fns: dict, rounds: int, repeats: int, min_seconds: float = 0.0) -
                 seconds[name].append((time.perf_counter() - start) / n)
             faults[name] += count[0]
             calls[name] += n
-    return seconds, {name: faults[name] / calls[name] for name in fns}
-
-
-def ratio_text(per_round: list[float]) -> str:
-    """The median of per-round ratios, and their range when there are several rounds: "1.52x (1.33-1.84)"."""
-    per_round = sorted(per_round)
-    text = f"{statistics.median(per_round):.2f}x"
-    return text + (f" ({per_round[0]:.2f}-{per_round[-1]:.2f})" if len(per_round) > 1 else "")
-
-
-def ratios(seconds: dict, over: str) -> dict:
-    """{name: [seconds[name][r] / seconds[over][r] per round]} for every name but `over`: how many times faster
-    `over` ran than each other one, round by round."""
-    return {k: [t / o for t, o in zip(v, seconds[over])] for k, v in seconds.items() if k != over}
+    return Rounds(seconds, {name: faults[name] / calls[name] for name in fns})
 
 
 @contextlib.contextmanager

@@ -7,10 +7,9 @@ diff| as a sanity check.
 
 from __future__ import annotations
 
-import statistics
 import time
 
-from jaxground.bench._common import alternated, machine, ratio_text, ratios
+from jaxground.bench._common import alternated, machine
 
 
 def add_arguments(parser) -> None:
@@ -64,10 +63,10 @@ def run(args) -> int:
     compile_s = time.perf_counter() - start
     ids_t = torch.tensor(ids, dtype=torch.long)
     with torch.no_grad():
-        rounds, _ = alternated({"jax": lambda: jax.block_until_ready(compiled(model, x)),
+        timings = alternated({"jax": lambda: jax.block_until_ready(compiled(model, x)),
                                 "torch": lambda: hf(input_ids=ids_t)}, args.rounds, args.repeats)
         diff = np.abs(np.asarray(compiled(model, x)) - hf(input_ids=ids_t).logits.numpy()).max()
-    jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
+    jax_s, torch_s = timings.median("jax"), timings.median("torch")
 
     params = sum(p.numel() for p in hf.parameters())
     print(
@@ -79,5 +78,5 @@ def run(args) -> int:
         f"jax  jit   : compile {compile_s:.2f} s, {jax_s * 1e3:.1f} ms/forward, {tokens / jax_s:,.0f} tokens/s"
     )
     print(f"torch eager: {torch_s * 1e3:.1f} ms/forward, {tokens / torch_s:,.0f} tokens/s")
-    print(f"ratio jax/torch: {ratio_text(ratios(rounds, 'jax')['torch'])}   (max |logit diff| {diff:.2e})")
+    print(f"ratio jax/torch: {timings.ratio('torch', 'jax')}   (max |logit diff| {diff:.2e})")
     return 0

@@ -16,10 +16,9 @@ ratios the median of the per-round ratios with their range.
 
 from __future__ import annotations
 
-import statistics
 import time
 
-from jaxground.bench._common import alternated, machine, ratio_text, ratios
+from jaxground.bench._common import alternated, machine
 
 
 def add_arguments(parser) -> None:
@@ -111,14 +110,14 @@ def run_rec(args) -> None:
 
     with torch.no_grad():
         torch_boxes = torch_pass()
-        rounds, _ = alternated({"jax": lambda: jax.block_until_ready(jax_pass()), "torch": torch_pass},
+        timings = alternated({"jax": lambda: jax.block_until_ready(jax_pass()), "torch": torch_pass},
                                args.rounds, args.repeats)
-    jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
+    jax_s, torch_s = timings.median("jax"), timings.median("torch")
     params = sum(p.numel() for m in parts.values() for p in m.parameters())
     print(f"REC evaluation ({args.rec_size}: {params / 1e6:.1f}M params, {seq} tokens, {n} examples, float32): "
           f"jax jit batch {b} {n / jax_s:8.1f} ex/s ({jax_s:.2f} s; first pass incl. compile {first_s:.1f} s) | "
           f"torch eager batch 1 ({torch.get_num_threads()} threads) {n / torch_s:8.1f} ex/s ({torch_s:.2f} s) | "
-          f"ratio {ratio_text(ratios(rounds, 'jax')['torch'])} | "
+          f"ratio {timings.ratio('torch', 'jax')} | "
           f"boxes max |diff| {np.abs(jax_boxes - torch_boxes).max():.1e}")
 
 
@@ -184,12 +183,12 @@ def run_generate(args) -> None:
                   pad_token_id=0, eos_token_id=None)
         with torch.no_grad():
             ref = hf.generate(input_ids=ids_t, attention_mask=mask_t, **kw)
-            rounds, _ = alternated(
+            timings = alternated(
                 {"jax": lambda i=ids, m=mask: jax.block_until_ready(generate_ids(llm, i, m, cfg).tokens),
                  "torch": lambda i=ids_t, m=mask_t, kw=kw: hf.generate(input_ids=i, attention_mask=m, **kw)},
                 args.rounds, args.repeats)
-        jax_s, torch_s = (statistics.median(rounds[k]) for k in ("jax", "torch"))
+        jax_s, torch_s = timings.median("jax"), timings.median("torch")
         same = float(np.mean(np.asarray(out) == ref[:, args.prompt:].numpy()))
         print(f"batch {batch:3d}: jax jit {tokens / jax_s:9,.0f} tok/s ({jax_s * 1e3:7.1f} ms; first call incl. "
               f"compile {first_s:.2f} s) | torch eager generate {tokens / torch_s:9,.0f} tok/s ({torch_s * 1e3:7.1f} ms)"
-              f" | ratio {ratio_text(ratios(rounds, 'jax')['torch'])} | same tokens {same:.0%}")
+              f" | ratio {timings.ratio('torch', 'jax')} | same tokens {same:.0%}")

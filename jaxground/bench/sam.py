@@ -4,9 +4,7 @@ ratios with their range."""
 
 from __future__ import annotations
 
-import statistics
-
-from jaxground.bench._common import alternated, machine, ratio_text, ratios
+from jaxground.bench._common import alternated, machine
 
 
 def add_arguments(parser) -> None:
@@ -57,11 +55,10 @@ def run(args) -> int:
         diff = float(
             np.abs(np.asarray(encode(model, xj)) - torch_enc(xt).numpy().transpose(0, 2, 3, 1)).max()
         )
-        rounds, _ = alternated({"split": lambda: encode_split(params, xj).block_until_ready(),
+        timings = alternated({"split": lambda: encode_split(params, xj).block_until_ready(),
                                 "nnx": lambda: encode(model, xj).block_until_ready(),
                                 "torch": lambda: torch_enc(xt)}, args.rounds, args.iters, min_seconds=2.0 / args.rounds)
-    t_jax, t_nnx, t_torch = (statistics.median(rounds[k]) for k in ("split", "nnx", "torch"))
-    over_split, over_nnx = ratios(rounds, "split"), ratios(rounds, "nnx")
+    t_jax, t_nnx, t_torch = (timings.median(k) for k in ("split", "nnx", "torch"))
     print(
         f"SAM image encoder {args.preset} img_size {cfg.img_size} batch {args.batch} "
         f"(threads: torch {torch.get_num_threads()}, JAX devices {jax.device_count()} {jax.default_backend()})"
@@ -69,6 +66,6 @@ def run(args) -> int:
     print(f"  jax, jit on the split state  {args.batch / t_jax:8.3f} images/s  ({t_jax * 1e3:.1f} ms/batch)")
     print(f"  jax, nnx.jit on the module   {args.batch / t_nnx:8.3f} images/s  ({t_nnx * 1e3:.1f} ms/batch)")
     print(f"  torch                        {args.batch / t_torch:8.3f} images/s  ({t_torch * 1e3:.1f} ms/batch)")
-    print(f"  ratio jax/torch {ratio_text(over_split['torch'])} (nnx.jit: {ratio_text(over_nnx['torch'])})   "
+    print(f"  ratio jax/torch {timings.ratio('torch', 'split')} (nnx.jit: {timings.ratio('torch', 'nnx')})   "
           f"max |diff| {diff:.2e}")
     return 0

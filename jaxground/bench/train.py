@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
 import time
 
 # name -> (HF LLaMA fields, HF CLIP fields, batch, tokens, vision frozen)
@@ -226,7 +225,7 @@ def bench_size(name: str, args, peak: float) -> dict:
     import torch
     from flax import nnx
 
-    from jaxground.bench._common import alternated, param_count, ratios, step_flops
+    from jaxground.bench._common import alternated, param_count, step_flops
     from jaxground.convert.nextchat import build
     from jaxground.ops.losses import count_supervised
 
@@ -293,14 +292,12 @@ def bench_size(name: str, args, peak: float) -> dict:
             steps["compiled"] = lambda: compiled(batch_t)
         except Exception as e:  # noqa: BLE001 - any failure of torch.compile here is reported, not fatal
             compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    rounds, faults = alternated(steps, args.rounds, args.repeats)
-    seconds = {k: statistics.median(v) for k, v in rounds.items()}
-    per_round = ratios(rounds, "jax")
+    timings = alternated(steps, args.rounds, args.repeats)
     return {"name": name, "params": n_params, "batch": batch, "seq": seq, "frozen": frozen, "flops": flops,
-            "torch_flops": torch_flops, "head_rows": head_rows, "seconds": seconds, "ratios": per_round,
+            "torch_flops": torch_flops, "head_rows": head_rows, "timings": timings,
             "compile_s": compile_s, "compile_t": compile_t, "compile_error": compile_error,
-            "mfu": flops / seconds["jax"] / peak, "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss,
-            "torch_loss": torch_loss, "faults": faults, "profile": profile}
+            "mfu": flops / timings.median("jax") / peak, "loss_diff": abs(jax_loss - torch_loss), "jax_loss": jax_loss,
+            "torch_loss": torch_loss, "profile": profile}
 
 
 def run(args) -> int:
@@ -312,7 +309,7 @@ def run(args) -> int:
     import jax
     import torch
 
-    from jaxground.bench._common import jax_matmul_rate, machine, ratio_text, torch_matmul_rate
+    from jaxground.bench._common import jax_matmul_rate, machine, torch_matmul_rate
 
     # the machine's peak is what its faster GEMM library reaches: on some hosts torch's is well ahead of JAX's
     rates = {"JAX": jax_matmul_rate(), "torch": torch_matmul_rate()}
@@ -327,20 +324,21 @@ def run(args) -> int:
     notes = []
     for name in args.size or ["tiny", "100m"]:
         r = bench_size(name, args, peak)
-        sec, per_round = r["seconds"], r["ratios"]
+        t = r["timings"]
+        sec = {k: t.median(k) for k in t.seconds}
         comp = f"{sec['compiled']:.3f}" if "compiled" in sec else "failed" if r["compile_error"] else "skipped"
         print(f"| {name}{' (vision frozen)' if r['frozen'] else ''} | {r['params'] / 1e6:.1f}M | "
               f"{r['batch']} x {r['seq']} | {sec['jax']:.3f} | {r['batch'] / sec['jax']:.1f} | {100 * r['mfu']:.1f}% | "
-              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {ratio_text(per_round['eager'])} | "
-              f"{ratio_text(per_round['compiled']) if 'compiled' in per_round else '-'} |", flush=True)
+              f"{sec['eager']:.3f} | {r['batch'] / sec['eager']:.1f} | {comp} | {t.ratio('eager', 'jax')} | "
+              f"{t.ratio('compiled', 'jax') if 'compiled' in sec else '-'} |", flush=True)
         notes.append(f"{name}: JAX {r['flops'] / 1e9:.1f} GFLOP/step (analytic; LM head at {r['head_rows']} of "
                      f"{r['seq']} positions), the reference {r['torch_flops'] / 1e9:.1f}; "
                      f"JAX compile {r['compile_s']:.1f} s"
                      + (f", torch.compile first step {r['compile_t']:.1f} s" if r["compile_t"] else "")
                      + (f", torch.compile failed: {r['compile_error']}" if r["compile_error"] else "")
                      + f"; first-step loss JAX {r['jax_loss']:.5f} vs torch {r['torch_loss']:.5f} "
-                       f"(|diff| {r['loss_diff']:.1e}); minor page faults per step JAX {r['faults']['jax']:,.0f}, "
-                       f"torch {r['faults']['eager']:,.0f}")
+                       f"(|diff| {r['loss_diff']:.1e}); minor page faults per step JAX {t.faults['jax']:,.0f}, "
+                       f"torch {t.faults['eager']:,.0f}")
         if r["profile"]:
             busy, rows = r["profile"]
             notes.append(f"{name} JAX step profile (under the tracer, summed over threads): ops {busy:.1f} ms per "

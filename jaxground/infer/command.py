@@ -13,9 +13,8 @@ each request runs alone (batch 1), its inputs on every device. Decoding is greed
 `--sample` asks otherwise (both: HF's sampled beam search, as transformers 4.31 runs it); `--beam-rules released`
 runs beam search as transformers 4.31 does (the released demo's), `hf` (the default) as the installed HF 5.x does;
 `--demo-beams` is the demo's `--num-beams 5 --beam-rules released`. Every request samples with the key of `--seed`,
-so its answer does not depend on the others of a `--list`. Exit status 2 for bad input
-(image, boxes, prompt, decoding flags, checkpoint, mesh),
-reported before any model compute.
+so its answer does not depend on the others of a `--list`. Exit status 2 for bad input (image, boxes, prompt,
+decoding flags, checkpoint, mesh), reported before any model compute.
 
 Several hosts (SLURM, a TPU slice under JAXGROUND_MULTIHOST=1, or `--coordinator HOST:PORT --num-processes N
 --process-id I`, as `jaxground eval`) run the same command: the mesh spans every host's devices, each host reads
