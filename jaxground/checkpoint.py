@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -200,6 +201,18 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     if not steps:
         raise FileNotFoundError(f"no checkpoint found at {path}")
     return path, steps[-1]
+
+
+def identity(path: str | Path) -> str:
+    """What `load_model(path)` would read, named the same on every host that holds the same checkpoint: "step N"
+    for a training checkpoint (the step `resolve` picks: a host with an older copy names another), "converted
+    model <hash>" for a `jaxground convert` output (its saved config's). FileNotFoundError when neither is there."""
+    from jaxground.convert.store import CONFIG_FILE
+
+    config = Path(path) / CONFIG_FILE
+    if config.is_file():
+        return f"converted model {hashlib.sha256(config.read_bytes()).hexdigest()[:12]}"
+    return f"step {resolve(path)[1]}"
 
 
 def saved_config(path: str | Path) -> tuple[Path, dict]:

@@ -61,6 +61,30 @@ def test_resolve_and_data_state_roundtrip(tmp_path):
     assert checkpoint.decode_data_state(checkpoint.encode_data_state({"index": 3})) == {"index": 3}
 
 
+def test_identity_names_the_step_or_the_converted_config(tmp_path):
+    """What multi-host eval and predict compare between hosts: the step a training checkpoint resolves to (a host
+    with an older copy names another), or a hash of a converted model's saved config; nothing there is refused."""
+    from jaxground.convert.store import CONFIG_FILE
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.identity(tmp_path / "run")
+    ck = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", save_every=1, keep=3, async_save=False)
+    state = st.TrainState(step=np.int32(0), model={"w": np.ones(3, np.float32)}, opt={})
+    ck.save(2, state, force=True)
+    ck.save(5, state, force=True)
+    ck.close()
+    assert checkpoint.identity(tmp_path / "run") == checkpoint.identity(tmp_path / "run" / "checkpoints") == "step 5"
+    assert checkpoint.identity(tmp_path / "run" / "checkpoints" / "2") == "step 2"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / CONFIG_FILE).write_text('{"kind": "nextchat", "width": 1}')
+    (tmp_path / "b" / CONFIG_FILE).write_text('{"kind": "nextchat", "width": 2}')
+    a, b = checkpoint.identity(tmp_path / "a"), checkpoint.identity(tmp_path / "b")
+    assert a.startswith("converted model ") and a != b
+    (tmp_path / "b" / CONFIG_FILE).write_text('{"kind": "nextchat", "width": 1}')
+    assert checkpoint.identity(tmp_path / "b") == a
+
+
 def test_save_every_zero_saves_only_when_forced(tmp_path):
     ck = checkpoint.Checkpointer(tmp_path, save_every=0, keep=2, async_save=False)
     state = st.TrainState(step=np.int32(0), model={"w": np.ones(3, np.float32)}, opt={})

@@ -18,7 +18,8 @@ CHECKPOINT/eval. Each split is saved in OUT/splits as it ends and eval.json rewr
 the splits not saved yet. A progress line per split is printed at most every `--progress-every` seconds. Exit
 status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser` included), task list, mesh,
 batch size or checkpoint, reported before any model compute, and for saved splits of another checkpoint, config
-or jaxground code on `--resume`.
+or jaxground code on `--resume`. On several hosts such a refusal on any host is every host's, and a host whose
+`--checkpoint` resolves to another step than process 0's is refused too (no host is left waiting for another).
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def run(args) -> int:
     import jax
 
     from jaxground import parallel
+    from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
     from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
     from jaxground.eval.saved import Store, write_text
     from jaxground.infer.command import load_encoder, load_model
+    from jaxground.infer.hosts import Hosts
 
     first = jax.process_index() == 0  # every process holds the same results; one writes them
+    hosts = Hosts(ValueError)  # several hosts refuse together
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -73,6 +77,7 @@ def run(args) -> int:
         check_options(config)
         out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
         store = Store(out, config, args.checkpoint, args.max_new_tokens)
+        hosts.agree({"checkpoint": identity(args.checkpoint)})  # every refusal above, on any host, stops all here
         done = _resumed(store, pairs(config, tasks)) if args.resume else {}
         so_far: dict = {}
         for (task, split), (figures, _) in done.items():
@@ -92,7 +97,7 @@ def run(args) -> int:
         else:  # all saved: nothing to load
             results, rows = so_far, [r for pair in pairs(config, tasks) for r in done[pair][1]]
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"jaxground eval: {e}", file=sys.stderr)
+        print(f"jaxground eval: {hosts.refusal(e)}", file=sys.stderr)
         return 2
     if first:
         write_text(out / "eval.json", json.dumps(results, indent=2))

@@ -19,8 +19,8 @@ decoding flags, checkpoint, mesh), reported before any model compute.
 Several hosts (SLURM, a TPU slice under JAXGROUND_MULTIHOST=1, or `--coordinator HOST:PORT --num-processes N
 --process-id I`, as `jaxground eval`) run the same command: the mesh spans every host's devices, each host reads
 its shards of the checkpoint and runs the same requests (each image and `--list` file must be readable on every
-host, the same pixels, prompts and boxes everywhere), and only process 0 prints and writes the `--out` images. A
-refusal on any host is every host's, before the model loads.
+host, the same pixels, prompts and boxes everywhere, and `--checkpoint` the same step), and only process 0 prints and
+writes the `--out` images. A refusal on any host is every host's, before the model loads.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def run(args) -> int:
 
     if not distributed.start(args, "predict"):  # before anything touches a device
         return 2
-    hosts = Hosts()  # several hosts refuse together
+    hosts = Hosts(PredictError)  # several hosts refuse together
     try:
         return _run(args, hosts)
     except PredictError as e:
@@ -298,9 +298,11 @@ def _run(args, hosts) -> int:
     import jax
 
     from jaxground import parallel
+    from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
     from jaxground.infer.draw import draw
     from jaxground.infer.generate import GenerationConfig
+    from jaxground.infer.hosts import predict_inputs
     from jaxground.infer.predict import PredictError, mask_function, predict
 
     requests = _requests(args)
@@ -321,7 +323,12 @@ def _run(args, hosts) -> int:
     except ValueError as e:
         raise PredictError(str(e)) from None
     _check_prompts(requests, encoder, context, cfg)
-    hosts.agree(requests)  # every refusal above, on any host, stops all hosts here
+    try:
+        source = identity(args.checkpoint)
+    except FileNotFoundError as e:
+        raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
+    # every refusal above, on any host, stops all hosts here
+    hosts.agree(predict_inputs(requests, source))
     try:
         model = load_model(config, args.checkpoint, ids, mesh)
     except (FileNotFoundError, ValueError) as e:

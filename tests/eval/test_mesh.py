@@ -361,3 +361,41 @@ def test_predict_refused_on_every_host_when_one_cannot_read_its_image(tiny, tmp_
         assert code == 2, err[-3000:]
         assert out == ""
         assert f"jaxground predict: process 1: image not found: {missing}" in err.splitlines(), err[-3000:]
+
+
+def assert_refused_together(results, message: str) -> None:
+    """Both processes exit with status 2 and print `message` (a line of stderr), nothing on stdout."""
+    for code, out, err in results:
+        assert code == 2, err[-3000:]
+        assert [line for line in out.splitlines() if line.startswith("{")] == []
+        assert message in err.splitlines(), err[-3000:]
+
+
+def test_eval_refused_on_every_host_when_one_lacks_the_checkpoint(tiny, tmp_path):
+    """Process 1 finds no checkpoint at its --checkpoint: both processes refuse with its message and exit status 2
+    before the model loads; process 0 is not left inside Orbax's restore waiting for process 1."""
+    root, args = tiny
+    missing = (tmp_path / "elsewhere").absolute()
+    common = ["--config", CONFIG, "--tasks", "rec", *args]
+    results = start_two("run_eval_process.py", [tmp_path / "out0", "--checkpoint", root / "run", *common],
+                        [tmp_path / "out1", "--checkpoint", missing, *common], timeout=120)
+    assert_refused_together(results, f"jaxground eval: process 1: no checkpoint found at {missing}")
+    assert not (tmp_path / "out0" / "eval.json").exists()
+
+
+def test_predict_refused_when_a_host_reads_another_step(tiny, tmp_path):
+    """Process 1's --checkpoint holds an older copy, the latest step another than process 0's: both refuse with
+    status 2 before the model loads, naming both steps, rather than restore different weights into one mesh."""
+    import shutil
+
+    root, args = tiny
+    copy = tmp_path / "copy" / "checkpoints"
+    shutil.copytree(root / "run" / "checkpoints", copy)
+    (copy / "1").rename(copy / "7")
+    image = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
+    common = ["--config", CONFIG, "--image", image, "--prompt", "what is [0]?", "--box", "8,4,30,20",
+              "--max-new-tokens", "4", *args]
+    results = start_two("run_predict_process.py", ["--checkpoint", root / "run", *common],
+                        ["--checkpoint", copy.parent, *common], timeout=120)
+    assert_refused_together(results, "jaxground predict: process 1 read other checkpoint than process 0 "
+                                     "(step 7 against step 1): every host must read the same files")

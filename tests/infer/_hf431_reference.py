@@ -242,19 +242,20 @@ class TriggerRows:
         return self.new[row] + ([eos] if eos is not None else []), list(self.boxes[row])
 
 
-def assert_triggers(out, want, dec, at, boxes_id, pad):
+def assert_triggers(out, want, dec, at, boxes_id, pad, *, prompt_at=False):
     """Answers with pixel2emb against the reference's (tokens, boxes): the same tokens, every <at> followed by a
-    forced <boxes>, the answer's boxes its own <at>s' (atol 1e-5), the recorded states decoding to the recorded
-    boxes. -> how many boxes the answers hold."""
+    forced <boxes> (with `prompt_at`, prompts ending in <at>, the first token too), the answer's boxes its own <at>s'
+    and the prompt's (atol 1e-5), the recorded states decoding to the recorded boxes. -> how many boxes the answers
+    hold."""
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i, (_, _, (answer, boxes)) in enumerate(want):
         row = tokens[i, : lengths[i]]
         assert row.tolist() == answer, (i, row, answer)
         assert (tokens[i, lengths[i]:] == pad).all()
         where = np.flatnonzero(row[:-1] == at)
-        assert (row[where + 1] == boxes_id).all()
+        assert (row[where + 1] == boxes_id).all() and (row[0] == boxes_id or not prompt_at)
         k = int(out.num_triggers[i])
-        assert k == len(boxes) == len(where)
+        assert k == len(boxes) == len(where) + prompt_at
         if k:
             np.testing.assert_allclose(np.asarray(out.boxes[i, :k]), np.stack(boxes), atol=1e-5)
         np.testing.assert_allclose(np.asarray(dec(out.trigger_states[i, :k])), np.asarray(out.boxes[i, :k]), atol=1e-6)

@@ -97,12 +97,17 @@ def test_released_and_hf_rules_differ(pair):
     assert differ >= 1
 
 
-def test_triggers_as_in_beam_search(pair):
+@pytest.mark.parametrize("ends_in_at", [False, True])
+def test_triggers_as_in_beam_search(pair, ends_in_at):
     """<at> -> box -> <boxes> under the released rules: every <at> is followed by a forced <boxes> fed as G(F(t)); the
     answers' tokens, boxes (atol 1e-5) and beam scores (rtol 1e-6) are those of 4.31's loop with the same forcing as
-    a logits processor; the recorded states decode to the recorded boxes."""
+    a logits processor; the recorded states decode to the recorded boxes. With prompts ending in <at>, the first step
+    forces <boxes> on every beam and records the prompt's trigger first. (Beams 2..W then run on from 4.31's starting
+    score of -1e9 for one step; the answers would be the same from -inf, so this does not tell the two apart.)"""
     llm, enc, dec = ref.with_triggers(pair[1], AT)
     ids, mask = prompts(21)
+    if ends_in_at:
+        ids[:, -1] = AT
     n, w = 10, 3
     cfg = gen.GenerationConfig(max_new_tokens=n, method="beam", num_beams=w, eos_id=EOS, pad_id=PAD, at_id=AT,
                                boxes_id=BOXES, max_triggers=8, beam_rules="released")
@@ -110,7 +115,7 @@ def test_triggers_as_in_beam_search(pair):
                            jnp.asarray(ids[:, -1]), (enc, dec), jax.random.key(0), cfg)
     want, _ = ref.reference_431(ref.TriggerRows(llm, enc, dec, ids, mask, w, n, AT, BOXES), len(ids), w, n,
                                 eos=EOS, pad=PAD)
-    assert ref.assert_triggers(out, want, dec, AT, BOXES, PAD) >= 2  # the answers hold <at>s
+    assert ref.assert_triggers(out, want, dec, AT, BOXES, PAD, prompt_at=ends_in_at) >= 2  # the answers hold <at>s
     np.testing.assert_allclose(np.asarray(out.scores), [s for _, s, _ in want], rtol=RTOL)
 
 

@@ -152,8 +152,8 @@ def test_boxes_to_pixels_orders_corners():
 
 def test_hosts_refuse_together(image_file, monkeypatch):
     """Before the model loads, the processes compare verdicts (`hosts.Hosts`): a refusal on any host is every
-    host's, named by its process; hosts whose images, prompts or boxes differ are refused; agreeing hosts go on.
-    Two processes are simulated: `from_every_process` returns this process's verdict and the other's."""
+    host's, named by its process; hosts whose images, prompts, boxes or checkpoint step differ are refused; agreeing
+    hosts go on. Two processes are simulated: `from_every_process` returns this process's verdict and the other's."""
     import dataclasses
 
     import jax
@@ -166,20 +166,24 @@ def test_hosts_refuse_together(image_file, monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(gather, "from_every_process", lambda mine: [mine, others[-1]])
 
-    def verdict(error=None, requests=(request,)):
-        others.append({"error": error, "inputs": [hosts.digest(r) for r in requests]})
-        return hosts.Hosts()
+    def verdict(error=None, requests=(request,), checkpoint="step 1"):
+        others.append({"error": error, "inputs": {} if error else hosts.predict_inputs(list(requests), checkpoint)})
+        return hosts.Hosts(PredictError)
 
-    verdict().agree([request])  # the same request on both: no refusal
+    mine = hosts.predict_inputs([request], "step 1")
+    verdict().agree(mine)  # the same request and checkpoint on both: no refusal
     with pytest.raises(PredictError, match=r"^process 1: image not found: b.png$"):
-        verdict("image not found: b.png", []).agree([request])
+        verdict("image not found: b.png", []).agree(mine)
     for changed in ({"prompt": "where is it [0]?"}, {"boxes": [np.array([1, 1, 10, 11], np.float32)]},
                     {"image": request.image + 1}):
-        with pytest.raises(PredictError, match="process 1 read other requests than process 0"):
-            verdict(requests=[dataclasses.replace(request, **changed)]).agree([request])
+        with pytest.raises(PredictError, match=r"^process 1 read other requests \(image pixels, prompt or boxes\) "
+                                               "than process 0: every host"):
+            verdict(requests=[dataclasses.replace(request, **changed)]).agree(mine)
+    with pytest.raises(PredictError, match=r"^process 1 read other checkpoint than process 0 \(step 7 against step 1\)"):
+        verdict(checkpoint="step 7").agree(mine)
     # refused here before comparing: this process joins the comparison and prints the first refusing process's line
     assert verdict().refusal(PredictError("--list x.tsv not found")) == "process 0: --list x.tsv not found"
     assert verdict("no image").refusal(PredictError("no list")) == "process 0: no list"
     agreed = verdict()
-    agreed.agree([request])
+    agreed.agree(mine)
     assert agreed.refusal(PredictError("cannot load ckpt")) == "cannot load ckpt"  # after it: its own line

@@ -42,6 +42,15 @@ def predict_args(config_args, checkpoint, image, *extra):
             "--prompt", "what is [0]?", "--box", "2,2,20,15", "--json", "--max-new-tokens", "6", *extra, *config_args]
 
 
+def stub_load_model(monkeypatch, model) -> None:
+    """`predict` loads `model` from a checkpoint that is not there (its identity, compared between hosts, stubbed)."""
+    from jaxground import checkpoint
+    from jaxground.infer import command
+
+    monkeypatch.setattr(checkpoint, "identity", lambda path: "step 1")
+    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+
+
 @pytest.mark.parametrize("flags, want", [
     ([], {"method": "greedy"}),
     (["--num-beams", "3"], {"method": "beam", "num_beams": 3, "beam_rules": "hf"}),
@@ -67,7 +76,7 @@ def predict_args(config_args, checkpoint, image, *extra):
 ])
 def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys, monkeypatch, flags, want):
     """The model load and prediction are stubbed: what the command hands `predict`, and what `--json` records."""
-    from jaxground.infer import command, predict
+    from jaxground.infer import predict
 
     calls = []
 
@@ -75,7 +84,7 @@ def test_flags_reach_generation_config(config_args, tmp_path, image_file, capsys
         calls.append((cfg, rng))
         return predict.Prediction(text="it", boxes=np.zeros((0, 4), np.float32), first_ref=0, masks=None)
 
-    monkeypatch.setattr(command, "load_model", lambda *a, **kw: SimpleNamespace(cfg=SimpleNamespace(sam=None)))
+    stub_load_model(monkeypatch, SimpleNamespace(cfg=SimpleNamespace(sam=None)))
     monkeypatch.setattr(predict, "predict", fake_predict)
     code = main(predict_args(config_args, tmp_path, image_file, *flags))
     captured = capsys.readouterr()
@@ -130,10 +139,9 @@ def test_same_seed_same_answer(config_args, image_file, tmp_path, capsys, monkey
     """The command with a real tiny random model (its load stubbed), at the demo's settings but hotter: one seed
     gives one answer (text and boxes), other seeds give others; `--json` records the seed."""
     from jaxground.config import load_config
-    from jaxground.infer import command
 
     model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
-    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+    stub_load_model(monkeypatch, model)
 
     def answer(seed):
         code = main(predict_args(config_args, tmp_path, image_file, "--demo-sampling", "--temperature", "1.5",
@@ -153,10 +161,9 @@ def test_sampled_beam_search_runs(config_args, image_file, tmp_path, capsys, mon
     """`--demo-sampling --num-beams 3` through the command with a real tiny random model: an answer, the same one
     for the same seed, and `--json` records the sampled beam search."""
     from jaxground.config import load_config
-    from jaxground.infer import command
 
     model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
-    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+    stub_load_model(monkeypatch, model)
 
     def answer():
         code = main(predict_args(config_args, tmp_path, image_file, "--demo-sampling", "--num-beams", "3",
@@ -175,10 +182,9 @@ def test_demo_beams_runs(config_args, image_file, tmp_path, capsys, monkeypatch)
     """`--demo-beams` (five beams, transformers 4.31's rules) through the command with a real tiny random model: an
     answer, and `--json` records the rules."""
     from jaxground.config import load_config
-    from jaxground.infer import command
 
     model = build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3)
-    monkeypatch.setattr(command, "load_model", lambda *a, **kw: model)
+    stub_load_model(monkeypatch, model)
     code = main(predict_args(config_args, tmp_path, image_file, "--demo-beams"))
     captured = capsys.readouterr()
     assert code == 0, captured.err
