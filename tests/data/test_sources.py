@@ -61,9 +61,9 @@ def test_jsonl_bad_line_named(tmp_path, kind, good):
     """A line that is not JSON, or lacks a key the reader needs, is refused as FILE:LINE (blank lines count)."""
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps(good) + "\n\n" + json.dumps(good)[:-3] + "\n")
-    with pytest.raises(sources.SourceError, match=rf"x\.jsonl:3: not JSON"):
+    with pytest.raises(sources.SourceError, match=r"x\.jsonl:3: not JSON"):
         _read(kind, f)
-    key = sorted(good)[0]
+    key = min(good)
     f.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != key}) + "\n")
     with pytest.raises(sources.SourceError, match=rf"x\.jsonl:2: no '{key}'"):
         _read(kind, f)

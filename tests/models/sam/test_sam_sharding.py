@@ -5,8 +5,8 @@ qkv output and its gradient)."""
 import re
 
 import jax
-import pytest
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from jaxground.models.sam import SamConfig
