@@ -197,10 +197,15 @@ def resolve(path: str | Path) -> tuple[Path, int]:
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    steps = sorted(int(p.name) for p in path.glob("*") if p.name.isdigit() and (p / "model").is_dir())
+    steps = saved_steps(path)
     if not steps:
         raise FileNotFoundError(f"no checkpoint found at {path}")
     return path, steps[-1]
+
+
+def saved_steps(directory: str | Path) -> list[int]:
+    """The steps saved in a checkpoint directory (its `<step>/model` folders), in order; [] when there is none."""
+    return sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit() and (p / "model").is_dir())
 
 
 def identity(path: str | Path) -> str:

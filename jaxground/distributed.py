@@ -4,7 +4,8 @@ through the metadata server: no environment variable tells it apart from a singl
 
 Call `initialize` before anything touches a device. Each host then runs the same program, reads its own
 shard of the data (`shard_index()` of `shard_count()`), and the train step sees global arrays assembled
-with `parallel.global_batch`.
+with `parallel.global_batch`. `Hosts` makes the hosts of `jaxground train`, `eval` and `predict` refuse together
+before their first collective.
 """
 
 from __future__ import annotations
@@ -114,3 +115,55 @@ def shard_index() -> int:
 
 def shard_count() -> int:
     return jax.process_count()
+
+
+class Refused(ValueError):
+    """A refusal of the whole run, for commands whose own errors have no common type (`jaxground train`)."""
+
+
+class Hosts:
+    """Makes the processes of a multi-host run refuse together with `error` (the command's refusal type). Each
+    checks its flags and inputs alone, then, before their first collective (Orbax's, the model's), they compare
+    verdicts (`agree`): a host that cannot read a file makes every host refuse with its message, where exiting
+    alone would leave the others waiting for it in that collective or failing inside Orbax. On one process there is
+    nothing to compare and the messages stay as they are."""
+
+    def __init__(self, error: type[Exception]):
+        self.error = error
+        self.compared = False
+
+    def agree(self, inputs: dict[str, object]) -> None:
+        """Raises `error` on every process when any process refused, or when one read other `inputs` than process
+        0 (JSON-able values by name: `{"checkpoint": "step 3", ...}`; a string value is quoted in the message)."""
+        self._compare(None, inputs)
+
+    def refusal(self, error: Exception) -> str:
+        """The message to print for `error`. Raised before the comparison, it joins the comparison the others wait
+        in, and every process prints the first refusing process's message; raised after it, its own."""
+        import jax
+
+        if self.compared or jax.process_count() == 1:
+            return str(error)
+        try:
+            self._compare(str(error), {})
+        except self.error as first:
+            return str(first)
+        return str(error)  # not reached: this process refused
+
+    def _compare(self, error: str | None, inputs: dict) -> None:
+        from jaxground.eval.gather import from_every_process
+
+        self.compared = True
+        verdicts = from_every_process({"error": error, "inputs": inputs})
+        if len(verdicts) == 1:
+            return
+        refused = [(i, v["error"]) for i, v in enumerate(verdicts) if v["error"] is not None]
+        if refused:
+            raise self.error("process {}: {}".format(*refused[0]))
+        first = verdicts[0]["inputs"]
+        for i, v in enumerate(verdicts):
+            for name, value in v["inputs"].items():
+                if value != first[name]:
+                    shown = f" ({value} against {first[name]})" if isinstance(value, str) else ""
+                    raise self.error(f"process {i} read other {name} than process 0{shown}: every host must read "
+                                     "the same files")

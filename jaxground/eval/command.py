@@ -58,10 +58,10 @@ def run(args) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
+    from jaxground.distributed import Hosts
     from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
     from jaxground.eval.saved import Store, write_text
     from jaxground.infer.command import load_encoder, load_model
-    from jaxground.infer.hosts import Hosts
 
     first = jax.process_index() == 0  # every process holds the same results; one writes them
     hosts = Hosts(ValueError)  # several hosts refuse together

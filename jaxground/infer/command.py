@@ -155,7 +155,7 @@ def load_model(config, checkpoint: str, tokens, mesh):
 
 def run(args) -> int:
     from jaxground import distributed
-    from jaxground.infer.hosts import Hosts
+    from jaxground.distributed import Hosts
     from jaxground.infer.predict import PredictError
 
     if not distributed.start(args, "predict"):  # before anything touches a device

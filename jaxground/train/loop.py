@@ -113,14 +113,30 @@ def _restore_data(batches, data_state, where: Path) -> None:
             f"with a new workdir and --init-from {where}") from None
 
 
+def start_inputs(directory: Path, init_from: str | Sequence[str] | None) -> dict:
+    """What every host of a run must find alike before it starts: the latest step saved in `directory` (it resumes
+    there), else the checkpoints `init_from` names (`checkpoint.identity`: FileNotFoundError for one not there)."""
+    steps = checkpoint.saved_steps(directory)
+    if steps:
+        return {"checkpoints (the step to resume from)": f"step {steps[-1]}"}
+    sources = [init_from] if isinstance(init_from, (str, Path)) else list(init_from or ())
+    return {"checkpoints (the step to resume from)": "none",
+            "--init-from checkpoints": [checkpoint.identity(s) for s in sources]}
+
+
 def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[str] | None = None,
-        hooks: Iterable[Callable[[int, st.TrainState, dict], None]] = ()) -> Result:
+        hooks: Iterable[Callable[[int, st.TrainState, dict], None]] = (), hosts=None) -> Result:
+    """Trains `task` in `workdir` (resuming from its latest checkpoint, else starting from `init_from`). With
+    `hosts` (`distributed.Hosts`, as `jaxground train` passes) the processes first compare what they would start
+    from (`start_inputs`) and refuse together when they differ or one of them refused."""
     workdir = Path(workdir)
     tc = config.train
     mesh = parallel.make_mesh(dict(config.mesh))
     parallel.check_batch(tc.batch_size, mesh, micro_steps=tc.micro_steps, processes=jax.process_count())
     if "eval" in config and "batch_size" in config.eval:
         parallel.check_batch(config.eval.batch_size, mesh, processes=jax.process_count())
+    if hosts is not None:  # before Orbax's first collective, the checkpoint manager's creation
+        hosts.agree(start_inputs(workdir / "checkpoints", init_from))
     tx = st.make_optimizer(config.optim, tc.steps)
     trainable = st.PathFilter(tc.trainable, tc.frozen)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)

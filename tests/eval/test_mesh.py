@@ -5,11 +5,7 @@ processes of 4 devices each (gloo over 127.0.0.1); the shapes split has 24 REC e
 questions, so the two hosts get a padding row."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +16,8 @@ from PIL import Image
 from jaxground import cli
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+import _processes as processes
 from test_end_to_end import build_model, overrides
 
 TASKS = ("rec", "res", "rec_gen", "res_gen", "count")
@@ -133,29 +130,9 @@ def test_eval_on_a_mesh_equals_one_device(tiny, on_eight):
     assert [figures[t]["shapes_test"]["count"] for t in TASKS] == [24, 24, 24, 24, 9]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_two(script: str, *args, timeout: float = 300) -> list[tuple[int, str, str]]:
-    """SCRIPT PORT PROCESS_ID *args as processes 0 and 1 of one run -> each one's (exit status, stdout, stderr).
-    Both are killed after `timeout` seconds and the test fails: one process left waiting for the other hangs."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    procs = [subprocess.Popen([sys.executable, str(HERE / script), str(port), str(i), *map(str, a)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, a in enumerate(args)]
-    deadline = time.monotonic() + timeout
-    try:
-        outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{script} still running after {timeout:.0f} s: " + " | ".join(p.communicate()[1][-2000:]
-                                                                                   for p in procs))
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    """tests/eval/SCRIPT as two processes of one run (`_processes.start_two`)."""
+    return processes.start_two(HERE / script, *args, timeout=timeout)
 
 
 def run_two(*args) -> str:

@@ -151,13 +151,14 @@ def test_boxes_to_pixels_orders_corners():
 
 
 def test_hosts_refuse_together(image_file, monkeypatch):
-    """Before the model loads, the processes compare verdicts (`hosts.Hosts`): a refusal on any host is every
+    """Before the model loads, the processes compare verdicts (`distributed.Hosts`): a refusal on any host is every
     host's, named by its process; hosts whose images, prompts, boxes or checkpoint step differ are refused; agreeing
     hosts go on. Two processes are simulated: `from_every_process` returns this process's verdict and the other's."""
     import dataclasses
 
     import jax
 
+    from jaxground import distributed
     from jaxground.eval import gather
     from jaxground.infer import command, hosts
 
@@ -168,7 +169,7 @@ def test_hosts_refuse_together(image_file, monkeypatch):
 
     def verdict(error=None, requests=(request,), checkpoint="step 1"):
         others.append({"error": error, "inputs": {} if error else hosts.predict_inputs(list(requests), checkpoint)})
-        return hosts.Hosts(PredictError)
+        return distributed.Hosts(PredictError)
 
     mine = hosts.predict_inputs([request], "step 1")
     verdict().agree(mine)  # the same request and checkpoint on both: no refusal

@@ -2,10 +2,7 @@
 save and resume a run."""
 
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,33 +10,22 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+import _processes as processes
 import toy_run
 from test_loop import losses
 from test_step import flat, run_steps
+from test_task import tiny
 
 from jaxground import checkpoint, distributed
 
 HERE = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two(script: str, *args) -> None:
-    """Runs `script PORT PROCESS_ID *args` as processes 0 and 1 of one run."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]))
-    procs = [
-        subprocess.Popen([sys.executable, str(HERE / script), str(port), str(i), *map(str, args)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    """Runs tests/train/SCRIPT PORT PROCESS_ID *args as processes 0 and 1 of one run; both must succeed."""
+    results = processes.start_two(HERE / script, args, args)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -67,6 +53,42 @@ def test_two_processes_save_and_resume_each_its_own_data_state(tmp_path):
     np.testing.assert_allclose([two[s] for s in one], list(one.values()), atol=1e-5, rtol=0)
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"process_0-of-2.json.*none for this run's process_0-of-1"):
         toy_run.fit(work, steps=6)
+
+
+def fake_checkpoint(directory: Path, step: int) -> Path:
+    """A folder `checkpoint.saved_steps` lists (`<step>/model`): these runs refuse before Orbax reads it."""
+    (directory / str(step) / "model").mkdir(parents=True)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["bad config", "init from", "resume"])
+def test_train_refused_on_every_host(tmp_path, shapes_dir, case):
+    """`jaxground train` on two processes where process 1 differs, refused by both (exit status 2, the same line)
+    before the first collective, none left waiting for the other (a hang fails at the timeout): its data is missing
+    (a bad config there alone), its `--init-from` is not there, or its workdir lists a checkpoint to resume from that
+    process 0's does not."""
+    common = ["--config", "configs/tiny_shapes.py", *tiny(shapes_dir, "train.steps=2")]
+    work = [tmp_path / "run0", tmp_path / "run1"]
+    own = [[], []]
+    if case == "bad config":
+        missing = tmp_path / "gone"
+        own[1] = [f"data.datasets.shapes.path={missing}"]
+        line = "jaxground train: process 1: bad config: "
+    elif case == "init from":
+        missing = tmp_path / "no_run"
+        own = [["--init-from", fake_checkpoint(tmp_path / "stage1", 3)], ["--init-from", missing]]
+        line = f"jaxground train: process 1: no checkpoint found at {missing}"
+    else:
+        fake_checkpoint(work[1] / "checkpoints", 5)
+        line = ("jaxground train: process 1 read other checkpoints (the step to resume from) than process 0 (step 5 "
+                "against none): every host must read the same files")
+    results = processes.start_two(HERE / "run_train_process.py",
+                                  *[["--workdir", w, *common, *o] for w, o in zip(work, own)], timeout=120)
+    for code, out, err in results:
+        assert code == 2, out[-2000:] + err[-2000:]
+        shown = [s for s in out.splitlines() if s.startswith("jaxground train:")]
+        assert len(shown) == 1 and shown[0].startswith(line), out[-2000:]
+    assert not (work[0] / "checkpoints").exists()
 
 
 def test_initialize_flags_and_single_process(monkeypatch):

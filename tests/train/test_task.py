@@ -9,15 +9,6 @@ import pytest
 from jaxground import cli
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from jaxground.data.shapes import write_dataset
-
-    out = tmp_path_factory.mktemp("shapes")
-    write_dataset(out, train=32, val=4, test=12, size=32, max_objects=1)
-    return out
-
-
 def tiny(shapes_dir, *extra):
     return [
         f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={shapes_dir}",

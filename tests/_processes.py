@@ -1,0 +1,39 @@
+"""Two processes of one multi-host run on this machine (collectives over gloo on 127.0.0.1), for the tests of
+training, evaluation and prediction on several hosts."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two(script: Path, *args, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """SCRIPT PORT PROCESS_ID ARGS as processes 0 and 1 of one run (`args`: each process's own list) -> each one's
+    (exit status, stdout, stderr). Both are killed after `timeout` seconds and the test fails: one process left
+    waiting for the other hangs."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *map(str, a)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, a in enumerate(args)]
+    deadline = time.monotonic() + timeout
+    try:
+        outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{script.name} still running after {timeout:.0f} s: " + " | ".join(p.communicate()[1][-2000:]
+                                                                                        for p in procs))
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]

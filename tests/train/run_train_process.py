@@ -1,0 +1,22 @@
+"""One process of the two-process `jaxground train` tests (test_distributed.py): 4 CPU devices here, 8 in the global
+mesh, collectives over gloo. argv: PORT PROCESS_ID [train arguments ...]."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+from jaxground import cli
+
+
+def main() -> int:
+    port, pid, *args = sys.argv[1:]
+    sys.stdout = os.fdopen(os.dup(1), "w")  # gloo's C++ messages to stderr, Python's prints alone on stdout
+    os.dup2(2, 1)
+    return cli.main(["train", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
+                     "--heartbeat-timeout", "300", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
