@@ -58,13 +58,12 @@ def run(args) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
-    from jaxground.distributed import Hosts
     from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
     from jaxground.eval.saved import Store, write_text
     from jaxground.infer.command import load_encoder, load_model
 
     first = jax.process_index() == 0  # every process holds the same results; one writes them
-    hosts = Hosts(ValueError)  # several hosts refuse together
+    hosts = distributed.Hosts(ValueError)  # several hosts refuse together
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -155,12 +155,11 @@ def load_model(config, checkpoint: str, tokens, mesh):
 
 def run(args) -> int:
     from jaxground import distributed
-    from jaxground.distributed import Hosts
     from jaxground.infer.predict import PredictError
 
     if not distributed.start(args, "predict"):  # before anything touches a device
         return 2
-    hosts = Hosts(PredictError)  # several hosts refuse together
+    hosts = distributed.Hosts(PredictError)  # several hosts refuse together
     try:
         return _run(args, hosts)
     except PredictError as e:

@@ -37,7 +37,6 @@ def run(args) -> int:
 
     from jaxground import checkpoint, parallel
     from jaxground.config import load_config
-    from jaxground.distributed import Hosts, Refused
     from jaxground.train import loop
     from jaxground.train.task import TaskConfigError, make_task
 
@@ -47,16 +46,17 @@ def run(args) -> int:
               "(e.g. gcsfuse) and pass the mount path")
         return 2
     workdir = Path(workdir)
-    hosts = Hosts(Refused)  # several hosts refuse together, before the first collective
+    hosts = distributed.Hosts(distributed.Refused)  # several hosts refuse together, before the first collective
     try:  # everything the config names is built (and checked) here, before any training
         config = load_config(args.config, args.overrides)
         task = make_task(config)
     except (ValueError, FileNotFoundError) as e:
-        print(f"jaxground train: {hosts.refusal(Refused(f'bad config: {e}'))}")
+        print(f"jaxground train: {hosts.refusal(distributed.Refused(f'bad config: {e}'))}")
         return 2
     try:
         result = loop.fit(task, config, workdir, init_from=args.init_from, hosts=hosts)
-    except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError, Refused) as e:
+    except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError,
+            distributed.Refused) as e:
         print(f"jaxground train: {hosts.refusal(e)}")
         return 2
     except loop.Diverged as e:
