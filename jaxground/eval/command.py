@@ -58,9 +58,9 @@ def run(args) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
-    from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks
+    from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks, plan
     from jaxground.eval.saved import Store, write_text
-    from jaxground.infer.command import load_encoder, load_model
+    from jaxground.infer.command import load_encoder, load_model, model_config_of
 
     first = jax.process_index() == 0  # every process holds the same results; one writes them
     hosts = distributed.Hosts(ValueError)  # several hosts refuse together
@@ -76,6 +76,9 @@ def run(args) -> int:
         check_options(config)
         out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
         store = Store(out, config, args.checkpoint, args.max_new_tokens)
+        encoder, tokens = load_encoder(config)
+        # every split's records are read here, so a host missing its copy of the data refuses with the others
+        planned = plan(config, model_config_of(config, args.checkpoint, tokens), tasks)
         hosts.agree({"checkpoint": identity(args.checkpoint)})  # every refusal above, on any host, stops all here
         done = _resumed(store, pairs(config, tasks)) if args.resume else {}
         so_far: dict = {}
@@ -89,10 +92,9 @@ def run(args) -> int:
                 write_text(out / "eval.json", json.dumps(so_far, indent=2))
 
         if len(done) < len(pairs(config, tasks)):
-            encoder, tokens = load_encoder(config)
             model = load_model(config, args.checkpoint, tokens, mesh)
             results, rows = evaluate(model, encoder, config, tasks, mesh=mesh, max_new_tokens=args.max_new_tokens,
-                                     done=done, on_split=saved, progress_every=args.progress_every)
+                                     done=done, on_split=saved, progress_every=args.progress_every, planned=planned)
         else:  # all saved: nothing to load
             results, rows = so_far, [r for pair in pairs(config, tasks) for r in done[pair][1]]
     except (ConfigError, FileNotFoundError, ValueError) as e:

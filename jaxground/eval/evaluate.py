@@ -220,14 +220,15 @@ def mask_generator(model, tokenizer, gen_cfg, width: int, mesh, drop: tuple[str,
 
 def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None = None, done: dict | None = None,
              on_split: Callable[[str, str, dict, list[dict]], None] | None = None,
-             progress_every: float | None = None) -> tuple[dict, list[dict]]:
+             progress_every: float | None = None, planned: list | None = None) -> tuple[dict, list[dict]]:
     """-> ({task: {split: metrics}}, prediction rows with "task" and "split"), the same on every process.
 
     `model` is placed on `mesh` (`jaxground.infer.command.load_model`); every process calls this with its own
     shard of each split (the pipeline reads `jax.process_index()` of `jax.process_count()`); see `check_batch`.
     `done` {(task, split): (metrics, rows)} holds splits evaluated before (`jaxground.eval.saved`), taken as they
     are; `on_split(task, split, metrics, rows)` is called as each other split ends; `progress_every` (seconds, not
-    None) prints a split's start, its progress that often (0: never) and its end (`progress.Progress`)."""
+    None) prints a split's start, its progress that often (0: never) and its end (`progress.Progress`). `planned`:
+    `plan`'s (task, split, pipeline) for these tasks, built by the caller before the model loaded (else here)."""
     check_batch(config, mesh)
     check_options(config)
     done = done or {}
@@ -238,7 +239,8 @@ def evaluate(model, encoder, config, tasks, *, mesh, max_new_tokens: int | None 
     # the RES steps' low-resolution logits are read on the host only to score at original pixels; on the grid
     # they stay on the devices (SAM's 256x256 grid: 256 KiB a row)
     device_only = () if original else ("mask_logits",)
-    pipelines = {(t, s): b for t, s, b in plan(config, model.cfg, tasks, skip=frozenset(done))}
+    planned = plan(config, model.cfg, tasks, skip=frozenset(done)) if planned is None else planned
+    pipelines = {(t, s): b for t, s, b in planned if (t, s) not in done}
     if any(TASKS[t].kind != "forward" for t, _ in pipelines):
         width = prompt_width(model.cfg, config.data.max_len, max_new)
         gen_cfg = generation_config(model.cfg, max_new, ev.get("trigger_state", "at"))

@@ -107,45 +107,43 @@ def load_encoder(config):
     return make_encoder(data_config(config, training=True))
 
 
-def context_length(config, checkpoint: str, tokens) -> int:
-    """The context (llm max_position) of the model `load_model` will build, read without loading weights."""
+def model_config_of(config, checkpoint: str, tokens):
+    """The NextChatConfig `load_model` builds, read without loading weights: a `jaxground convert` output's saved one
+    (checked against the tokenizer's `tokens` and the run config's image size: ValueError), else the run config's
+    `model` (a training checkpoint)."""
+    import dataclasses
+
     from jaxground.convert.store import CONFIG_FILE, read_config
     from jaxground.train.task import model_config
 
-    if (Path(checkpoint) / CONFIG_FILE).is_file():
-        return read_config(checkpoint)[1].llm.max_position
-    return model_config(config, tokens).llm.max_position
+    if not (Path(checkpoint) / CONFIG_FILE).is_file():
+        return model_config(config, tokens)
+    kind, cfg = read_config(checkpoint)
+    if kind != "nextchat":
+        raise ValueError(f"{checkpoint} holds a converted {kind} model, not a NextChat")
+    if cfg.tokens != tokens:
+        raise ValueError(f"the converted model's token ids {dataclasses.asdict(cfg.tokens)} differ from the "
+                         f"tokenizer's {dataclasses.asdict(tokens)}")
+    if (cfg.vision.image_size, cfg.vision.num_patches) != (config.data.image_size, config.data.num_image_tokens):
+        raise ValueError(f"the converted model's image size {cfg.vision.image_size} and {cfg.vision.num_patches} "
+                         f"patches differ from data.image_size {config.data.image_size} and "
+                         f"data.num_image_tokens {config.data.num_image_tokens}")
+    return cfg
 
 
 def load_model(config, checkpoint: str, tokens, mesh):
     """NextChat with the checkpoint's weights on `mesh` (each array read straight into its shards by the rules
     table, as training places it), from a run config and either a training checkpoint (the model comes from
     `config.model`) or a `jaxground convert` output (the model comes from its saved config; its token ids must be
-    the tokenizer's `tokens`). A mesh that leaves much of the model whole on every device is refused
-    (`parallel.check_fit`, a ValueError) before anything is read."""
-    import dataclasses
-
+    the tokenizer's `tokens`): `model_config_of`. A mesh that leaves much of the model whole on every device is
+    refused (`parallel.check_fit`, a ValueError) before anything is read."""
     from flax import nnx
 
     from jaxground import checkpoint as ckpt
     from jaxground import parallel
-    from jaxground.convert.store import CONFIG_FILE, read_config
     from jaxground.models.nextchat import NextChat
-    from jaxground.train.task import model_config
 
-    if (Path(checkpoint) / CONFIG_FILE).is_file():
-        kind, cfg = read_config(checkpoint)
-        if kind != "nextchat":
-            raise ValueError(f"{checkpoint} holds a converted {kind} model, not a NextChat")
-        if cfg.tokens != tokens:
-            raise ValueError(f"the converted model's token ids {dataclasses.asdict(cfg.tokens)} differ from the "
-                             f"tokenizer's {dataclasses.asdict(tokens)}")
-        if (cfg.vision.image_size, cfg.vision.num_patches) != (config.data.image_size, config.data.num_image_tokens):
-            raise ValueError(f"the converted model's image size {cfg.vision.image_size} and {cfg.vision.num_patches} "
-                             f"patches differ from data.image_size {config.data.image_size} and "
-                             f"data.num_image_tokens {config.data.num_image_tokens}")
-    else:
-        cfg = model_config(config, tokens)
+    cfg = model_config_of(config, checkpoint, tokens)
     with nnx.logical_axis_rules(parallel.RULES):  # NNX resolves the logical names under a caller's mesh
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
     parallel.check_fit(abstract, mesh)
@@ -312,7 +310,7 @@ def _run(args, hosts) -> int:
         config = load_config(args.config, args.overrides)
         mesh = parallel.make_mesh(dict(config.mesh))
         encoder, ids = load_encoder(config)
-        context = context_length(config, args.checkpoint, ids)
+        context = model_config_of(config, args.checkpoint, ids).llm.max_position
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise PredictError(str(e)) from None
     try:

@@ -348,15 +348,29 @@ def assert_refused_together(results, message: str) -> None:
         assert message in err.splitlines(), err[-3000:]
 
 
-def test_eval_refused_on_every_host_when_one_lacks_the_checkpoint(tiny, tmp_path):
-    """Process 1 finds no checkpoint at its --checkpoint: both processes refuse with its message and exit status 2
-    before the model loads; process 0 is not left inside Orbax's restore waiting for process 1."""
+@pytest.mark.parametrize("lacks", ["checkpoint", "tokenizer", "split"])
+def test_eval_refused_on_every_host_when_one_lacks_a_file(tiny, tmp_path, lacks):
+    """Process 1 finds no checkpoint at its --checkpoint, no data (the tokenizer is read from it), or no records of
+    the evaluated split: both processes refuse with its message and exit status 2 before the model loads; process 0
+    is not left inside Orbax's restore (or the evaluation's first collective) waiting for process 1."""
     root, args = tiny
     missing = (tmp_path / "elsewhere").absolute()
     common = ["--config", CONFIG, "--tasks", "rec", *args]
-    results = start_two("run_eval_process.py", [tmp_path / "out0", "--checkpoint", root / "run", *common],
-                        [tmp_path / "out1", "--checkpoint", missing, *common], timeout=120)
-    assert_refused_together(results, f"jaxground eval: process 1: no checkpoint found at {missing}")
+    checkpoints, data = [root / "run", root / "run"], [[], []]  # data: overrides, which come last
+    line = "jaxground eval: process 1: "
+    if lacks == "checkpoint":
+        checkpoints[1] = missing
+        line += f"no checkpoint found at {missing}"
+    else:
+        data[1] = [f"paths.shapes={missing}" if lacks == "tokenizer" else f"eval.datasets.shapes_test.path={missing}"]
+    results = start_two("run_eval_process.py",
+                        *[[tmp_path / f"out{i}", "--checkpoint", checkpoints[i], *common, *data[i]] for i in (0, 1)],
+                        timeout=120)
+    for code, out, err in results:
+        assert code == 2, err[-3000:]
+        assert [s for s in out.splitlines() if s.startswith("{")] == []
+        shown = [s for s in err.splitlines() if s.startswith("jaxground eval:")]
+        assert len(shown) == 1 and shown[0].startswith(line) and str(missing) in shown[0], err[-3000:]
     assert not (tmp_path / "out0" / "eval.json").exists()
 
 
