@@ -37,3 +37,14 @@ def start_two(script: Path, *args, timeout: float = 300) -> list[tuple[int, str,
         pytest.fail(f"{script.name} still running after {timeout:.0f} s: " + " | ".join(p.communicate()[1][-2000:]
                                                                                         for p in procs))
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def assert_refused_together(results, line: str, *, contains: str = "", stream: str = "stderr") -> None:
+    """Both processes of `start_two` exited with status 2, printed no result (no JSON line on stdout), and printed one
+    line of the command's (`jaxground CMD:`) on `stream`, which starts with `line` and holds `contains`."""
+    command = line.split(":")[0] + ":"
+    for code, out, err in results:
+        assert code == 2, out[-2000:] + err[-3000:]
+        assert not [s for s in out.splitlines() if s.startswith("{")], out[-2000:]
+        shown = [s for s in (err if stream == "stderr" else out).splitlines() if s.startswith(command)]
+        assert len(shown) == 1 and shown[0].startswith(line) and contains in shown[0], out[-2000:] + err[-3000:]

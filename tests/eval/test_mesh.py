@@ -334,18 +334,8 @@ def test_predict_refused_on_every_host_when_one_cannot_read_its_image(tiny, tmp_
               "--max-new-tokens", "4", *args]
     results = start_two("run_predict_process.py", ["--image", image, *common], ["--image", missing, *common],
                         timeout=120)
-    for code, out, err in results:
-        assert code == 2, err[-3000:]
-        assert out == ""
-        assert f"jaxground predict: process 1: image not found: {missing}" in err.splitlines(), err[-3000:]
-
-
-def assert_refused_together(results, message: str) -> None:
-    """Both processes exit with status 2 and print `message` (a line of stderr), nothing on stdout."""
-    for code, out, err in results:
-        assert code == 2, err[-3000:]
-        assert [line for line in out.splitlines() if line.startswith("{")] == []
-        assert message in err.splitlines(), err[-3000:]
+    processes.assert_refused_together(results, f"jaxground predict: process 1: image not found: {missing}")
+    assert [out for _, out, _ in results] == ["", ""]
 
 
 @pytest.mark.parametrize("lacks", ["checkpoint", "tokenizer", "split"])
@@ -366,11 +356,7 @@ def test_eval_refused_on_every_host_when_one_lacks_a_file(tiny, tmp_path, lacks)
     results = start_two("run_eval_process.py",
                         *[[tmp_path / f"out{i}", "--checkpoint", checkpoints[i], *common, *data[i]] for i in (0, 1)],
                         timeout=120)
-    for code, out, err in results:
-        assert code == 2, err[-3000:]
-        assert [s for s in out.splitlines() if s.startswith("{")] == []
-        shown = [s for s in err.splitlines() if s.startswith("jaxground eval:")]
-        assert len(shown) == 1 and shown[0].startswith(line) and str(missing) in shown[0], err[-3000:]
+    processes.assert_refused_together(results, line, contains=str(missing))
     assert not (tmp_path / "out0" / "eval.json").exists()
 
 
@@ -388,5 +374,5 @@ def test_predict_refused_when_a_host_reads_another_step(tiny, tmp_path):
               "--max-new-tokens", "4", *args]
     results = start_two("run_predict_process.py", ["--checkpoint", root / "run", *common],
                         ["--checkpoint", copy.parent, *common], timeout=120)
-    assert_refused_together(results, "jaxground predict: process 1 read other checkpoint than process 0 "
-                                     "(step 7 against step 1): every host must read the same files")
+    processes.assert_refused_together(results, "jaxground predict: process 1 read other checkpoint than process 0 "
+                                               "(step 7 against step 1): every host must read the same files")
