@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
         module.add_arguments(sub_parser)
         args = sub_parser.parse_args(rest)
-        return int(module.run(args) or 0)
+        from jaxground import distributed  # after --help: it imports jax
+
+        return distributed.run_command(lambda: int(module.run(args) or 0))
     except ModuleNotFoundError as e:
         if e.name not in TORCH_EXTRA:
             raise

@@ -5,14 +5,20 @@ through the metadata server: no environment variable tells it apart from a singl
 Call `initialize` before anything touches a device. Each host then runs the same program, reads its own
 shard of the data (`shard_index()` of `shard_count()`), and the train step sees global arrays assembled
 with `parallel.global_batch`. `Hosts` makes the hosts of `jaxground train`, `eval` and `predict` refuse together
-before their first collective.
+before their first collective; after it, a process that fails alone stops every process (`run_command`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 
 import jax
 
@@ -63,13 +69,106 @@ def add_arguments(parser) -> None:
 
 def start(args, command: str) -> bool:
     """`initialize` from the flags of `add_arguments` for `jaxground {command}`; False (after a one-line message on
-    stderr) when they are bad, so the command exits 2."""
+    stderr) when they are bad, so the command exits 2. On several processes it starts the watch of `run_command`."""
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout=args.heartbeat_timeout)
     except ValueError as e:
         print(f"jaxground {command}: {e}", file=sys.stderr)
         return False
+    if jax.process_count() > 1:
+        _stop.watch(command)
     return True
+
+
+def run_command(run: Callable[[], int]) -> int:
+    """`run()`'s exit status. On several processes (after `start`), a failure of this process alone, an exception or
+    a refusal after the hosts compared (`Hosts.refusal`), stops every process within seconds, each naming the
+    failed process: exiting alone, this process would wait in JAX's shutdown barrier for the others, and they in
+    their next collective for it, until the barrier's 5-minute deadline."""
+    try:
+        code = run()
+    except (Exception, KeyboardInterrupt) as e:
+        if not _stop.watching:
+            raise
+        if _stop.posted() is not None:  # another process failed first: this error (gloo's lost peer) follows
+            _stop.follow(1)
+        traceback.print_exc()
+        _stop.fail(f"{type(e).__name__}: {e}", 1)
+    if _stop.refused is not None:
+        _stop.fail(_stop.refused, code)
+    return code
+
+
+class _Stop:
+    """The coordination service's key-value store carries the first failure (`FAILED`) to every process: each
+    watches for it on a thread, and a process that sees it, or fails itself, exits at once with `os._exit`, which
+    skips JAX's shutdown barrier. Process 0 leaves last: its exit ends the service the others read."""
+
+    FAILED, LEFT = "jaxground/failed", "jaxground/left/"  # LEFT + process index: that process is exiting
+
+    def __init__(self):
+        self.watching = False
+        self.refused: str | None = None  # this process's own refusal, after the comparison
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def watch(self, command: str, every: float = 1.0) -> None:
+        self.command, self.watching = command, True
+        thread = threading.Thread(target=self._poll, args=(every,), name="jaxground-stop", daemon=True)
+        thread.start()
+
+        def end() -> None:  # registered after `jax`'s own exit hook, so it runs first: no poll outlives the client
+            self.done.set()
+            thread.join()
+
+        atexit.register(end)
+
+    def posted(self) -> str | None:
+        """The first failure of any process, if one was posted."""
+        try:
+            return _client().key_value_try_get(self.FAILED)
+        except jax.errors.JaxRuntimeError:  # NOT_FOUND
+            return None
+
+    def _poll(self, every: float) -> None:
+        while not self.done.wait(every):
+            if self.posted() is not None:
+                self.follow(1)
+
+    def fail(self, message: str, code: int) -> None:
+        """Tells every process that this one failed with `message`, and exits with `code`."""
+        with self.lock:
+            self.done.set()
+            with contextlib.suppress(jax.errors.JaxRuntimeError):  # ALREADY_EXISTS: another process failed first
+                _client().key_value_set(self.FAILED, f"process {jax.process_index()} failed: {message}")
+            self._leave(code)
+
+    def follow(self, code: int) -> None:
+        """Exits with `code` after the line naming the failed process."""
+        with self.lock:
+            self.done.set()
+            print(f"jaxground {self.command}: stopping: {self.posted()}", file=sys.stderr, flush=True)
+            self._leave(code)
+
+    def _leave(self, code: int, wait: float = 30.0) -> None:
+        client, me, n = _client(), jax.process_index(), jax.process_count()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        client.key_value_set(f"{self.LEFT}{me}", "")
+        deadline = time.monotonic() + wait  # a process killed outright never leaves its key
+        while me == 0 and len(client.key_value_dir_get(self.LEFT)) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(code)
+
+
+def _client():
+    """The coordination service's client of `jax.distributed` (JAX has no public handle on it)."""
+    from jax._src.distributed import global_state
+
+    return global_state.client
+
+
+_stop = _Stop()
 
 
 def initialize(
@@ -131,6 +230,7 @@ class Hosts:
     def __init__(self, error: type[Exception]):
         self.error = error
         self.compared = False
+        self.verdict: Exception | None = None  # the comparison's refusal, raised on every process
 
     def agree(self, inputs: dict[str, object]) -> None:
         """Raises `error` on every process when any process refused, or when one read other `inputs` than process
@@ -139,10 +239,13 @@ class Hosts:
 
     def refusal(self, error: Exception) -> str:
         """The message to print for `error`. Raised before the comparison, it joins the comparison the others wait
-        in, and every process prints the first refusing process's message; raised after it, its own."""
-        import jax
-
-        if self.compared or jax.process_count() == 1:
+        in, and every process prints the first refusing process's message; raised after it, its own, and
+        `run_command` stops the other processes."""
+        if jax.process_count() == 1 or error is self.verdict:  # the verdict: every process raised it
+            return str(error)
+        if self.compared:
+            if _stop.watching:  # the others are past the comparison: `run_command` stops them
+                _stop.refused = str(error)
             return str(error)
         try:
             self._compare(str(error), {})
@@ -159,11 +262,13 @@ class Hosts:
             return
         refused = [(i, v["error"]) for i, v in enumerate(verdicts) if v["error"] is not None]
         if refused:
-            raise self.error("process {}: {}".format(*refused[0]))
+            self.verdict = self.error("process {}: {}".format(*refused[0]))
+            raise self.verdict
         first = verdicts[0]["inputs"]
         for i, v in enumerate(verdicts):
             for name, value in v["inputs"].items():
                 if value != first[name]:
                     shown = f" ({value} against {first[name]})" if isinstance(value, str) else ""
-                    raise self.error(f"process {i} read other {name} than process 0{shown}: every host must read "
-                                     "the same files")
+                    self.verdict = self.error(f"process {i} read other {name} than process 0{shown}: every host "
+                                              "must read the same files")
+                    raise self.verdict

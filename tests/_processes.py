@@ -48,3 +48,43 @@ def assert_refused_together(results, line: str, *, contains: str = "", stream: s
         assert not [s for s in out.splitlines() if s.startswith("{")], out[-2000:]
         shown = [s for s in (err if stream == "stderr" else out).splitlines() if s.startswith(command)]
         assert len(shown) == 1 and shown[0].startswith(line) and contains in shown[0], out[-2000:] + err[-3000:]
+
+
+FAIL = "--fail-after-comparison="
+
+
+def fail_after_comparison(args: list[str]) -> list[str]:
+    """For the process scripts: `args` led by `--fail-after-comparison=OSError` (or `ValueError`) make this process
+    raise that error right after the hosts compared (`distributed.Hosts.agree`), as a failure of one host alone
+    would (its disk, say); returns the rest of `args`."""
+    if not args or not args[0].startswith(FAIL):
+        return args
+    error = {"OSError": OSError, "ValueError": ValueError}[args[0][len(FAIL):]]
+    from jaxground import distributed
+
+    agree = distributed.Hosts.agree
+
+    def failing(self, inputs):
+        agree(self, inputs)
+        raise error("disk error (injected)")
+
+    distributed.Hosts.agree = failing
+    return args[1:]
+
+
+def assert_stopped_together(results, command: str, error: str) -> None:
+    """Process 1 failed alone after the comparison (`fail_after_comparison`): an exception (`error` "OSError") exits
+    with status 1 and its traceback, a refusal ("ValueError", the command's refusal type) with status 2 and the
+    command's line; process 0 stops with status 1 and one line naming process 1's failure. Neither printed a
+    result (a JSON line)."""
+    (code0, out0, err0), (code1, out1, err1) = results
+    injected = "disk error (injected)"
+    if error == "OSError":
+        assert code1 == 1 and err1.rstrip().endswith(f"OSError: {injected}"), err1[-3000:]
+        failure = f"OSError: {injected}"
+    else:
+        assert code1 == 2 and f"jaxground {command}: {injected}" in (out1 + err1).splitlines(), out1 + err1[-3000:]
+        failure = injected
+    line = f"jaxground {command}: stopping: process 1 failed: {failure}"
+    assert code0 == 1 and line in err0.splitlines(), out0[-2000:] + err0[-3000:]
+    assert not [s for s in out0.splitlines() + out1.splitlines() if s.startswith("{")]

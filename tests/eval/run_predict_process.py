@@ -1,8 +1,10 @@
 """One process of the two-process prediction tests (test_mesh.py): `jaxground predict` on 4 CPU devices here, 8 in
-the global mesh, collectives over gloo. argv: PORT PROCESS_ID [predict arguments ...]."""
+the global mesh, collectives over gloo. argv: PORT PROCESS_ID [--fail-after-comparison=ERROR]
+[predict arguments ...] (`_processes.fail_after_comparison`)."""
 
 import os
 import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -13,9 +15,13 @@ jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftes
 
 from jaxground import cli
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _processes import fail_after_comparison
+
 
 def main() -> int:
     port, pid, *args = sys.argv[1:]
+    args = fail_after_comparison(args)
     # gloo prints its connections from C++ on file descriptor 1, in pieces that can split an answer's line: send
     # them to stderr, and Python's prints alone to the original stdout
     sys.stdout = os.fdopen(os.dup(1), "w")

@@ -376,3 +376,26 @@ def test_predict_refused_when_a_host_reads_another_step(tiny, tmp_path):
                         ["--checkpoint", copy.parent, *common], timeout=120)
     processes.assert_refused_together(results, "jaxground predict: process 1 read other checkpoint than process 0 "
                                                "(step 7 against step 1): every host must read the same files")
+
+
+@pytest.mark.parametrize("error", ["OSError", "ValueError"])
+def test_eval_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_path, error):
+    """Process 1 fails alone right after the hosts compared (an exception, or a refusal of eval's type): process 0,
+    gone on to load the model, stops within seconds naming process 1's failure, where both used to wait until JAX's
+    shutdown barrier gave up after 5 minutes (a hang fails at the timeout)."""
+    root, args = tiny
+    common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", "rec", *args]
+    results = start_two("run_eval_process.py", [tmp_path / "out0", *common],
+                        [f"--fail-after-comparison={error}", tmp_path / "out1", *common], timeout=120)
+    processes.assert_stopped_together(results, "eval", error)
+    assert not (tmp_path / "out0" / "eval.json").exists()
+
+
+def test_predict_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_path):
+    """As eval's: process 1 raises after the comparison, process 0 stops naming it."""
+    root, args = tiny
+    image = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
+    common = ["--config", CONFIG, "--checkpoint", root / "run", "--image", image, "--prompt", "what is [0]?",
+              "--box", "8,4,30,20", "--max-new-tokens", "4", *args]
+    results = start_two("run_predict_process.py", common, ["--fail-after-comparison=OSError", *common], timeout=120)
+    processes.assert_stopped_together(results, "predict", "OSError")

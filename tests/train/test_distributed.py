@@ -88,6 +88,17 @@ def test_train_refused_on_every_host(tmp_path, shapes_dir, case):
     assert not (work[0] / "checkpoints").exists()
 
 
+def test_train_stops_on_every_host_when_one_fails_after_comparing(tmp_path, shapes_dir):
+    """Process 1 raises right after the hosts compared their start: process 0, gone on to Orbax and the first step,
+    stops within seconds naming process 1's failure, where both used to wait until JAX's shutdown barrier gave up
+    after 5 minutes (a hang fails at the timeout)."""
+    common = ["--config", "configs/tiny_shapes.py", *tiny(shapes_dir, "train.steps=2")]
+    results = processes.start_two(HERE / "run_train_process.py", ["--workdir", tmp_path / "run0", *common],
+                                  ["--fail-after-comparison=OSError", "--workdir", tmp_path / "run1", *common],
+                                  timeout=120)
+    processes.assert_stopped_together(results, "train", "OSError")
+
+
 def test_initialize_flags_and_single_process(monkeypatch):
     for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAXGROUND_MULTIHOST"):
         monkeypatch.delenv(var, raising=False)
