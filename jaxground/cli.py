@@ -27,6 +27,18 @@ COMMANDS = {
 TORCH_EXTRA = ("torch", "segment_anything")  # the `torch` extra: bench, export, .pth/.bin conversion
 
 
+class BadArguments(Exception):
+    """A command line argparse refuses: (the parser, its message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, raising `BadArguments` where it would print and exit, so that `main` can tell the other
+    hosts of a multi-host command first."""
+
+    def error(self, message: str):
+        raise BadArguments(self, message)
+
+
 def _bench_names() -> list[str]:
     from jaxground import bench
 
@@ -56,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         module = importlib.import_module(module_name)
-        sub_parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or help_text).strip())
+        sub_parser = _Parser(prog=prog, description=(module.__doc__ or help_text).strip())
         module.add_arguments(sub_parser)
-        args = sub_parser.parse_args(rest)
+        try:
+            args = sub_parser.parse_args(rest)
+        except BadArguments as e:
+            parser, message = e.args  # the parser that refused: a command's own subcommand's, e.g. `data shapes`
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {message}", file=sys.stderr)
+            if sub_parser.get_default("multi_host"):  # on several hosts, the others must stop too
+                from jaxground import distributed
+
+                distributed.refuse_arguments(rest, name, f"bad arguments: {message}")
+            return 2
         from jaxground import distributed  # after --help: it imports jax
 
         return distributed.run_command(lambda: int(module.run(args) or 0))

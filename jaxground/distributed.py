@@ -65,6 +65,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
                         help="declare a process dead after this long without its heartbeat (JAX's default: 100); "
                              "raise it where a host can stall that long, e.g. heavily shared CPU hosts")
+    parser.set_defaults(multi_host=True)  # how the CLI knows the command may run on several hosts
 
 
 def start(args, command: str) -> bool:
@@ -78,6 +79,22 @@ def start(args, command: str) -> bool:
     if jax.process_count() > 1:
         _stop.watch(command)
     return True
+
+
+def refuse_arguments(argv: list[str], command: str, message: str) -> None:
+    """For a command line of `jaxground {command}` that this process cannot parse: when its `add_arguments` flags or
+    the environment name a run of several processes, joins it and stops every process with `message` (the others
+    would wait for this one in `jax.distributed.initialize` for 5 minutes); else returns, and the caller exits 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_arguments(parser)
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError:  # the flags of the run itself are bad: there is no run to join
+        return
+    if start(args, command) and jax.process_count() > 1:
+        _stop.fail(message, 2)
 
 
 def run_command(run: Callable[[], int]) -> int:

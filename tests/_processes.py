@@ -50,7 +50,7 @@ def assert_refused_together(results, line: str, *, contains: str = "", stream: s
         assert len(shown) == 1 and shown[0].startswith(line) and contains in shown[0], out[-2000:] + err[-3000:]
 
 
-FAIL = "--fail-after-comparison="
+FAIL, INJECTED = "--fail-after-comparison=", "disk error (injected)"
 
 
 def fail_after_comparison(args: list[str]) -> list[str]:
@@ -66,25 +66,27 @@ def fail_after_comparison(args: list[str]) -> list[str]:
 
     def failing(self, inputs):
         agree(self, inputs)
-        raise error("disk error (injected)")
+        raise error(INJECTED)
 
     distributed.Hosts.agree = failing
     return args[1:]
 
 
-def assert_stopped_together(results, command: str, error: str) -> None:
-    """Process 1 failed alone after the comparison (`fail_after_comparison`): an exception (`error` "OSError") exits
-    with status 1 and its traceback, a refusal ("ValueError", the command's refusal type) with status 2 and the
-    command's line; process 0 stops with status 1 and one line naming process 1's failure. Neither printed a
-    result (a JSON line)."""
+def assert_stopped_together(results, command: str, *, code: int, line: str, failure: str) -> None:
+    """Process 1 failed alone after its start: it exited with status `code`, and printed `line` (the last of a
+    traceback, or the command's own); process 0 stopped with status 1 and one line naming process 1's `failure`.
+    Neither printed a result (a JSON line)."""
     (code0, out0, err0), (code1, out1, err1) = results
-    injected = "disk error (injected)"
-    if error == "OSError":
-        assert code1 == 1 and err1.rstrip().endswith(f"OSError: {injected}"), err1[-3000:]
-        failure = f"OSError: {injected}"
-    else:
-        assert code1 == 2 and f"jaxground {command}: {injected}" in (out1 + err1).splitlines(), out1 + err1[-3000:]
-        failure = injected
-    line = f"jaxground {command}: stopping: process 1 failed: {failure}"
-    assert code0 == 1 and line in err0.splitlines(), out0[-2000:] + err0[-3000:]
+    assert code1 == code and line in (out1 + "\n" + err1).splitlines(), out1[-2000:] + err1[-3000:]
+    stopping = f"jaxground {command}: stopping: process 1 failed: {failure}"
+    assert code0 == 1 and stopping in err0.splitlines(), out0[-2000:] + err0[-3000:]
     assert not [s for s in out0.splitlines() + out1.splitlines() if s.startswith("{")]
+
+
+def assert_injected_stopped_together(results, command: str, error: str) -> None:
+    """`assert_stopped_together` for `fail_after_comparison`: an exception ("OSError") exits with status 1 and its
+    traceback, a refusal ("ValueError", the command's refusal type) with status 2 and the command's line."""
+    if error == "OSError":
+        assert_stopped_together(results, command, code=1, line=f"OSError: {INJECTED}", failure=f"OSError: {INJECTED}")
+    else:
+        assert_stopped_together(results, command, code=2, line=f"jaxground {command}: {INJECTED}", failure=INJECTED)

@@ -387,7 +387,7 @@ def test_eval_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_path,
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", "rec", *args]
     results = start_two("run_eval_process.py", [tmp_path / "out0", *common],
                         [f"--fail-after-comparison={error}", tmp_path / "out1", *common], timeout=120)
-    processes.assert_stopped_together(results, "eval", error)
+    processes.assert_injected_stopped_together(results, "eval", error)
     assert not (tmp_path / "out0" / "eval.json").exists()
 
 
@@ -398,4 +398,4 @@ def test_predict_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_pa
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--image", image, "--prompt", "what is [0]?",
               "--box", "8,4,30,20", "--max-new-tokens", "4", *args]
     results = start_two("run_predict_process.py", common, ["--fail-after-comparison=OSError", *common], timeout=120)
-    processes.assert_stopped_together(results, "predict", "OSError")
+    processes.assert_injected_stopped_together(results, "predict", "OSError")

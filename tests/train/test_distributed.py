@@ -96,7 +96,19 @@ def test_train_stops_on_every_host_when_one_fails_after_comparing(tmp_path, shap
     results = processes.start_two(HERE / "run_train_process.py", ["--workdir", tmp_path / "run0", *common],
                                   ["--fail-after-comparison=OSError", "--workdir", tmp_path / "run1", *common],
                                   timeout=120)
-    processes.assert_stopped_together(results, "train", "OSError")
+    processes.assert_injected_stopped_together(results, "train", "OSError")
+
+
+def test_train_stops_on_every_host_when_one_cannot_parse_its_command_line(tmp_path, shapes_dir):
+    """Process 1's command line holds a flag train does not take: argparse refuses it there (status 2, its usage
+    and line), and process 1 still joins the run to stop process 0, which would otherwise wait for it in
+    `jax.distributed.initialize` for 5 minutes (a hang fails at the timeout)."""
+    common = ["--config", "configs/tiny_shapes.py", *tiny(shapes_dir, "train.steps=2")]
+    results = processes.start_two(HERE / "run_train_process.py", ["--workdir", tmp_path / "run0", *common],
+                                  ["--no-such-flag", "--workdir", tmp_path / "run1", *common], timeout=120)
+    unknown = "unrecognized arguments: --no-such-flag"
+    processes.assert_stopped_together(results, "train", code=2, line=f"jaxground train: error: {unknown}",
+                                      failure=f"bad arguments: {unknown}")
 
 
 def test_initialize_flags_and_single_process(monkeypatch):
