@@ -78,7 +78,17 @@ def start(args, command: str) -> bool:
         return False
     if jax.process_count() > 1:
         _stop.watch(command)
+        if jax.config.jax_cpu_collectives_implementation == "gloo":
+            _stdout_for_python_only()
     return True
+
+
+def _stdout_for_python_only() -> None:
+    """gloo prints its connections from C++ on file descriptor 1, in pieces that can split a printed line (a JSON
+    result): C++'s prints go to stderr, and Python's alone to the original stdout."""
+    sys.stdout.flush()
+    sys.stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
 
 def refuse_arguments(argv: list[str], command: str, message: str) -> None:

@@ -22,10 +22,6 @@ from _processes import fail_after_comparison
 def main() -> int:
     port, pid, *args = sys.argv[1:]
     args = fail_after_comparison(args)
-    # gloo prints its connections from C++ on file descriptor 1, in pieces that can split an answer's line: send
-    # them to stderr, and Python's prints alone to the original stdout
-    sys.stdout = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
     # a generous heartbeat, as run_eval_process.py: a parallel test run can starve one process of CPU
     return cli.main(["predict", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
                      "--heartbeat-timeout", "300", *args])

@@ -18,8 +18,6 @@ from _processes import fail_after_comparison
 def main() -> int:
     port, pid, *args = sys.argv[1:]
     args = fail_after_comparison(args)
-    sys.stdout = os.fdopen(os.dup(1), "w")  # gloo's C++ messages to stderr, Python's prints alone on stdout
-    os.dup2(2, 1)
     return cli.main(["train", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
                      "--heartbeat-timeout", "300", *args])
 
