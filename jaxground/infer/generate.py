@@ -139,6 +139,10 @@ class Generation:
     boxes: jax.Array  # float32[B,Q,4], F(t) per trigger, normalised xyxy of the padded square
     trigger_states: jax.Array  # [B,Q,D], t per trigger (input of the mask head)
     num_triggers: jax.Array  # int32[B], recorded triggers (<= Q)
+    # bool[B], "beam_sample" only: the prompt's warped beam scores passed float32's range while it searched (its
+    # temperature < 1 multiplies them by 1 / temperature at every step), where transformers 4.31 raises; its answer
+    # is then not 4.31's, which has none
+    overflowed: jax.Array
 
 
 @struct.dataclass
@@ -158,6 +162,7 @@ class _State:
     rng: jax.Array
     finished: _Finished | None = None  # beam search only
     searching: jax.Array | None = None  # bool[B], beam search: a running beam may still beat a finished one
+    overflowed: jax.Array | None = None  # bool[B], beam search: `Generation.overflowed`
 
 
 @struct.dataclass
@@ -328,6 +333,8 @@ def _beam_step(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: i
     s = _record_trigger(s, forced, box)
     if cfg.method == "beam_sample":
         cand, flat = _drawn_candidates(s, logp, cfg, w)
+        # every continuation of the prompt non-finite: 4.31's multinomial raises on the NaN probabilities
+        s = s.replace(overflowed=s.overflowed | (s.searching & ~jnp.isfinite(cand[:, 0])))
     else:
         cand, flat = _best_candidates(s, logp, w)
     vocab = logp.shape[-1]
@@ -516,7 +523,7 @@ def _prefill(llm: Llama, embeds, mask, rng, cfg: GenerationConfig) -> _State:
         # the released rules' empty slots are -inf: beam_sample's warped scores are divided by the temperature at
         # every step (0.5 doubles them), so they can pass -1e9, and 4.31's beam_search can finish a -1e9 beam
         empty = _MASKED if cfg.rules == "hf" else -jnp.inf
-        state = state.replace(searching=jnp.ones((b,), bool), finished=_Finished(
+        state = state.replace(searching=jnp.ones((b,), bool), overflowed=jnp.zeros((b,), bool), finished=_Finished(
             tokens=state.tokens, lengths=state.lengths, raw=jnp.zeros((rows,), jnp.float32),
             scores=jnp.full((rows,), empty, jnp.float32), boxes=state.boxes, states=state.states,
             num_triggers=state.num_triggers, flag=jnp.zeros((rows,), bool)))
@@ -558,8 +565,9 @@ def _best_beams(state: _State, cfg: GenerationConfig, b: int, w: int) -> Generat
         src, scores, rows = state.finished, state.finished.raw, jnp.arange(b) * w
     else:
         src, scores, rows = state, state.scores, jnp.arange(b)
+    overflowed = state.overflowed if cfg.method in BEAM_METHODS else jnp.zeros((b,), bool)
     return Generation(tokens=src.tokens[rows], lengths=src.lengths[rows], scores=scores[rows], boxes=src.boxes[rows],
-                      trigger_states=src.states[rows], num_triggers=src.num_triggers[rows])
+                      trigger_states=src.states[rows], num_triggers=src.num_triggers[rows], overflowed=overflowed)
 
 
 @functools.partial(nnx.jit, static_argnames=("cfg",))

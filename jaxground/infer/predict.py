@@ -215,7 +215,13 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     out = generate_nextchat(model, jnp.asarray(clip_image(image, size, pad_fill))[None], jnp.asarray(enc.input_ids)[None],
                             jnp.ones((1, len(enc.input_ids)), bool), jnp.asarray(in_boxes), jnp.asarray(box_mask),
                             jax.random.key(0) if rng is None else rng, cfg)
-    got = to_host({"tokens": out.tokens, "lengths": out.lengths, "num_triggers": out.num_triggers, "boxes": out.boxes})
+    got = to_host({"tokens": out.tokens, "lengths": out.lengths, "num_triggers": out.num_triggers, "boxes": out.boxes,
+                   "overflowed": out.overflowed})
+    if got["overflowed"][0]:
+        raise PredictError(f"sampled beam search: the beam scores passed float32's range within {cfg.max_new_tokens} "
+                           f"tokens (transformers 4.31, whose beam_sample this is, divides a beam's whole score by the "
+                           f"temperature {cfg.temperature:g} again at every step, and raises here): use a temperature "
+                           "of at least 1 or fewer --max-new-tokens")
     n = int(got["num_triggers"][0])
     tokens = got["tokens"][0, : int(got["lengths"][0])]
     masks = iou = None

@@ -15,6 +15,7 @@ probability per prompt), so the reference stays a run torch could make.
 
 The loop and scorer are `_hf431_reference.py`'s, shared with the released beam search's tests."""
 
+import contextlib
 import importlib.util
 import itertools
 from pathlib import Path
@@ -148,6 +149,27 @@ def test_warping_the_sum_is_what_is_tested(pair, monkeypatch):
                              warp_first=True)
         assert_same(out, want, RTOL)
         assert any(a[2] != b[2] for a, b in zip(want, other)), temperature  # measured: 2, 4 and 3 of 4 prompts
+
+
+def test_overflow_flagged_where_4_31_raises(pair):
+    """At temperature 0.2 each step multiplies a beam's warped score by 5 (scores pass 1e38 by the 54th token). With
+    an eos these weights seldom emit (token 47), 4.31 (the real `torch.multinomial`, seeded) runs 54 tokens and
+    raises at the 55th on the NaN probabilities of a prompt whose scores passed float32's range; jaxground flags no
+    prompt at 54 tokens and, at 55, the three that still search (`Generation.overflowed`, which `predict` refuses;
+    prompt 1 ended at eos long before). The answers themselves are not compared: once a beam's score is far beyond
+    its log-probabilities' resolution, float rounding decides the draws on either side."""
+    hf, llm = pair
+    ids, mask = prompts(seed=0)
+    eos = 47
+    for n, overflowed in ((54, [False] * 4), (55, [True, False, True, True])):
+        cfg = gen.GenerationConfig(max_new_tokens=n, method="beam_sample", num_beams=3, temperature=0.2, eos_id=eos,
+                                   pad_id=PAD)
+        out = gen.generate_ids(llm, ids, mask, cfg, rng=jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(out.overflowed), overflowed)
+        assert n == 55 or np.abs(np.asarray(out.scores)).max() > 1e38  # 54 tokens: at the edge of the range
+        torch.manual_seed(0)
+        with contextlib.nullcontext() if n == 54 else pytest.raises(RuntimeError, match="probability tensor contains"):
+            ref.reference_431(ref.HFRows(hf, ids, mask, 3), len(ids), 3, n, eos=eos, pad=PAD, warp=warpers(0.2, 0, 1))
 
 
 def test_settings_are_checked():

@@ -191,3 +191,25 @@ def test_demo_beams_runs(config_args, image_file, tmp_path, capsys, monkeypatch)
     out = json.loads(captured.out)
     assert out["decoding"] == {"method": "beam", "num_beams": 5, "beam_rules": "released"}
     assert isinstance(out["answer"], str)
+
+
+def test_overflowed_beam_scores_refused(config_args, image_file, tmp_path, capsys, monkeypatch):
+    """A sampled beam search whose scores passed float32's range (`Generation.overflowed`, tested against 4.31 in
+    test_beam_sample.py; set here on the real tiny model's output: its answers end at eos long before) is refused in
+    one line with status 2, where 4.31 raises, instead of printing an answer 4.31 would not give."""
+    import jax.numpy as jnp
+
+    from jaxground.config import load_config
+    from jaxground.infer import predict
+
+    stub_load_model(monkeypatch, build_model(load_config("configs/eval_shapes.py", config_args), rigged=False, std=0.3))
+    real = predict.generate_nextchat
+    monkeypatch.setattr(predict, "generate_nextchat",
+                        lambda *a, **kw: real(*a, **kw).replace(overflowed=jnp.ones((1,), bool)))
+    code = main(predict_args(config_args, tmp_path, image_file, "--demo-sampling", "--num-beams", "3"))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxground predict: sampled beam search: the beam scores passed "
+                                                   "float32's range within 6 tokens"), lines
+    assert "temperature 0.8 again" in lines[0]
