@@ -177,7 +177,7 @@ class _Stop:
             print(f"jaxground {self.command}: stopping: {self.posted()}", file=sys.stderr, flush=True)
             self._leave(code)
 
-    def _leave(self, code: int, wait: float = 30.0) -> None:
+    def _leave(self, code: int, wait: float = 10.0) -> None:
         client, me, n = _client(), jax.process_index(), jax.process_count()
         sys.stdout.flush()
         sys.stderr.flush()
