@@ -1,5 +1,6 @@
 """Two processes of one multi-host run on this machine (collectives over gloo on 127.0.0.1), for the tests of
-training, evaluation and prediction on several hosts."""
+training, evaluation and prediction on several hosts: the runner, a failure injected into one process, and the
+assertions on how both ended."""
 
 import os
 import socket
@@ -74,7 +75,7 @@ def fail_after_comparison(args: list[str]) -> list[str]:
 
 def assert_stopped_together(results, command: str, *, code: int, line: str, failure: str) -> None:
     """Process 1 failed alone after its start: it exited with status `code`, and printed `line` (the last of a
-    traceback, or the command's own); process 0 stopped with status 1 and one line naming process 1's `failure`.
+    traceback, or the command's own); process 0 stopped with status 1 and a line naming process 1's `failure`.
     Neither printed a result (a JSON line)."""
     (code0, out0, err0), (code1, out1, err1) = results
     assert code1 == code and line in (out1 + "\n" + err1).splitlines(), out1[-2000:] + err1[-3000:]
