@@ -176,8 +176,3 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
-
-
-def cast(x: jax.Array, dtype) -> jax.Array:
-    return x if dtype is None else x.astype(dtype)
-

@@ -134,7 +134,6 @@ class StoreWriter:
         self.overwrite = overwrite
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
-        self.written_bytes = 0
         self.written = 0
 
     def __enter__(self) -> Self:
@@ -167,7 +166,6 @@ class StoreWriter:
             # numpy leaves only: partial saves of jax arrays do not merge their sharding files in this Orbax
             ocp.partial.save(self.tmp / MODEL_DIR, _nest({k: np.asarray(v) for k, v in self._pending.items()}))
         self.written += len(self._pending)
-        self.written_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
 
     def commit(self, kind: str, cfg, layout: list[dict]) -> Path:

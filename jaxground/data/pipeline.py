@@ -496,7 +496,7 @@ class DataIterator:
 
     def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict,
                  mixture: Mixture | None = None, image_roots: dict | None = None, num_batches: int | None = None):
-        self._loader, self._it = loader, iter(loader)
+        self._it = iter(loader)
         self.num_batches = num_batches  # evaluation: the batches this host yields (None: training, endless)
         self._mixture, self._image_roots = mixture, image_roots or {}
         self.batch_size, self.training, self.strict = batch_size, training, strict
