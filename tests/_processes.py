@@ -51,25 +51,38 @@ def assert_refused_together(results, line: str, *, contains: str = "", stream: s
         assert len(shown) == 1 and shown[0].startswith(line) and contains in shown[0], out[-2000:] + err[-3000:]
 
 
-FAIL, INJECTED = "--fail-after-comparison=", "disk error (injected)"
+INJECTED = "disk error (injected)"
 
 
-def fail_after_comparison(args: list[str]) -> list[str]:
+def inject_failure(args: list[str]) -> list[str]:
     """For the process scripts: `args` led by `--fail-after-comparison=OSError` (or `ValueError`) make this process
     raise that error right after the hosts compared (`distributed.Hosts.agree`), as a failure of one host alone
-    would (its disk, say); returns the rest of `args`."""
-    if not args or not args[0].startswith(FAIL):
+    would (its disk, say); led by `--fail-at-step=N`, train raises OSError reading the batch of step N + 1, while
+    the others are inside step N's collectives. Returns the rest of `args`."""
+    flag, _, value = args[0].partition("=") if args else ("", "", "")
+    if flag == "--fail-after-comparison":
+        from jaxground import distributed
+
+        error, agree = {"OSError": OSError, "ValueError": ValueError}[value], distributed.Hosts.agree
+
+        def failing(self, inputs):
+            agree(self, inputs)
+            raise error(INJECTED)
+
+        distributed.Hosts.agree = failing
+    elif flag == "--fail-at-step":
+        from jaxground.train import loop
+
+        next_rows = loop._next_rows
+
+        def failing_rows(task, step):
+            if step == int(value):
+                raise OSError(INJECTED)
+            return next_rows(task, step)
+
+        loop._next_rows = failing_rows
+    else:
         return args
-    error = {"OSError": OSError, "ValueError": ValueError}[args[0][len(FAIL):]]
-    from jaxground import distributed
-
-    agree = distributed.Hosts.agree
-
-    def failing(self, inputs):
-        agree(self, inputs)
-        raise error(INJECTED)
-
-    distributed.Hosts.agree = failing
     return args[1:]
 
 
@@ -85,7 +98,7 @@ def assert_stopped_together(results, command: str, *, code: int, line: str, fail
 
 
 def assert_injected_stopped_together(results, command: str, error: str) -> None:
-    """`assert_stopped_together` for `fail_after_comparison`: an exception ("OSError") exits with status 1 and its
+    """`assert_stopped_together` for `inject_failure`: an exception ("OSError") exits with status 1 and its
     traceback, a refusal ("ValueError", the command's refusal type) with status 2 and the command's line."""
     if error == "OSError":
         assert_stopped_together(results, command, code=1, line=f"OSError: {INJECTED}", failure=f"OSError: {INJECTED}")

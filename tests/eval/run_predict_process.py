@@ -1,6 +1,6 @@
 """One process of the two-process prediction tests (test_mesh.py): `jaxground predict` on 4 CPU devices here, 8 in
 the global mesh, collectives over gloo. argv: PORT PROCESS_ID [--fail-after-comparison=ERROR]
-[predict arguments ...] (`_processes.fail_after_comparison`)."""
+[predict arguments ...] (`_processes.inject_failure`)."""
 
 import os
 import sys
@@ -16,12 +16,12 @@ jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftes
 from jaxground import cli
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from _processes import fail_after_comparison
+from _processes import inject_failure
 
 
 def main() -> int:
     port, pid, *args = sys.argv[1:]
-    args = fail_after_comparison(args)
+    args = inject_failure(args)
     # a generous heartbeat, as run_eval_process.py: a parallel test run can starve one process of CPU
     return cli.main(["predict", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid,
                      "--heartbeat-timeout", "300", *args])

@@ -99,6 +99,25 @@ def test_train_stops_on_every_host_when_one_fails_after_comparing(tmp_path, shap
     processes.assert_injected_stopped_together(results, "train", "OSError")
 
 
+def test_train_stops_on_every_host_when_one_fails_mid_run_and_resumes(tmp_path, shapes_dir):
+    """Process 1 raises reading the batch of step 4, while process 0 is inside step 3's collectives: both stop,
+    process 0 naming process 1's failure. Steps 1 and 2 were saved (Orbax starts a save only once the one before is
+    finished, so step 1's is; step 2's may be in flight and is then left unfinished), and the same command again
+    resumes from the last finished save (Orbax discards the unfinished one) and finishes the 4 steps."""
+    work = tmp_path / "run"
+    common = ["--workdir", work, "--config", "configs/tiny_shapes.py",
+              *tiny(shapes_dir, "train.steps=4", "train.save_every=2")]
+    results = processes.start_two(HERE / "run_train_process.py", common, ["--fail-at-step=3", *common], timeout=120)
+    processes.assert_injected_stopped_together(results, "train", "OSError")
+    saved = checkpoint.saved_steps(work / "checkpoints")
+    assert saved in ([1], [1, 2]), saved
+    results = processes.start_two(HERE / "run_train_process.py", common, common, timeout=120)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
+    out = results[0][1]
+    assert f"resumed from {work / 'checkpoints' / str(max(saved))} at step {max(saved)}" in out, out
+    assert "done: step 4" in out and checkpoint.saved_steps(work / "checkpoints")[-1] == 4
+
+
 def test_train_stops_on_every_host_when_one_cannot_parse_its_command_line(tmp_path, shapes_dir):
     """Process 1's command line holds a flag train does not take: argparse refuses it there (status 2, its usage
     and line), and process 1 still joins the run to stop process 0, which would otherwise wait for it in
