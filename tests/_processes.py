@@ -40,6 +40,12 @@ def start_two(script: Path, *args, timeout: float = 300) -> list[tuple[int, str,
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
+def start_command(command: str, *args, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """`jaxground COMMAND` as processes 0 and 1 of one run (`start_two` of tests/run_command_process.py), each with its
+    own list of arguments, a failure flag of `inject_failure` first where one is given."""
+    return start_two(REPO / "tests" / "run_command_process.py", *[[command, *a] for a in args], timeout=timeout)
+
+
 def assert_refused_together(results, line: str, *, contains: str = "", stream: str = "stderr") -> None:
     """Both processes of `start_two` exited with status 2, printed no result (no JSON line on stdout), and printed one
     line of the command's (`jaxground CMD:`) on `stream`, which starts with `line` and holds `contains`."""

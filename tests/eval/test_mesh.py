@@ -130,14 +130,10 @@ def test_eval_on_a_mesh_equals_one_device(tiny, on_eight):
     assert [figures[t]["shapes_test"]["count"] for t in TASKS] == [24, 24, 24, 24, 9]
 
 
-def start_two(script: str, *args, timeout: float = 300) -> list[tuple[int, str, str]]:
-    """tests/eval/SCRIPT as two processes of one run (`_processes.start_two`)."""
-    return processes.start_two(HERE / script, *args, timeout=timeout)
-
-
 def run_two(*args) -> str:
-    """run_eval_process.py PORT PROCESS_ID *args as processes 0 and 1 of one run -> process 0's stderr."""
-    results = start_two("run_eval_process.py", *args)
+    """`jaxground eval` as processes 0 and 1 of one run, each with its own `args`, both succeeding -> process 0's
+    stderr."""
+    results = processes.start_command("eval", *args)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
     shown = [out.splitlines() for _, out, _ in results]  # gloo's C++ prints go to stderr (`distributed.start`)
     assert len(shown[0]) == 1 and shown[0][0].startswith("{") and shown[1] == []  # only process 0 prints figures
@@ -158,7 +154,8 @@ def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
     pixels = "eval.res_pixels=original"
     outs = [tmp_path / "out0", tmp_path / "out1", tmp_path / "one"]
     common = ["--config", CONFIG, "--checkpoint", root / "run", *args, pixels]
-    run_two([outs[0], *common, "--tasks", ",".join(tasks)], [outs[1], *common, "--tasks", ",".join(tasks)])
+    run_two(["--out", outs[0], *common, "--tasks", ",".join(tasks)],
+            ["--out", outs[1], *common, "--tasks", ",".join(tasks)])
     assert cli.main(["eval", "--out", str(outs[2]), *map(str, common), "--tasks", "res_gen"]) == 0
     one_figures, one_rows = read(outs[2])
     assert one_figures["res_gen"] != figures["res_gen"]  # not the grid's figures
@@ -168,8 +165,8 @@ def test_two_hosts_equal_one(tiny, on_eight, tmp_path):
 
     (outs[0] / "splits" / "count.shapes_test.json").unlink()
     (outs[0] / "predictions.jsonl").unlink()
-    shown = run_two([outs[0], *common, "--tasks", ",".join(tasks), "--resume"],
-                    [outs[1], *common, "--tasks", ",".join(tasks), "--resume"])
+    shown = run_two(["--out", outs[0], *common, "--tasks", ",".join(tasks), "--resume"],
+                    ["--out", outs[1], *common, "--tasks", ",".join(tasks), "--resume"])
     assert "eval res_gen/" not in shown and "eval count/shapes_test: done" in shown
     assert read(outs[0]) == ({"res_gen": one_figures["res_gen"], "count": figures["count"]},
                              one_rows + [r for r in rows if r["task"] == "count"])
@@ -269,7 +266,7 @@ def predict_one_and_two(tiny, tmp_path, capsys, request: list, lines: list[str] 
         tsv.write_text("".join(line.replace("OUT", str(tmp_path / f"{name}.png")) + "\n" for line in lines))
         return ["--list", tsv]
 
-    results = start_two("run_predict_process.py", [*requests("out0"), *common], [*requests("out1"), *common])
+    results = processes.start_command("predict", [*requests("out0"), *common], [*requests("out1"), *common])
     assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
@@ -332,8 +329,8 @@ def test_predict_refused_on_every_host_when_one_cannot_read_its_image(tiny, tmp_
     missing = tmp_path / "elsewhere" / "a.png"
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--prompt", "what is [0]?", "--box", "8,4,30,20",
               "--max-new-tokens", "4", *args]
-    results = start_two("run_predict_process.py", ["--image", image, *common], ["--image", missing, *common],
-                        timeout=120)
+    results = processes.start_command("predict", ["--image", image, *common], ["--image", missing, *common],
+                                      timeout=120)
     processes.assert_refused_together(results, f"jaxground predict: process 1: image not found: {missing}")
     assert [out for _, out, _ in results] == ["", ""]
 
@@ -353,9 +350,8 @@ def test_eval_refused_on_every_host_when_one_lacks_a_file(tiny, tmp_path, lacks)
         line += f"no checkpoint found at {missing}"
     else:
         data[1] = [f"paths.shapes={missing}" if lacks == "tokenizer" else f"eval.datasets.shapes_test.path={missing}"]
-    results = start_two("run_eval_process.py",
-                        *[[tmp_path / f"out{i}", "--checkpoint", checkpoints[i], *common, *data[i]] for i in (0, 1)],
-                        timeout=120)
+    own = [["--out", tmp_path / f"out{i}", "--checkpoint", checkpoints[i], *common, *data[i]] for i in (0, 1)]
+    results = processes.start_command("eval", *own, timeout=120)
     processes.assert_refused_together(results, line, contains=str(missing))
     assert not (tmp_path / "out0" / "eval.json").exists()
 
@@ -372,8 +368,8 @@ def test_predict_refused_when_a_host_reads_another_step(tiny, tmp_path):
     image = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
     common = ["--config", CONFIG, "--image", image, "--prompt", "what is [0]?", "--box", "8,4,30,20",
               "--max-new-tokens", "4", *args]
-    results = start_two("run_predict_process.py", ["--checkpoint", root / "run", *common],
-                        ["--checkpoint", copy.parent, *common], timeout=120)
+    results = processes.start_command("predict", ["--checkpoint", root / "run", *common],
+                                      ["--checkpoint", copy.parent, *common], timeout=120)
     processes.assert_refused_together(results, "jaxground predict: process 1 read other checkpoint than process 0 "
                                                "(step 7 against step 1): every host must read the same files")
 
@@ -385,8 +381,9 @@ def test_eval_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_path,
     shutdown barrier gave up after 5 minutes (a hang fails at the timeout)."""
     root, args = tiny
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--tasks", "rec", *args]
-    results = start_two("run_eval_process.py", [tmp_path / "out0", *common],
-                        [f"--fail-after-comparison={error}", tmp_path / "out1", *common], timeout=120)
+    results = processes.start_command("eval", ["--out", tmp_path / "out0", *common],
+                                      [f"--fail-after-comparison={error}", "--out", tmp_path / "out1", *common],
+                                      timeout=120)
     processes.assert_injected_stopped_together(results, "eval", error)
     assert not (tmp_path / "out0" / "eval.json").exists()
 
@@ -397,5 +394,5 @@ def test_predict_stops_on_every_host_when_one_fails_after_comparing(tiny, tmp_pa
     image = shapes_image(tmp_path / "a.png", (200, 40, 40), (8, 4, 30, 20))
     common = ["--config", CONFIG, "--checkpoint", root / "run", "--image", image, "--prompt", "what is [0]?",
               "--box", "8,4,30,20", "--max-new-tokens", "4", *args]
-    results = start_two("run_predict_process.py", common, ["--fail-after-comparison=OSError", *common], timeout=120)
+    results = processes.start_command("predict", common, ["--fail-after-comparison=OSError", *common], timeout=120)
     processes.assert_injected_stopped_together(results, "predict", "OSError")

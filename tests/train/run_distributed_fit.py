@@ -20,7 +20,7 @@ from jaxground import distributed
 
 def main():
     port, pid, workdir, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    distributed.initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout=300)  # see tests/eval/run_eval_process.py
+    distributed.initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout=300)  # see tests/run_command_process.py
     toy_run.fit(workdir, steps=steps)
     jax.distributed.shutdown()
 

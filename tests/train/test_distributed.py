@@ -82,8 +82,8 @@ def test_train_refused_on_every_host(tmp_path, shapes_dir, case):
         fake_checkpoint(work[1] / "checkpoints", 5)
         line = ("jaxground train: process 1 read other checkpoints (the step to resume from) than process 0 (step 5 "
                 "against none): every host must read the same files")
-    results = processes.start_two(HERE / "run_train_process.py",
-                                  *[["--workdir", w, *common, *o] for w, o in zip(work, own)], timeout=120)
+    results = processes.start_command("train", *[["--workdir", w, *common, *o] for w, o in zip(work, own)],
+                                      timeout=120)
     processes.assert_refused_together(results, line, stream="stdout")  # train prints its refusals on stdout
     assert not (work[0] / "checkpoints").exists()
 
@@ -93,7 +93,7 @@ def test_train_stops_on_every_host_when_one_fails_after_comparing(tmp_path, shap
     stops within seconds naming process 1's failure, where both used to wait until JAX's shutdown barrier gave up
     after 5 minutes (a hang fails at the timeout)."""
     common = ["--config", "configs/tiny_shapes.py", *tiny(shapes_dir, "train.steps=2")]
-    results = processes.start_two(HERE / "run_train_process.py", ["--workdir", tmp_path / "run0", *common],
+    results = processes.start_command("train", ["--workdir", tmp_path / "run0", *common],
                                   ["--fail-after-comparison=OSError", "--workdir", tmp_path / "run1", *common],
                                   timeout=120)
     processes.assert_injected_stopped_together(results, "train", "OSError")
@@ -107,11 +107,11 @@ def test_train_stops_on_every_host_when_one_fails_mid_run_and_resumes(tmp_path, 
     work = tmp_path / "run"
     common = ["--workdir", work, "--config", "configs/tiny_shapes.py",
               *tiny(shapes_dir, "train.steps=4", "train.save_every=2")]
-    results = processes.start_two(HERE / "run_train_process.py", common, ["--fail-at-step=3", *common], timeout=120)
+    results = processes.start_command("train", common, ["--fail-at-step=3", *common], timeout=120)
     processes.assert_injected_stopped_together(results, "train", "OSError")
     saved = checkpoint.saved_steps(work / "checkpoints")
     assert saved in ([1], [1, 2]), saved
-    results = processes.start_two(HERE / "run_train_process.py", common, common, timeout=120)
+    results = processes.start_command("train", common, common, timeout=120)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-3000:] for _, _, err in results)
     out = results[0][1]
     assert f"resumed from {work / 'checkpoints' / str(max(saved))} at step {max(saved)}" in out, out
@@ -123,7 +123,7 @@ def test_train_stops_on_every_host_when_one_cannot_parse_its_command_line(tmp_pa
     and line), and process 1 still joins the run to stop process 0, which would otherwise wait for it in
     `jax.distributed.initialize` for 5 minutes (a hang fails at the timeout)."""
     common = ["--config", "configs/tiny_shapes.py", *tiny(shapes_dir, "train.steps=2")]
-    results = processes.start_two(HERE / "run_train_process.py", ["--workdir", tmp_path / "run0", *common],
+    results = processes.start_command("train", ["--workdir", tmp_path / "run0", *common],
                                   ["--no-such-flag", "--workdir", tmp_path / "run1", *common], timeout=120)
     unknown = "unrecognized arguments: --no-such-flag"
     processes.assert_stopped_together(results, "train", code=2, line=f"jaxground train: error: {unknown}",
