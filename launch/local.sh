@@ -30,18 +30,14 @@ echo "[local] stage 3: mask head on a tiny SAM, from stage 1"
 jaxground train --config configs/tiny_shapes_stage3.py --workdir "$RUN/stage3" --init-from "$RUN/stage1" "${PATHS[@]}"
 lap "stage 3"
 
-if jaxground eval --help >/dev/null 2>&1; then
-  echo "[local] evaluating REC on the test split"
-  jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval" \
-    "${PATHS[@]}" || true
-  echo "[local] evaluating REC on the single-object test scenes"
-  jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval_1object" \
-    "${PATHS[@]}" eval.max_objects=1 || true
-fi
-if jaxground predict --help >/dev/null 2>&1; then
-  echo "[local] drawing predictions for 3 test images into $RUN/predictions"
-  mkdir -p "$RUN/predictions"
-  python - "$DATA" "$RUN/predictions" > "$RUN/predictions/requests.tsv" <<'PY'
+echo "[local] evaluating REC on the test split"
+jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval" "${PATHS[@]}"
+echo "[local] evaluating REC on the single-object test scenes"
+jaxground eval --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" --out "$RUN/eval_1object" \
+  "${PATHS[@]}" eval.max_objects=1
+echo "[local] drawing predictions for 3 test images into $RUN/predictions"
+mkdir -p "$RUN/predictions"
+python - "$DATA" "$RUN/predictions" > "$RUN/predictions/requests.tsv" <<'PY'
 import sys
 from pathlib import Path
 from jaxground.data.records import RecordSource
@@ -51,15 +47,12 @@ for i in range(3):
     (out / f"input{i}.png").write_bytes(ex.image)
     print(f"{out}/input{i}.png\tWhere is {ex.tasks['rec'][0]['expr']}?\t{out}/pred{i}.png")
 PY
-  jaxground predict --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" \
-    --list "$RUN/predictions/requests.tsv" "${PATHS[@]}" || true
-fi
+jaxground predict --config configs/tiny_shapes_stage3.py --checkpoint "$RUN/stage3" \
+  --list "$RUN/predictions/requests.tsv" "${PATHS[@]}"
 lap "evaluation and pictures"
 
 echo "[local] figures on the held-out test split (teacher-forced REC after stage 1; + mask cIoU after stage 3):"
 cat "$RUN/stage1/eval.json" "$RUN/stage3/eval.json"
-if [ -f "$RUN/eval_1object/eval.json" ]; then
-  echo "[local] REC on the single-object test scenes:"
-  cat "$RUN/eval_1object/eval.json"
-fi
+echo "[local] REC on the single-object test scenes:"
+cat "$RUN/eval_1object/eval.json"
 echo "[local] done in $(( $(date +%s) - start )) s; outputs in $RUN"
