@@ -118,7 +118,7 @@ def run_command(run: Callable[[], int]) -> int:
         if not _stop.watching:
             raise
         if _stop.posted() is not None:  # another process failed first: this error (gloo's lost peer) follows
-            _stop.follow(1)
+            _stop.follow()
         traceback.print_exc()
         _stop.fail(f"{type(e).__name__}: {e}", 1)
     if _stop.refused is not None:
@@ -127,9 +127,11 @@ def run_command(run: Callable[[], int]) -> int:
 
 
 class _Stop:
-    """The coordination service's key-value store carries the first failure (`FAILED`) to every process: each
-    watches for it on a thread, and a process that sees it, or fails itself, exits at once with `os._exit`, which
-    skips JAX's shutdown barrier. Process 0 leaves last: its exit ends the service the others read."""
+    """The coordination service's key-value store carries the first failure (`FAILED`: its exit status and message)
+    to every process: each watches for it on a thread, and a process that sees it, or fails itself, exits at once
+    with that status through `os._exit`, which skips JAX's shutdown barrier; so a refusal (2) of one host is the
+    whole run's status, as when the hosts refuse together. Process 0 leaves last: its exit ends the service the
+    others read."""
 
     FAILED, LEFT = "jaxground/failed", "jaxground/left/"  # LEFT + process index: that process is exiting
 
@@ -150,31 +152,33 @@ class _Stop:
 
         atexit.register(end)
 
-    def posted(self) -> str | None:
-        """The first failure of any process, if one was posted."""
+    def posted(self) -> tuple[int, str] | None:
+        """(exit status, "process N failed: ...") of the first failure of any process, if one was posted."""
         try:
-            return _client().key_value_try_get(self.FAILED)
+            code, message = _client().key_value_try_get(self.FAILED).split(" ", 1)
         except jax.errors.JaxRuntimeError:  # NOT_FOUND
             return None
+        return int(code), message
 
     def _poll(self, every: float) -> None:
         while not self.done.wait(every):
             if self.posted() is not None:
-                self.follow(1)
+                self.follow()
 
     def fail(self, message: str, code: int) -> None:
         """Tells every process that this one failed with `message`, and exits with `code`."""
         with self.lock:
             self.done.set()
             with contextlib.suppress(jax.errors.JaxRuntimeError):  # ALREADY_EXISTS: another process failed first
-                _client().key_value_set(self.FAILED, f"process {jax.process_index()} failed: {message}")
+                _client().key_value_set(self.FAILED, f"{code} process {jax.process_index()} failed: {message}")
             self._leave(code)
 
-    def follow(self, code: int) -> None:
-        """Exits with `code` after the line naming the failed process."""
+    def follow(self) -> None:
+        """Exits with the failed process's status after a line naming it."""
         with self.lock:
             self.done.set()
-            print(f"jaxground {self.command}: stopping: {self.posted()}", file=sys.stderr, flush=True)
+            code, message = self.posted()
+            print(f"jaxground {self.command}: stopping: {message}", file=sys.stderr, flush=True)
             self._leave(code)
 
     def _leave(self, code: int, wait: float = 10.0) -> None:

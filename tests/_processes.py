@@ -94,12 +94,12 @@ def inject_failure(args: list[str]) -> list[str]:
 
 def assert_stopped_together(results, command: str, *, code: int, line: str, failure: str) -> None:
     """Process 1 failed alone after its start: it exited with status `code`, and printed `line` (the last of a
-    traceback, or the command's own); process 0 stopped with status 1 and a line naming process 1's `failure`.
+    traceback, or the command's own); process 0 stopped with the same status and a line naming process 1's `failure`.
     Neither printed a result (a JSON line)."""
     (code0, out0, err0), (code1, out1, err1) = results
     assert code1 == code and line in (out1 + "\n" + err1).splitlines(), out1[-2000:] + err1[-3000:]
     stopping = f"jaxground {command}: stopping: process 1 failed: {failure}"
-    assert code0 == 1 and stopping in err0.splitlines(), out0[-2000:] + err0[-3000:]
+    assert code0 == code and stopping in err0.splitlines(), out0[-2000:] + err0[-3000:]
     assert not [s for s in out0.splitlines() + out1.splitlines() if s.startswith("{")]
 
 
