@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -47,6 +48,9 @@ def _bench_names() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     host_memory.configure(command_line=argv is None)  # JAXGROUND_MALLOC, before JAX allocates anything
+    # transformers, imported for tokenizers and configs, would advise installing PyTorch on every command; the
+    # commands that need PyTorch say so themselves (TORCH_EXTRA below)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jaxground", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

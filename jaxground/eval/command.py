@@ -89,7 +89,7 @@ def run(args) -> int:
             if first:  # a crash or preemption after this keeps the split (`--resume`)
                 store.save(task, split, figures, rows)
                 so_far.setdefault(task, {})[split] = figures
-                write_text(out / "eval.json", json.dumps(so_far, indent=2))
+                write_text(out / "eval.json", json.dumps(so_far, indent=2) + "\n")
 
         if len(done) < len(pairs(config, tasks)):
             model = load_model(config, args.checkpoint, tokens, mesh)
@@ -101,7 +101,7 @@ def run(args) -> int:
         print(f"jaxground eval: {hosts.refusal(e)}", file=sys.stderr)
         return 2
     if first:
-        write_text(out / "eval.json", json.dumps(results, indent=2))
+        write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
         write_text(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         print(json.dumps(results))
     return 0
