@@ -75,8 +75,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trigger-state", default="at", help="where each object's box and mask come from: 'at', "
                         "the state at <at> (as trained; default), or 'predicting', the state that chose <at> (as the "
                         "released demo reads it)")
-    parser.add_argument("--mask-iou-threshold", type=float, default=0.0, help="blank masks whose predicted IoU "
-                        "is below this (the released demo: 0.3)")
+    parser.add_argument("--mask-iou-threshold", type=float, default=None, help="blank masks whose predicted IoU "
+                        "is below this (the released demo: 0.3; default: none is blanked)")
     from jaxground.distributed import add_arguments as distributed_arguments
 
     distributed_arguments(parser)  # several hosts, as `jaxground eval`

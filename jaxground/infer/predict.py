@@ -9,7 +9,7 @@ trigger becomes `[k]` numbered after the input boxes, and box k is F(t) of that 
 square to pixels; an `<at>` without a box (the last token, or beyond max_triggers) becomes `[?]`. With
 `GenerationConfig(trigger_state="predicting")` (the released demo's reading) every generated `<at>` up to
 max_triggers has a box, the last token's too. Masks whose predicted IoU (SAM's IoU head) is below
-`mask_iou_threshold` are blanked, as the demo does at 0.3.
+`mask_iou_threshold`, when one is given, are blanked, as the demo does at 0.3.
 """
 
 from __future__ import annotations
@@ -192,13 +192,15 @@ def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int,
 
 
 def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
-            *, rng=None, mask_fn=None, pad_fill: str = "mean", mask_iou_threshold: float = 0.0) -> Prediction:
+            *, rng=None, mask_fn=None, pad_fill: str = "mean", mask_iou_threshold: float | None = None) -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
 
     `pad_fill`: the colour the image is padded square with, as the model was trained (`data.pad_fill`: "white"
     for NExT-Chat's released weights).
     `mask_fn(trigger_states [1,Q,D], boxes [1,Q,4]) -> (bool[1,Q,H,W], iou [1,Q])` adds masks (`mask_function`:
-    the SAM mask head); a mask whose predicted IoU is below `mask_iou_threshold` is blanked (the demo: 0.3).
+    the SAM mask head); a mask whose predicted IoU is below `mask_iou_threshold` is blanked (the demo: 0.3; None:
+    none is; the IoU head is not trained by NExT-Chat's losses, and a model trained from scratch can predict
+    IoUs below 0 for good masks).
     """
     from jaxground.data.transforms import clip_image
 
@@ -227,7 +229,8 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
     masks = iou = None
     if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
         masks, iou = (x[0, :n] for x in to_host(mask_fn(out.trigger_states, out.boxes)))
-        masks = masks & (iou >= mask_iou_threshold)[:, None, None]
+        if mask_iou_threshold is not None:
+            masks = masks & (iou >= mask_iou_threshold)[:, None, None]
     return Prediction(
         text=answer_text(tokens, encoder.tok, encoder.ids, len(boxes_px), n, cfg.trigger_state == "predicting"),
         boxes=boxes_to_pixels(got["boxes"][0, :n], h, w),

@@ -263,7 +263,7 @@ def test_predict_draws_boxes_and_masks(setup, capsys):
             mask = rle_decode(o["mask_rle"])
             assert mask.shape == (24, 40) and mask.sum() == o["mask_area"]
         with Image.open(png) as im:
-            assert im.size == (40, 24)
+            assert im.size == (280, 168)  # drawn 7 times larger: 256 px at least on the longer side
 
 
 @pytest.mark.parametrize("extra", [["--max-new-tokens", "4"], ["--max-new-tokens", "5", "--max-triggers", "1"]])
@@ -321,7 +321,7 @@ def test_predict_list_answers_every_line_with_one_load(setup, capsys):
     for a, h in zip(answers, (24, 32)):
         assert all(0 <= o["box"][1] <= o["box"][3] <= h for o in a["objects"])
     with Image.open(root / "list_pred0.png") as im:
-        assert im.size == (40, 24)
+        assert im.size == (280, 168)
     assert not (root / "list_pred1.png").exists()
 
 
@@ -455,8 +455,9 @@ def test_init_from_several_sources_merged_in_order(setup, tmp_path):
 def test_predict_trigger_state_and_mask_iou_threshold(setup, capsys, monkeypatch):
     """--trigger-state predicting (the released demo's reading) records every generated <at>, the last token's
     too, so the rigged answer of test_predict_numbers_only_objects_with_a_box gets a second object;
-    --mask-iou-threshold blanks exactly the masks whose predicted IoU is below it (the rigged model's own masks
-    are empty, so a stub mask head gives full masks with IoU 0.1, 0.2, ... per slot)."""
+    --mask-iou-threshold blanks exactly the masks whose predicted IoU is below it, and by default none, a negative
+    IoU's too (the rigged model's own masks are empty, so a stub mask head gives full masks with IoU -0.05, 0.05,
+    ... per slot)."""
     from jaxground.infer import predict
 
     root, args, _ = setup
@@ -478,10 +479,12 @@ def test_predict_trigger_state_and_mask_iou_threshold(setup, capsys, monkeypatch
     def stub(model, image):
         def fn(states, boxes):
             q = states.shape[1]
-            return np.ones((1, q, *image.shape[:2]), bool), 0.1 * np.arange(1, q + 1, dtype=np.float32)[None]
+            return np.ones((1, q, *image.shape[:2]), bool), 0.1 * np.arange(q, dtype=np.float32)[None] - 0.05
         return fn
     monkeypatch.setattr(predict, "mask_function", stub)
-    objects = answer("--trigger-state", "predicting", "--mask-iou-threshold", "0.15")["objects"]
-    assert [o["mask_iou"] for o in objects] == [0.1, 0.2] and [o["mask_area"] for o in objects] == [0, 24 * 40]
+    objects = answer("--trigger-state", "predicting")["objects"]
+    assert [o["mask_iou"] for o in objects] == [-0.05, 0.05] and [o["mask_area"] for o in objects] == [24 * 40] * 2
+    objects = answer("--trigger-state", "predicting", "--mask-iou-threshold", "0")["objects"]
+    assert [o["mask_area"] for o in objects] == [0, 24 * 40]
     assert cli.main(base + ["--trigger-state", "before"] + args) == 2
     assert "trigger_state must be one of" in capsys.readouterr().err

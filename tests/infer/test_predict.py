@@ -65,10 +65,24 @@ def test_draw_boxes_and_masks():
     image = np.zeros((30, 40, 3), np.uint8)
     masks = np.zeros((1, 30, 40), bool)
     masks[0, 20:, 30:] = True
-    out = np.asarray(draw(image, np.array([[2, 14, 20, 28]]), ["[0]"], masks))
+    out = np.asarray(draw(image, np.array([[2, 14, 20, 28]]), ["[0]"], masks, min_size=0))
     assert out.shape == (30, 40, 3)
     assert out[28, 35].any() and not out[5, 35].any()  # translucent mask inside, untouched outside
     assert out[14, 10].any()  # the box's top edge
+
+
+def test_draw_enlarges_small_images():
+    """A 30x40 image is drawn 7 times larger (280 >= 256 on its longer side), its boxes and masks with it."""
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[0, 0] = 255
+    masks = np.zeros((1, 30, 40), bool)
+    masks[0, 20:, 30:] = True
+    out = np.asarray(draw(image, np.array([[2, 14, 20, 28]]), ["[0]"], masks))
+    assert out.shape == (210, 280, 3)
+    assert (out[:7, :7] == 255).all() and not out[7, 7].any()  # one pixel became a 7x7 block
+    assert out[20 * 7, 30 * 7].any() and not out[20 * 7 - 1, 30 * 7].any()  # the mask's corner, scaled
+    assert out[14 * 7, 10 * 7].any() and not out[14 * 7 + 1, 10 * 7].any()  # the box's top edge, scaled
+    assert np.asarray(draw(np.zeros((300, 20, 3), np.uint8), np.zeros((0, 4)), [])).shape == (300, 20, 3)
 
 
 @pytest.fixture
