@@ -3,8 +3,8 @@
 Trains on every device of every process (multi-host: start the same command on each host; SLURM is detected,
 a Cloud TPU VM slice under JAXGROUND_MULTIHOST=1 (launch/tpu_vm.sh), or pass --coordinator/--num-processes/
 --process-id). Resumes from the latest
-checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted (checkpoint saved), 1 diverged,
-2 bad config.
+checkpoint in WORKDIR when there is one. Exit status: 0 done or preempted by SIGTERM (checkpoint saved), 1
+diverged, 2 bad config, 130 stopped by Ctrl-C (checkpoint saved; a second Ctrl-C stops without saving).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def run(args) -> int:
         print(f"jaxground train: stopped: {e}")
         return 1
     if jax.process_index() == 0:
-        if result.status == "preempted":
-            print(f"preempted at step {result.step}; rerun the same command to resume")
+        if result.status != "done":
+            print(f"{result.status} at step {result.step}; rerun the same command to resume")
         else:
             print(f"done: step {result.step}; eval {json.dumps(result.eval)}; workdir {workdir}")
-    return 0
+    return 130 if result.status == "interrupted" else 0

@@ -1,4 +1,4 @@
-"""The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
+"""The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly on SIGTERM or Ctrl-C.
 
 Generic over what it trains: a `Task` gives the model factory, the loss, the training batches (an iterator of
 this process's numpy rows with `get_state`/`set_state`) and optionally an evaluation. The config supplies
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ class Task:
 @dataclasses.dataclass
 class Result:
     step: int
-    status: str  # "done" | "preempted"
+    status: str  # "done" | "preempted" (SIGTERM) | "interrupted" (Ctrl-C); both saved the last step
     eval: dict
     last_metrics: dict
 
@@ -48,28 +49,40 @@ class Diverged(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM sets a flag that the loop checks after each step (saving from inside a handler is unsafe)."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag that the loop checks after each step (saving from inside a
+    handler is unsafe); a second Ctrl-C raises KeyboardInterrupt at once. SIGINT is left alone where the process
+    ignores it (a background job of a shell)."""
+
+    STATUS = {1: "preempted", 2: "interrupted"}  # the flag's values; the larger wins across hosts
 
     def __init__(self):
-        self.requested = False
+        self.requested = 0
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # the next Ctrl-C stops at once
+            os.write(2, b"\nCtrl-C: saving after this step, then stopping (Ctrl-C again to stop without saving)\n")
+        self.requested = max(self.requested, 2 if signum == signal.SIGINT else 1)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
-    def agreed(self) -> bool:
-        """Every process stops at the same step: a flag raised on any host stops all of them."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
+    def agreed(self) -> str | None:
+        """The status to stop with ("preempted" or "interrupted"), or None to go on. Every process stops at the
+        same step: a flag raised on any host stops all of them."""
+        requested = self.requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+            requested = int(multihost_utils.process_allgather(np.int32(requested)).max())
+        return self.STATUS.get(requested)
 
 
 def _log(*args) -> None:
@@ -211,8 +224,9 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
                     ckpt.save(step, jax.tree.unflatten(treedef, leaves), data_state=data_state,
                               config=config_json(config), force=True)
                 if preempted:
-                    status = "preempted"
-                    _log(f"SIGTERM: saved step {step} to {ckpt.directory / str(step)}; stopping")
+                    status = preempted
+                    _log(f"{'SIGTERM' if preempted == 'preempted' else 'Ctrl-C'}: saved step {step} to "
+                         f"{ckpt.directory / str(step)}; stopping")
                     break
         ckpt.wait()
         if status == "done" and eval_step is not None:

@@ -94,6 +94,36 @@ def test_sigterm_saves_and_restores(tmp_path):
     assert checkpoint.resolve(tmp_path)[1] == 6
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler, as in a terminal (a test worker may ignore SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_and_stops_and_a_second_stops_at_once(tmp_path, ctrl_c_raises, capfd):
+    def interrupt(times):
+        def hook(step, state, metrics):
+            if step == 2:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return hook
+
+    stopped = toy_run.fit(tmp_path / "once", steps=6, save_every=100, hooks=[interrupt(1)])
+    assert stopped.status == "interrupted" and stopped.step == 2
+    assert checkpoint.resolve(tmp_path / "once")[1] == 2
+    assert "Ctrl-C: saving after this step" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed = toy_run.fit(tmp_path / "once", steps=6, save_every=100)
+    assert resumed.status == "done" and resumed.step == 6
+
+    with pytest.raises(KeyboardInterrupt):
+        toy_run.fit(tmp_path / "twice", steps=6, save_every=100, hooks=[interrupt(2)])
+    assert not (tmp_path / "twice" / "checkpoints" / "2").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
     original = toy.make_batch
 
