@@ -53,7 +53,7 @@ class _Preemption:
     handler is unsafe); a second Ctrl-C raises KeyboardInterrupt at once. SIGINT is left alone where the process
     ignores it (a background job of a shell)."""
 
-    STATUS = {1: "preempted", 2: "interrupted"}  # the flag's values; the larger wins across hosts
+    STATUS = (None, "preempted", "interrupted")  # by the flag's value; the larger wins across hosts
 
     def __init__(self):
         self.requested = 0
@@ -82,7 +82,7 @@ class _Preemption:
             from jax.experimental import multihost_utils
 
             requested = int(multihost_utils.process_allgather(np.int32(requested)).max())
-        return self.STATUS.get(requested)
+        return self.STATUS[requested]
 
 
 def _log(*args) -> None:
