@@ -58,6 +58,10 @@ def vision_config_from_shapes(shapes: dict, prefix: str, **overrides) -> ClipVis
     """A CLIP tower's config read off its weights (`prefix` ends before `embeddings.`); heads assume
     head dim 64 (true of every OpenAI CLIP) unless `num_heads` is given."""
     width, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
+    if prefix + "embeddings.position_embedding.weight" not in shapes:
+        raise ValueError(f"the vision tower has no position table ({prefix}embeddings.position_embedding.weight), "
+                         "so its image size cannot be read off its weights (a tower with sin-cos positions): its "
+                         "config.json needs the `jaxground` entry that `jaxground export` writes")
     positions = shapes[prefix + "embeddings.position_embedding.weight"][0] - 1
     side = round(positions**0.5)
     layers = len({m.group(1) for k in shapes if (m := re.fullmatch(re.escape(prefix) + r"encoder\.layers\.(\d+)\..*", k))})
@@ -144,21 +148,30 @@ def released_layout(cfg, variables: dict[str, tuple[tuple, str]]) -> list[dict]:
 
 def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None = None, dtype: str = "float32"):
     """NextChatConfig of a released checkpoint: LLM from config.json, vision from its weights (or `vision`),
-    projector from `mm_depth` / the keys, SAM from its weights."""
+    projector from `mm_depth` / the keys, SAM from its weights. A `jaxground export`'s config.json gives the
+    vision tower's and SAM's configs and `box_prior` in its `jaxground` entry (`official.jaxground_entry`): the
+    weights do not give heads other than the official models' (CLIP's of width 64, SAM decoder's 8), nor a tower
+    with sin-cos positions."""
     from jaxground.models.nextchat import NextChatConfig
+    from jaxground.models.sam.config import SamConfig
 
     llm = LlamaConfig.from_hf(hf, dtype=dtype, param_dtype=dtype)
     select = hf.get("mm_vision_select_layer", -1)  # the official default (`getattr(config, ..., -1)`)
+    entry = hf.get("jaxground", {})
     vprefix = _vision_prefix(shapes)
     if vision is None:
         if vprefix is None:
             raise ValueError("this NExT-Chat checkpoint holds no vision tower (model.vision_tower.*): add a CLIP "
                              "checkpoint as another source")
-        vision = vision_config_from_shapes(shapes, vprefix)
+        vision = ClipVisionConfig(**entry["vision"]) if "vision" in entry else vision_config_from_shapes(shapes, vprefix)
     vision = dataclasses.replace(vision, select_layer=select, dtype=dtype, param_dtype=dtype)
     projector = "mlp2x_gelu" if "model.mm_projector.2.weight" in shapes else "linear"
-    sam = sam_conv.config_from_shapes(shapes) if any(k.startswith("sam.model.") for k in shapes) else None
-    return NextChatConfig(llm=llm, vision=vision, projector=projector, tokens=_tokens(llm.vocab_size), sam=sam)
+    sam = None
+    if any(k.startswith("sam.model.") for k in shapes):
+        sam = (SamConfig(**entry["sam"] | {"global_attn_indexes": tuple(entry["sam"]["global_attn_indexes"])})
+               if "sam" in entry else sam_conv.config_from_shapes(shapes))
+    return NextChatConfig(llm=llm, vision=vision, projector=projector, tokens=_tokens(llm.vocab_size), sam=sam,
+                          box_prior=entry.get("box_prior", False))
 
 
 def released_parts(source, shapes: dict, cfg, clip_source=None) -> list[Part]:

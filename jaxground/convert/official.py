@@ -14,10 +14,15 @@ Facts from the official code (`mllm/models/nextchat`, `mllm/models/builder/build
   `<im_patch> <im_start> <im_end> <at> <boxes>`, and when any is new it resizes the embeddings and overwrites the
   new rows. So the tokenizer must already hold them at the model's ids: transformers 4.31, which the official
   code pins, reads them from `added_tokens.json` (as LLaVA-lineage checkpoints ship them).
+
+config.json also carries a `jaxground` entry, which the official code ignores: what the weights alone do not give
+back to `jaxground convert` (`nextchat.released_config`), the vision tower's config (its heads, sin-cos positions,
+which leave no table) and SAM's (its mask decoder's heads), and `box_prior`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,7 +61,18 @@ def hf_config(cfg, torch_dtype: str) -> dict:
         "mm_use_im_start_end": True,
         "mm_vision_tower": CLIP_L14.get(vision.image_size) if l14 else None,
         "sam_path": None,
+        "jaxground": jaxground_entry(cfg),
     }
+
+
+def jaxground_entry(cfg) -> dict:
+    """config.json's `jaxground` entry of a NextChatConfig (the module docstring says why)."""
+    vision = {k: v for k, v in dataclasses.asdict(cfg.vision).items()
+              if k not in ("select_layer", "dtype", "param_dtype")}  # config.json and --dtype give these
+    entry = {"vision": vision, "box_prior": cfg.box_prior}
+    if cfg.sam is not None:
+        entry["sam"] = dataclasses.asdict(cfg.sam)
+    return entry
 
 
 def tokenizer_files(directory: Path, cfg, extra_tokens=()) -> dict[str, bytes]:

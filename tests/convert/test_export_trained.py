@@ -1,6 +1,7 @@
 """`jaxground export` of a training checkpoint: a tiny NextChat with SAM and the two training aids, random weights,
 saved as `jaxground train` saves (Orbax manager, run config in `meta`, a sentencepiece LLaMA-style tokenizer) ->
-export -> `jaxground convert` reads back exactly its arrays; the exported directory loads into (a torch reference of)
+export -> `jaxground convert` reads back exactly its arrays and config, the embedded default's choices that the
+weights do not show included (sin-cos CLIP positions, heads other than the official models'); the exported directory loads into (a torch reference of)
 the official classes with our projector, and its tokenizer already holds the NExT-Chat tokens at the model's ids."""
 
 import dataclasses
@@ -25,11 +26,13 @@ AIDS = ("patch_head.", "attr_head.")
 SAM = ("model.sam.img_size=32", "model.sam.patch_size=8", "model.sam.width=32", "model.sam.depth=2",
        "model.sam.num_heads=2", "model.sam.window_size=2", "model.sam.global_attn_indexes=(1,)",
        "model.sam.prompt_dim=16", "model.sam.mask_in_chans=4", "model.sam.decoder_depth=1",
-       "model.sam.decoder_heads=8", "model.sam.decoder_mlp_dim=32", "model.sam.iou_head_hidden_dim=16")
-# the converter reads CLIP heads (head dim 64) and SAM decoder heads (8) as every official model has them
+       "model.sam.decoder_heads=2", "model.sam.decoder_mlp_dim=32", "model.sam.iou_head_hidden_dim=16")
+# sin-cos positions (no table), CLIP heads of width 8 and SAM decoder heads 2: the weights alone would read as
+# an official model's (head width 64, decoder heads 8), so config.json's `jaxground` entry must carry them
 TINY = ("data.image_size=32", "data.num_image_tokens=16", "data.mask_size=16", "data.sam_size=32",
         "model.vision.image_size=32", "model.vision.hidden_size=32", "model.vision.intermediate_size=64",
-        "model.vision.num_layers=2", "model.vision.num_heads=1", "model.vision.position_embedding=learned",
+        "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.position_embedding=sincos",
+        "model.box_prior=True",
         "model.vision.select_layer=-2", "model.llm.hidden_size=32", "model.llm.intermediate_size=64",
         "model.llm.num_layers=2", "model.llm.num_heads=2", "model.llm.num_kv_heads=1", "model.llm.max_position=96",
         *SAM)
@@ -84,7 +87,7 @@ def trained(tmp_path_factory):
     return root, model, cfg
 
 
-def test_training_checkpoint_exports_what_convert_reads_back(trained, tmp_path):
+def test_training_checkpoint_exports_what_convert_reads_back(trained, tmp_path, capsys):
     from jaxground.convert.store import load_converted, stored_variables
 
     root, model, cfg = trained
@@ -95,9 +98,17 @@ def test_training_checkpoint_exports_what_convert_reads_back(trained, tmp_path):
     assert sorted(theirs) == sorted(ours)  # everything but the training aids, which the release has no place for
     for path, array in ours.items():
         assert theirs[path].dtype == array.dtype and np.array_equal(theirs[path], array), path
-    # config.json and the weights carry the model: the same LLM, tower, projector, token ids and SAM come back
-    assert (back_cfg.llm, back_cfg.vision, back_cfg.projector, back_cfg.tokens, back_cfg.sam) == \
-           (cfg.llm, cfg.vision, cfg.projector, cfg.tokens, cfg.sam)
+    # config.json and the weights carry the model: the same LLM, tower, projector, token ids, SAM and box prior
+    assert (back_cfg.llm, back_cfg.vision, back_cfg.projector, back_cfg.tokens, back_cfg.sam, back_cfg.box_prior) == \
+           (cfg.llm, cfg.vision, cfg.projector, cfg.tokens, cfg.sam, cfg.box_prior)
+    # without the `jaxground` entry (a config.json of the release's kind) the tower's size cannot be read
+    torch_dir = tmp_path / "no_entry"
+    shutil.copytree(root / "torch", torch_dir)
+    config = json.loads((torch_dir / "config.json").read_text())
+    del config["jaxground"]
+    (torch_dir / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(torch_dir), "--out", str(tmp_path / "back2")]) == 2
+    assert "has no position table" in capsys.readouterr().err
 
 
 def test_exported_directory_loads_into_the_official_classes(trained, tmp_path):
