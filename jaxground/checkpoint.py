@@ -53,8 +53,9 @@ def decode_data_state(state):
     return state
 
 
-def check_model_shapes(saved, abstract, where: str) -> None:
-    """Raises CheckpointMismatch listing every missing, unexpected and mis-shaped array."""
+def check_model_shapes(saved, abstract, where: str, *, fresh: tuple[str, ...] | None = None) -> None:
+    """Raises CheckpointMismatch listing every missing, unexpected and mis-shaped array; for an `--init-from`
+    checkpoint (`fresh`: its run's train.fresh), with the train.fresh that starts the missing ones fresh."""
     have, want = _shapes(saved), _shapes(abstract)
     problems = [f"missing in checkpoint: {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
     problems += [f"not in the model: {k} {have[k]}" for k in sorted(have.keys() - want.keys())]
@@ -65,7 +66,12 @@ def check_model_shapes(saved, abstract, where: str) -> None:
     ]
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  {shown}")
+        missing = sorted({k.split("/")[0] for k in want.keys() - have.keys()})
+        hint = ""
+        if fresh is not None and missing:
+            hint = ("\nto start the arrays it lacks from a fresh initialisation, list their prefixes in train.fresh: "
+                    f"train.fresh=\"{tuple(dict.fromkeys((*fresh, *missing)))}\"")
+        raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  {shown}{hint}")
 
 
 def _process_file() -> str:
@@ -250,7 +256,7 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
             return name in have or not (fresh and name.startswith(fresh))
 
         wanted, _ = nnx.split_state(abstract_model, keep, ...)
-        check_model_shapes(saved, wanted, str(directory / str(step)))
+        check_model_shapes(saved, wanted, str(directory / str(step)), fresh=fresh)
         wanted_shardings, _ = nnx.split_state(shardings, keep, ...)
         out = manager.restore(step, args=ocp.args.Composite(
             model=ocp.args.StandardRestore(_with_shardings(wanted, wanted_shardings), strict=not fresh)))
@@ -302,7 +308,7 @@ def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[st
         return name in have or not (fresh and name.startswith(fresh))
 
     wanted, _ = nnx.split_state(abstract_model, keep, ...)
-    check_model_shapes(saved, wanted, str(path))
+    check_model_shapes(saved, wanted, str(path), fresh=fresh)
     wanted_shardings, _ = nnx.split_state(shardings, keep, ...)
     kept, _ = nnx.split_state(saved, keep, ...)
     return jax.tree.map(lambda x, w, s: jax.device_put(x.astype(w.dtype), s), kept, wanted, wanted_shardings)

@@ -49,8 +49,10 @@ def test_fresh_does_not_hide_other_missing_parts(tmp_path):
     mesh = parallel.make_mesh((1, -1, 1))
     with jax.set_mesh(mesh):
         _, abstract, sh = plan(lambda: WithHead(nnx.Rngs(0)), mesh)
-        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head"):
+        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head") as refused:
             checkpoint.load_model(tmp_path, abstract.model, sh.model, fresh=("sam",))
+    # the refusal names the train.fresh that would start them fresh, the run's own prefixes kept
+    assert str(refused.value).endswith("""train.fresh="('sam', 'mask_head')\"""")
 
 
 def test_resolve_and_data_state_roundtrip(tmp_path):
