@@ -149,7 +149,7 @@ def released_layout(cfg, variables: dict[str, tuple[tuple, str]]) -> list[dict]:
 def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None = None, dtype: str = "float32"):
     """NextChatConfig of a released checkpoint: LLM from config.json, vision from its weights (or `vision`),
     projector from `mm_depth` / the keys, SAM from its weights. A `jaxground export`'s config.json gives the
-    vision tower's and SAM's configs and `box_prior` in its `jaxground` entry (`official.jaxground_entry`): the
+    vision tower's and SAM's configs in its `jaxground` entry (`official.jaxground_entry`): the
     weights do not give heads other than the official models' (CLIP's of width 64, SAM decoder's 8), nor a tower
     with sin-cos positions."""
     from jaxground.models.nextchat import NextChatConfig
@@ -170,8 +170,7 @@ def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None =
     if any(k.startswith("sam.model.") for k in shapes):
         sam = (SamConfig(**entry["sam"] | {"global_attn_indexes": tuple(entry["sam"]["global_attn_indexes"])})
                if "sam" in entry else sam_conv.config_from_shapes(shapes))
-    return NextChatConfig(llm=llm, vision=vision, projector=projector, tokens=_tokens(llm.vocab_size), sam=sam,
-                          box_prior=entry.get("box_prior", False))
+    return NextChatConfig(llm=llm, vision=vision, projector=projector, tokens=_tokens(llm.vocab_size), sam=sam)
 
 
 def released_parts(source, shapes: dict, cfg, clip_source=None) -> list[Part]:

@@ -16,8 +16,8 @@ Facts from the official code (`mllm/models/nextchat`, `mllm/models/builder/build
   code pins, reads them from `added_tokens.json` (as LLaVA-lineage checkpoints ship them).
 
 config.json also carries a `jaxground` entry, which the official code ignores: what the weights alone do not give
-back to `jaxground convert` (`nextchat.released_config`), the vision tower's config (its heads, sin-cos positions,
-which leave no table) and SAM's (its mask decoder's heads), and `box_prior`.
+back to `jaxground convert` (`nextchat.released_config`): the vision tower's config (its heads, sin-cos positions,
+which leave no table) and SAM's (its mask decoder's heads).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def jaxground_entry(cfg) -> dict:
     """config.json's `jaxground` entry of a NextChatConfig (the module docstring says why)."""
     vision = {k: v for k, v in dataclasses.asdict(cfg.vision).items()
               if k not in ("select_layer", "dtype", "param_dtype")}  # config.json and --dtype give these
-    entry = {"vision": vision, "box_prior": cfg.box_prior}
+    entry = {"vision": vision}
     if cfg.sam is not None:
         entry["sam"] = dataclasses.asdict(cfg.sam)
     return entry

@@ -32,7 +32,6 @@ SAM = ("model.sam.img_size=32", "model.sam.patch_size=8", "model.sam.width=32", 
 TINY = ("data.image_size=32", "data.num_image_tokens=16", "data.mask_size=16", "data.sam_size=32",
         "model.vision.image_size=32", "model.vision.hidden_size=32", "model.vision.intermediate_size=64",
         "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.position_embedding=sincos",
-        "model.box_prior=True",
         "model.vision.select_layer=-2", "model.llm.hidden_size=32", "model.llm.intermediate_size=64",
         "model.llm.num_layers=2", "model.llm.num_heads=2", "model.llm.num_kv_heads=1", "model.llm.max_position=96",
         *SAM)
@@ -98,9 +97,9 @@ def test_training_checkpoint_exports_what_convert_reads_back(trained, tmp_path, 
     assert sorted(theirs) == sorted(ours)  # everything but the training aids, which the release has no place for
     for path, array in ours.items():
         assert theirs[path].dtype == array.dtype and np.array_equal(theirs[path], array), path
-    # config.json and the weights carry the model: the same LLM, tower, projector, token ids, SAM and box prior
-    assert (back_cfg.llm, back_cfg.vision, back_cfg.projector, back_cfg.tokens, back_cfg.sam, back_cfg.box_prior) == \
-           (cfg.llm, cfg.vision, cfg.projector, cfg.tokens, cfg.sam, cfg.box_prior)
+    # config.json and the weights carry the model: the same LLM, tower, projector, token ids and SAM come back
+    assert (back_cfg.llm, back_cfg.vision, back_cfg.projector, back_cfg.tokens, back_cfg.sam) == \
+           (cfg.llm, cfg.vision, cfg.projector, cfg.tokens, cfg.sam)
     # without the `jaxground` entry (a config.json of the release's kind) the tower's size cannot be read
     torch_dir = tmp_path / "no_entry"
     shutil.copytree(root / "torch", torch_dir)
