@@ -29,7 +29,7 @@ from flax import nnx
 from jaxground.convert import clip as clip_conv
 from jaxground.convert import llama as llama_conv
 from jaxground.convert import sam as sam_conv
-from jaxground.convert.store import Part, place_into, plan, run, stored_variables
+from jaxground.convert.store import Part, config_from_json, place_into, plan, run, stored_variables
 from jaxground.convert.table import Rule, transpose
 from jaxground.models.clip import ClipVisionConfig
 from jaxground.models.llama import LlamaConfig
@@ -153,7 +153,6 @@ def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None =
     weights do not give heads other than the official models' (CLIP's of width 64, SAM decoder's 8), nor a tower
     with sin-cos positions."""
     from jaxground.models.nextchat import NextChatConfig
-    from jaxground.models.sam.config import SamConfig
 
     llm = LlamaConfig.from_hf(hf, dtype=dtype, param_dtype=dtype)
     select = hf.get("mm_vision_select_layer", -1)  # the official default (`getattr(config, ..., -1)`)
@@ -163,13 +162,12 @@ def released_config(shapes: dict, hf: dict, *, vision: ClipVisionConfig | None =
         if vprefix is None:
             raise ValueError("this NExT-Chat checkpoint holds no vision tower (model.vision_tower.*): add a CLIP "
                              "checkpoint as another source")
-        vision = ClipVisionConfig(**entry["vision"]) if "vision" in entry else vision_config_from_shapes(shapes, vprefix)
-    vision = dataclasses.replace(vision, select_layer=select, dtype=dtype, param_dtype=dtype)
+        vision = config_from_json(entry["vision"])[1] if "vision" in entry else vision_config_from_shapes(shapes, vprefix)
+    vision = dataclasses.replace(vision, select_layer=select, dtype=dtype, param_dtype=dtype)  # config.json's, --dtype
     projector = "mlp2x_gelu" if "model.mm_projector.2.weight" in shapes else "linear"
     sam = None
     if any(k.startswith("sam.model.") for k in shapes):
-        sam = (SamConfig(**entry["sam"] | {"global_attn_indexes": tuple(entry["sam"]["global_attn_indexes"])})
-               if "sam" in entry else sam_conv.config_from_shapes(shapes))
+        sam = config_from_json(entry["sam"])[1] if "sam" in entry else sam_conv.config_from_shapes(shapes)
     return NextChatConfig(llm=llm, vision=vision, projector=projector, tokens=_tokens(llm.vocab_size), sam=sam)
 
 

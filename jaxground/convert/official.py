@@ -22,9 +22,10 @@ which leave no table) and SAM's (its mask decoder's heads).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+
+from jaxground.convert.store import config_to_json
 
 # the OpenAI towers of jaxground's released-size configs, by image size (recorded in config.json only)
 CLIP_L14 = {224: "openai/clip-vit-large-patch14", 336: "openai/clip-vit-large-patch14-336"}
@@ -66,12 +67,11 @@ def hf_config(cfg, torch_dtype: str) -> dict:
 
 
 def jaxground_entry(cfg) -> dict:
-    """config.json's `jaxground` entry of a NextChatConfig (the module docstring says why)."""
-    vision = {k: v for k, v in dataclasses.asdict(cfg.vision).items()
-              if k not in ("select_layer", "dtype", "param_dtype")}  # config.json and --dtype give these
-    entry = {"vision": vision}
+    """config.json's `jaxground` entry of a NextChatConfig (the module docstring says why), in the converted
+    store's config format (`store.config_from_json` reads it back)."""
+    entry = {"vision": config_to_json("clip", cfg.vision)}
     if cfg.sam is not None:
-        entry["sam"] = dataclasses.asdict(cfg.sam)
+        entry["sam"] = config_to_json("sam", cfg.sam)
     return entry
 
 
