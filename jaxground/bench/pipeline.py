@@ -32,7 +32,9 @@ def _torch_rate(cfg, workers: int, batches: int, batch_size: int) -> float:
     import numpy as np
     import torch
 
-    from jaxground.data.pipeline import Mixture, SampleMaker, build_source, make_encoder
+    from jaxground.data.mixture import Mixture, build_source
+    from jaxground.data.pipeline import make_encoder
+    from jaxground.data.sample import SampleMaker
 
     encoder, _ = make_encoder(cfg)
     mixture = Mixture({n: build_source(e) for n, e in cfg.datasets.items()}, {n: e.weight for n, e in

@@ -1,6 +1,6 @@
 """Multi-host evaluation: the prediction rows of every process, in sample order, on every process.
 
-Each process evaluates its own shard of a split: the evaluation sampler (`data.pipeline.MixtureSampler`) deals
+Each process evaluates its own shard of a split: the evaluation sampler (`data.mixture.MixtureSampler`) deals
 host h of n the samples h, h + n, h + 2n, ... (the split padded to a multiple of n with invalid rows), so the row
 at position p of host h's batches (padding rows counted) is sample p * n + h. Rows travel as JSON through JAX's
 collectives (no shared file system is assumed) and are sorted by that number: every process then holds the rows

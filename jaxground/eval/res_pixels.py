@@ -90,9 +90,9 @@ def pixel_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]
 
 def sample_ground_truth(ex, image_root: str) -> np.ndarray:
     """The ground truth of an evaluation sample at its image's pixels, int32[H, W]: an evaluation sample holds one
-    REC item (`pipeline.PerItem`) whose object is its answer's only trigger; polygons as the released code
+    REC item (`mixture.PerItem`) whose object is its answer's only trigger; polygons as the released code
     decodes them, or the record's own mask (as `SampleMaker._masks`, a record's masks come first)."""
-    from jaxground.data.pipeline import image_size
+    from jaxground.data.sample import image_size
 
     obj = ex.tasks["rec"][0]["obj"]
     if ex.masks is not None:

@@ -6,14 +6,8 @@ import pytest
 
 from jaxground.data.batch import Batch
 from jaxground.data.conversation import IGNORE, BadSample
-from jaxground.data.pipeline import (
-    ListSource,
-    Mixture,
-    MixtureSampler,
-    build_source,
-    make_pipeline,
-    pipeline_config,
-)
+from jaxground.data.mixture import ListSource, Mixture, MixtureSampler, build_source
+from jaxground.data.pipeline import make_pipeline, pipeline_config
 from jaxground.data.records import Example, png_bytes, write_records
 
 
