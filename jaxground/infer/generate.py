@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxground.infer import sampling
 from jaxground.models.kv_cache import KVCache
 from jaxground.models.llama import Llama
 
@@ -178,40 +179,6 @@ class _Finished:
     flag: jax.Array  # bool[R] the slot holds a hypothesis
 
 
-def sampling_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    min_keep: int = 1) -> jax.Array:
-    """[R,V] logits -> the logits sampling draws from, warped as HF `generate` warps them and in its order:
-    divided by `temperature`, then `top_k_filter`, then `top_p_filter` (filtered tokens -inf), each keeping at
-    least `min_keep` tokens (HF's `min_tokens_to_keep`: 2 when num_beams > 1). A filter at its neutral value
-    (top_k 0, top_p 1) is skipped, as HF skips it; the arguments are static."""
-    logits = logits / temperature
-    if 0 < top_k and max(top_k, min_keep) < logits.shape[-1]:
-        logits = top_k_filter(logits, max(top_k, min_keep))
-    if top_p < 1:
-        logits = top_p_filter(logits, top_p, min_keep)
-    return logits
-
-
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """[R,V] logits with every token below the k-th largest set to -inf; tokens tied with the k-th stay (HF's
-    `TopKLogitsWarper`)."""
-    kth = jax.lax.top_k(logits, k)[0][:, -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, top_p: float, min_keep: int = 1) -> jax.Array:
-    """[R,V] logits with every token outside the nucleus set to -inf (the `min_keep` most likely tokens always
-    stay): a token stays while the tokens more likely than it hold less than top_p, HF's `TopPLogitsWarper` rule.
-    Of tokens tied at the nucleus edge the lower indices stay (HF's unstable torch sort picks any)."""
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    keep_sorted = (before < top_p) | (jnp.arange(logits.shape[-1]) < min_keep)
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
-
-
 def _one_hot_logp(token: int, vocab: int) -> jax.Array:
     return jnp.where(jnp.arange(vocab) == token, 0.0, -jnp.inf)
 
@@ -221,7 +188,7 @@ def _step_logp(state: _State, cfg: GenerationConfig) -> tuple[jax.Array, jax.Arr
     vocab = state.logits.shape[-1]
     logits = state.logits
     if cfg.method == "sample":
-        logits = sampling_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        logits = sampling.sampling_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
     logp = jax.nn.log_softmax(logits, axis=-1)
     forced = (state.fed == cfg.at_id) & ~state.done if cfg.at_id >= 0 else jnp.zeros_like(state.done)
     logp = jnp.where(forced[:, None], _one_hot_logp(cfg.boxes_id, vocab), logp)
@@ -360,9 +327,9 @@ def _drawn_candidates(s: _State, logp: jax.Array, cfg: GenerationConfig, w: int)
     b, k = rows // w, 2 * w
     # 4.31 warps the sum (log p + running beam score), not log p: the temperature divides the whole history again
     # at every step, and the warped sum is the beam score carried on (its own note: "intentionally")
-    warped = sampling_logits(logp + s.scores[:, None], cfg.temperature, cfg.top_k, cfg.top_p, min_keep=2)
+    warped = sampling.sampling_logits(logp + s.scores[:, None], cfg.temperature, cfg.top_k, cfg.top_p, min_keep=2)
     flat = warped.reshape(b, w * vocab)
-    drawn = _draw_without_replacement(jax.random.fold_in(s.rng, s.step), flat, k)  # [B,2W]
+    drawn = sampling.draw_without_replacement(jax.random.fold_in(s.rng, s.step), flat, k)  # [B,2W]
     cand, order = jax.lax.top_k(jnp.take_along_axis(flat, drawn, 1), k)  # the drawn scores, best first
     return cand, jnp.take_along_axis(drawn, order, 1)
 
@@ -466,15 +433,6 @@ def _run_on(llm: Llama, locator, head, s: _State, cfg: GenerationConfig, w: int,
         searching=searching,
     )
     return _feed(llm, locator, head, s, token, forced, box, jnp.ones_like(s.done))
-
-
-def _draw_without_replacement(key: jax.Array, scores: jax.Array, k: int) -> jax.Array:
-    """Indices int32[B,k] of k draws without replacement from softmax(scores [B,M]), as `torch.multinomial(probs,
-    k)` draws them, as an exponential race: with E ~ Exp(1) drawn from `key` for every entry ([B,M] float32), the k
-    largest p / E (taken here as log p - log E) arrive first in successive sampling proportional to p. Entries of
-    probability 0 come last (HF's multinomial refuses to draw them)."""
-    e = jax.random.exponential(key, scores.shape, jnp.float32)
-    return jax.lax.top_k(jax.nn.log_softmax(scores, axis=-1) - jnp.log(e), k)[1]
 
 
 def _finalize_running(s: _State, cfg: GenerationConfig, w: int) -> _State:

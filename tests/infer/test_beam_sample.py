@@ -33,6 +33,7 @@ from transformers.generation.logits_process import (
 )
 
 from jaxground.infer import generate as gen
+from jaxground.infer import sampling
 
 _spec = importlib.util.spec_from_file_location("_hf431_reference", Path(__file__).parent / "_hf431_reference.py")
 ref = importlib.util.module_from_spec(_spec)
@@ -186,7 +187,7 @@ def test_min_keep_keeps_two_tokens():
     """HF keeps at least 2 tokens per row when num_beams > 1 (min_tokens_to_keep), through top-k 1 and a tiny top-p."""
     logits = jnp.log(jnp.array([[0.9, 0.06, 0.03, 0.01]]))
     for top_k, top_p in ((1, 1.0), (0, 1e-3), (1, 1e-3)):
-        kept = np.isfinite(np.asarray(gen.sampling_logits(logits, 1.0, top_k, top_p, min_keep=2)))
+        kept = np.isfinite(np.asarray(sampling.sampling_logits(logits, 1.0, top_k, top_p, min_keep=2)))
         np.testing.assert_array_equal(kept, [[True, True, False, False]])
 
 

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 from jaxground.infer import generate as gen
+from jaxground.infer import sampling
 from jaxground.models.locator import BoxDecoder, BoxEncoder
 
 _spec = importlib.util.spec_from_file_location("_hf431_reference", Path(__file__).parent / "_hf431_reference.py")
@@ -114,7 +115,7 @@ def test_tiny_top_p_sampling_is_greedy(pair):
 
 def test_top_p_filter_keeps_the_nucleus():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = np.isfinite(np.asarray(gen.top_p_filter(logits, 0.7)))
+    kept = np.isfinite(np.asarray(sampling.top_p_filter(logits, 0.7)))
     np.testing.assert_array_equal(kept, [[True, True, False, False]])
 
 
@@ -143,7 +144,7 @@ def test_sampling_logits_match_hf_warpers(pair, temperature, top_k, top_p):
     rng = np.random.default_rng(top_k)
     smooth = rng.normal(0, 3, (64, 300)).astype(np.float32)
     tied = (rng.integers(-6, 7, (64, 300)) / 2).astype(np.float32)
-    warp = jax.jit(gen.sampling_logits, static_argnums=(1, 2, 3))
+    warp = jax.jit(sampling.sampling_logits, static_argnums=(1, 2, 3))
     for logits in (smooth, tied):
         want = hf_warp(hf, logits, temperature, top_k, top_p)
         got = np.asarray(warp(logits, temperature, top_k, top_p))
