@@ -27,17 +27,20 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$TPU" ] && [ -n "$ZONE" ] || { echo "need --tpu NAME and --zone ZONE"; exit 2; }
 [ $# -gt 0 ] || { echo "need train arguments after --, e.g. -- --config configs/nextchat_7b_stage1.py"; exit 2; }
+Q_DIR=$(printf %q "$DIR") Q_REPO=$(printf %q "$REPO") Q_REF=$(printf %q "$REF")  # quoted for the remote shell
 GCLOUD=(gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all)
 [ -n "$PROJECT" ] && GCLOUD+=(--project "$PROJECT")
 
 if [ "$INSTALL" = 1 ]; then
   [ -n "$REPO" ] || { echo "--repo URL is needed to install (or pass --no-install)"; exit 2; }
-  "${GCLOUD[@]}" --command "set -e; [ -d $DIR ] || git clone $REPO $DIR; cd $DIR && git fetch -q && \
-    git checkout -q $REF && git pull -q || true; python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-    .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'"
+  # any failing step stops the install: a --ref that does not exist must not leave the old checkout training
+  # (a branch is fast-forwarded to its remote; a tag or commit is checked out as it is)
+  "${GCLOUD[@]}" --command "set -e; [ -d $Q_DIR ] || git clone -q $Q_REPO $Q_DIR; cd $Q_DIR; git fetch -q --tags; \
+    git checkout -q $Q_REF; if git symbolic-ref -q HEAD > /dev/null; then git merge -q --ff-only '@{upstream}'; fi; \
+    python3 -m venv .venv; .venv/bin/pip install -q -U pip; .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'"
 fi
 if [ -n "$DATA_PATH" ]; then
-  "${GCLOUD[@]}" --command "cd $DIR && ln -sfn $DATA_PATH data"
+  "${GCLOUD[@]}" --command "cd $Q_DIR && ln -sfn $(printf %q "$DATA_PATH") data"
 fi
 ARGS=$(printf ' %q' "$@")
-"${GCLOUD[@]}" --command "cd $DIR && JAXGROUND_MULTIHOST=1 .venv/bin/jaxground train$ARGS"
+"${GCLOUD[@]}" --command "cd $Q_DIR && JAXGROUND_MULTIHOST=1 .venv/bin/jaxground train$ARGS"
