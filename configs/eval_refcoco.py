@@ -6,7 +6,8 @@ teacher-forced as the authors evaluate it (`rec`); `--tasks rec,rec_gen` adds fr
         paths.coco_images=/data/coco/train2014
 
 Each of `paths.refcoco*` points at a local directory in the `refer` layout (refs(*).p + instances.json), every
-split of all three is evaluated; narrow the splits by editing `REFCOCO_SPLITS` in `_eval.py`.
+split of all three is evaluated; `--splits refcoco_val,refcocog_test` evaluates only those (names as
+`{refcoco,refcoco_plus,refcocog}_{split}`).
 """
 
 import importlib.util

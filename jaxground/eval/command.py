@@ -1,10 +1,10 @@
-"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,res_gen,pope,reg,v7w,count] [--out DIR]
-[--max-new-tokens N] [--resume] [--progress-every SECONDS] [--coordinator HOST:PORT --num-processes N --process-id I]
+"""`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,res_gen,pope,reg,v7w,count]
+[--splits NAME,...] [--out DIR] [--max-new-tokens N] [--resume] [--progress-every SECONDS] [--coordinator HOST:PORT --num-processes N --process-id I]
 [key=value ...]`
 
 Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`
-output on every split of `config.eval.datasets` for each task (`jaxground.eval.evaluate.TASKS`; default
-`config.eval.tasks`, else REC teacher-forced). The last batch of each split is padded (`valid=False` rows), so no
+output on every split of `config.eval.datasets` (or the `--splits` named) for each task
+(`jaxground.eval.evaluate.TASKS`; default `config.eval.tasks`, else REC teacher-forced). The last batch of each split is padded (`valid=False` rows), so no
 sample is dropped or counted twice.
 
 Mesh and hosts, as `jaxground train`: the model is split over the mesh of `mesh.data/fsdp/tensor` (overrides such
@@ -36,6 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's workdir / checkpoint / step dir, or a "
                         "`jaxground convert` output")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: config.eval.tasks or rec)")
+    parser.add_argument("--splits", default=None, help="comma-separated names of config.eval.datasets to evaluate "
+                        "(default: every one); the others' data is not read")
     parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default: "
                         "config.eval.max_new_tokens or 32)")
@@ -58,7 +60,15 @@ def run(args) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
-    from jaxground.eval.evaluate import check_batch, check_options, evaluate, pairs, parse_tasks, plan
+    from jaxground.eval.evaluate import (
+        check_batch,
+        check_options,
+        evaluate,
+        pairs,
+        parse_tasks,
+        plan,
+        select_splits,
+    )
     from jaxground.eval.saved import Store, write_text
     from jaxground.infer.command import load_encoder, load_model, model_config_of
 
@@ -70,6 +80,8 @@ def run(args) -> int:
         if not args.progress_every >= 0:
             raise ValueError(f"--progress-every must be >= 0 seconds, got {args.progress_every}")
         config = load_config(args.config, args.overrides)
+        if args.splits is not None:
+            select_splits(config, args.splits)
         tasks = parse_tasks(args.tasks or config.eval.get("tasks", ("rec",)))
         mesh = parallel.make_mesh(dict(config.mesh))
         check_batch(config, mesh)  # before the weights load

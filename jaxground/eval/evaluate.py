@@ -100,6 +100,18 @@ def task_data_config(config, task: str, split: str, model_cfg):
     return cfg
 
 
+def select_splits(config, names: str) -> None:
+    """Keeps only the named splits ("refcoco_val,refcocog_test") of `config.eval.datasets`, so the others' data
+    is never read."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = list(config.eval.datasets)
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted or len(set(wanted)) < len(wanted):
+        problem = f"no split named {', '.join(unknown)}" if unknown else "name each split once, comma-separated"
+        raise EvalConfigError(f"--splits {names!r}: {problem} (the config's splits: {', '.join(known)})")
+    config.eval.datasets = {n: config.eval.datasets[n] for n in wanted}
+
+
 def pairs(config, tasks) -> list[tuple[str, str]]:
     """Every (task, split) to evaluate, in the order evaluated (task by task)."""
     if not config.eval.datasets:

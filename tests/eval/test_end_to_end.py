@@ -139,7 +139,7 @@ def test_eval_every_shapes_task(setup, capsys):
     # the converted checkpoint of the same weights gives the same figures
     out2 = root / "eval_converted"
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "converted"),
-                     "--out", str(out2), "--tasks", "rec", *args]) == 0
+                     "--out", str(out2), "--tasks", "rec", "--splits", "shapes_test", *args]) == 0
     assert json.loads((out2 / "eval.json").read_text())["rec"] == figures["rec"]
 
 
@@ -237,6 +237,9 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--tasks", "rec,nope", *args]) == 2
     assert "unknown eval tasks ['nope']" in capsys.readouterr().err
+    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--splits", "shapes_val", *args]) == 2
+    assert "--splits 'shapes_val': no split named shapes_val (the config's splits: shapes_test)" in capsys.readouterr().err
 
 
 def test_predict_draws_boxes_and_masks(setup, capsys):
