@@ -34,8 +34,11 @@ ends), or raises `BadSample` naming the file and index in strict mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -114,6 +117,22 @@ class Uniform(grain.MapTransform):
         return {**self.pad, **element, "skip": "", "reason": ""}
 
 
+@contextlib.contextmanager
+def _sigint_blocked(block: bool):
+    """SIGINT held back in this thread. Grain starts its worker processes (through threads of its own) lazily,
+    inside any call of its iterator, and they inherit the blocked mask: a Ctrl-C at the terminal, which reaches the
+    whole process group, then stops the run in the main process alone (training saves and exits) instead of
+    killing each worker with a traceback. A Ctrl-C meanwhile arrives when the block lifts."""
+    if not block or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class DataIterator:
     """Batches of `Batch`-named numpy arrays. Grain delivers `Uniform` rows batched in its workers. Training: bad
     rows are dropped here, counted, and the good ones re-batched, `batch_size` good samples a batch. Evaluation:
@@ -123,7 +142,10 @@ class DataIterator:
 
     def __init__(self, loader: grain.DataLoader, batch_size: int, training: bool, strict: bool, template: dict,
                  mixture: Mixture | None = None, image_roots: dict | None = None, num_batches: int | None = None):
-        self._it = iter(loader)
+        self._workers = bool(loader.multiprocessing_options.num_workers)  # every call into Grain under
+        # `_sigint_blocked`: any of them may start a worker process
+        with _sigint_blocked(self._workers):
+            self._it = iter(loader)
         self.num_batches = num_batches  # evaluation: the batches this host yields (None: training, endless)
         self._mixture, self._image_roots = mixture, image_roots or {}
         self.batch_size, self.training, self.strict = batch_size, training, strict
@@ -132,16 +154,21 @@ class DataIterator:
         self.examples: list[str] = []  # the first few skip messages, for the summary line
         self._done = False
         self._held, self._taken = None, 0  # the loader's batch in hand and how many of its rows are used
-        self._state = self._it.get_state()  # the loader's state before `_held`
+        self._state = self._loader_state()  # the loader's state before `_held`
 
     def __iter__(self):
         return self
 
+    def _loader_state(self) -> bytes:
+        with _sigint_blocked(self._workers):
+            return self._it.get_state()
+
     def _next_held(self) -> bool:
         """Fetches the loader's next batch into `_held`; False when the loader is exhausted."""
-        state = self._it.get_state()
+        state = self._loader_state()
         try:
-            held = next(self._it)
+            with _sigint_blocked(self._workers):
+                held = next(self._it)
         except StopIteration:
             return False
         self._held, self._taken, self._state = held, 0, state
@@ -229,7 +256,8 @@ class DataIterator:
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)
-        self._it.set_state(s["loader"].encode())
+        with _sigint_blocked(self._workers):
+            self._it.set_state(s["loader"].encode())
         self._held, self._taken, self._state = None, 0, s["loader"].encode()
         if s.get("taken"):  # the batch that was in hand, again; its first rows were used before (absent: saved
             # by the per-record iterator before 2026-12-02, whose loader state is already past its last row)

@@ -1,4 +1,7 @@
 import json
+import os
+import signal
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -321,6 +324,35 @@ def test_workers_batch_in_their_processes_and_resume(shapes_dir):
     again = _pipe(cfg)
     again.set_state(state)
     _assert_same_batches([next(again) for _ in range(3)], want)
+    # a Ctrl-C at the terminal reaches the process group: only this process may take it (training saves, then
+    # stops Grain), not the workers, each of which would die with a traceback
+    workers = _descendants(os.getpid())
+    assert len(workers) >= 3  # Python's resource tracker and a worker process of each pipeline at least
+    assert all(_sigint_held_off(pid) for pid in workers), workers
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("PPid:"):
+                parents[int(entry.name)] = int(line.split()[1])
+    out, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier}
+        out += sorted(frontier)
+    return out
+
+
+def _sigint_held_off(pid: int) -> bool:
+    """SIGINT blocked or ignored in process `pid` (Python's resource tracker ignores it; Grain's workers block it)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return bool((int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)) & (1 << (signal.SIGINT - 1)))
 
 
 def test_pipeline_config_overrides_replace_whole_sections():
