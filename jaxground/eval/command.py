@@ -20,6 +20,7 @@ status 2 for a bad config (an unknown `eval.trigger_state` or `eval.pope_parser`
 batch size or checkpoint, reported before any model compute, and for saved splits of another checkpoint, config
 or jaxground code on `--resume`. On several hosts such a refusal on any host is every host's, and a host whose
 `--checkpoint` resolves to another step than process 0's is refused too (no host is left waiting for another).
+Ctrl-C stops with status 130, naming the `--resume` that continues.
 """
 
 from __future__ import annotations
@@ -105,8 +106,16 @@ def run(args) -> int:
 
         if len(done) < len(pairs(config, tasks)):
             model = load_model(config, args.checkpoint, tokens, mesh)
-            results, rows = evaluate(model, encoder, config, tasks, mesh=mesh, max_new_tokens=args.max_new_tokens,
-                                     done=done, on_split=saved, progress_every=args.progress_every, planned=planned)
+            try:
+                results, rows = evaluate(model, encoder, config, tasks, mesh=mesh,
+                                         max_new_tokens=args.max_new_tokens, done=done, on_split=saved,
+                                         progress_every=args.progress_every, planned=planned)
+            except KeyboardInterrupt:
+                print(f"jaxground eval: interrupted; the splits that ended are saved in {out / 'splits'}: rerun "
+                      "the same command with --resume to evaluate only the others", file=sys.stderr)
+                if jax.process_count() > 1:
+                    raise  # `distributed.run_command` stops the other hosts
+                return 130
         else:  # all saved: nothing to load
             results, rows = so_far, [r for pair in pairs(config, tasks) for r in done[pair][1]]
     except (ConfigError, FileNotFoundError, ValueError) as e:

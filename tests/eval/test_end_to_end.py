@@ -173,6 +173,11 @@ def test_eval_saves_each_split_and_resumes_after_a_crash(setup, capsys, monkeypa
     with pytest.raises(RuntimeError, match="preempted"):
         run()
     assert "eval pope/shapes_test: done" not in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "batch_generator",  # Ctrl-C in the second task: status 130 and the way on
+                        lambda *a, **k: (real(*a, **k), lambda batch: (_ for _ in ()).throw(KeyboardInterrupt()))[1])
+    assert run("--resume") == 130
+    assert f"interrupted; the splits that ended are saved in {out / 'splits'}: rerun the same command with --resume" \
+        in capsys.readouterr().err
     assert json.loads((out / "eval.json").read_text()) == {"rec": figures["rec"]}
     assert sorted(p.name for p in (out / "splits").iterdir()) == ["rec.shapes_test.json"]
     assert not (out / "predictions.jsonl").exists()
