@@ -4,6 +4,7 @@ its BPE tokenizer). `jaxground data inspect FILE`: count the records of an Array
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 
@@ -25,18 +26,33 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.action == "shapes":
-        from jaxground.data.shapes import write_dataset
+    try:
+        return _shapes(args) if args.action == "shapes" else _inspect(args)
+    except OSError as e:  # an output that cannot be written, a record file that is not there
+        print(f"jaxground data {args.action}: {e}", file=sys.stderr)
+        return 2
 
-        if not 1 <= args.min_objects <= args.max_objects <= 12 or args.image_size < 16:
-            print("need 1 <= --min-objects <= --max-objects <= 12 and --image-size >= 16")
-            return 2
-        start = time.perf_counter()
-        counts = write_dataset(args.out, train=args.train, val=args.val, test=args.test, size=args.image_size,
-                               seed=args.seed, min_objects=args.min_objects, max_objects=args.max_objects,
-                               workers=args.workers)
-        print(f"wrote {counts} to {args.out} in {time.perf_counter() - start:.1f} s")
-        return 0
+
+def _shapes(args) -> int:
+    from jaxground.data.shapes import write_dataset
+
+    problems = [f"--{k} must be >= 0, got {getattr(args, k)}" for k in ("train", "val", "test") if getattr(args, k) < 0]
+    if not 1 <= args.min_objects <= args.max_objects <= 12:
+        problems.append(f"need 1 <= --min-objects <= --max-objects <= 12, got {args.min_objects} and {args.max_objects}")
+    if args.image_size < 16 or args.workers < 0:
+        problems.append(f"need --image-size >= 16 and --workers >= 0, got {args.image_size} and {args.workers}")
+    if problems:
+        print(f"jaxground data shapes: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    counts = write_dataset(args.out, train=args.train, val=args.val, test=args.test, size=args.image_size,
+                           seed=args.seed, min_objects=args.min_objects, max_objects=args.max_objects,
+                           workers=args.workers)
+    print(f"wrote {counts} to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _inspect(args) -> int:
     from jaxground.data.records import RecordSource
 
     src = RecordSource(args.file)

@@ -1,0 +1,34 @@
+"""`jaxground data shapes` and `jaxground data inspect` from the command line: what they write and print, and the
+one-line refusals (exit 2) for bad counts and paths."""
+
+import json
+
+from jaxground import cli
+
+
+def test_shapes_then_inspect(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert cli.main(["data", "shapes", "--out", str(out), "--train", "3", "--val", "1", "--test", "2"]) == 0
+    assert f"wrote {{'train': 3, 'val': 1, 'test': 2}} to {out}" in capsys.readouterr().out
+    assert cli.main(["data", "inspect", str(out / "test.array_record"), "-n", "1"]) == 0
+    head, record = capsys.readouterr().out.splitlines()
+    assert head == f"{out / 'test.array_record'}: 2 records"
+    record = json.loads(record)
+    assert record["size"] == [64, 64] and len(record["boxes"]) == len(record["names"]) >= 1
+
+
+def test_refusals_name_the_problem(tmp_path, capsys):
+    for args, message in (
+        (["shapes", "--out", str(tmp_path / "a"), "--train", "-1", "--min-objects", "3", "--max-objects", "2"],
+         ("jaxground data shapes: --train must be >= 0, got -1; need 1 <= --min-objects <= --max-objects <= 12, "
+          "got 3 and 2")),
+        (["shapes", "--out", str(tmp_path / "a"), "--workers", "-1"], "need --image-size >= 16 and --workers >= 0"),
+        (["shapes", "--out", str(tmp_path / "file" / "a"), "--train", "1", "--val", "1", "--test", "1"],
+         "jaxground data shapes: [Errno 20] Not a directory"),
+        (["inspect", str(tmp_path / "none.array_record")], "jaxground data inspect: record files not found: "),
+    ):
+        (tmp_path / "file").write_text("")
+        assert cli.main(["data", *args]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err and not captured.out, args
+    assert not (tmp_path / "a").exists()
