@@ -20,6 +20,10 @@ class UnsafeCheckpointError(ValueError):
     """A pickle that needs arbitrary code to load; it is never executed."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A weight file that is not a checkpoint (torch.load fails on it)."""
+
+
 def to_numpy(t) -> np.ndarray:
     """torch tensor / array -> float32-or-native NumPy array (bfloat16 goes through float32)."""
     if isinstance(t, np.ndarray):
@@ -64,18 +68,29 @@ def _pickle(path: Path) -> TensorStream:
             if "mmap" not in str(e):
                 raise
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for a pickle that needs code
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load, the pickle needs code beyond plain tensors "
-                f"(loaded with weights_only=True; nothing in it was executed).\n{str(e).splitlines()[0]}"
-            ) from None
-        raise
+    except Exception as e:  # noqa: BLE001 - torch raises anything for a file that is not a checkpoint
+        cause = _cause(str(e))
+        if "Unsupported global" in cause:  # weights_only's refusal of a pickle that names code
+            raise UnsafeCheckpointError(f"{path}: refused to load, the pickle needs code beyond plain tensors "
+                                        f"(loaded with weights_only=True; nothing in it was executed): {cause}") from None
+        raise UnreadableCheckpointError(f"{path}: not a checkpoint torch.load can read "
+                                        f"({type(e).__name__}{': ' + cause if cause else ''})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     yield from stream_mapping(state)
+
+
+def _cause(message: str) -> str:
+    """The cause in torch.load's error, without the advice around it: weights_only's own line after "WeightsUnpickler
+    error:" ("Unsupported global: GLOBAL m.Foo ...", "Unsupported operand 123"), else the message's first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "")
+    return lines[0] if lines else ""
 
 
 def stream_mapping(state: Mapping) -> TensorStream:

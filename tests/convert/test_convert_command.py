@@ -46,7 +46,8 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, capsys):
     with pytest.raises(UnsafeCheckpointError, match="refused to load"):
         convert([tmp_path / "evil.pth"], tmp_path / "out", quiet=True)
     assert main(["convert", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "out")]) == 2
-    assert "refused to load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refused to load" in err and "Unsupported global: GLOBAL pathlib" in err, err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -54,6 +55,14 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxground convert: ") and "missing" in err and "Traceback" not in err
+    # files with a weight suffix that are not checkpoints: torch.load fails with KeyError, UnpicklingError, ...
+    for name, data in (("text.pth", b"hi\n"), ("json.bin", b"{}"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        assert main(["convert", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"jaxground convert: {tmp_path / name}: not a checkpoint torch.load can read ("), err
+        assert "Traceback" not in err and "refused to load" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_overwrite_replaces_only_a_converted_checkpoint(llama_dir, tmp_path, capsys):
