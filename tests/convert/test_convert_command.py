@@ -47,7 +47,7 @@ def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, capsys):
         convert([tmp_path / "evil.pth"], tmp_path / "out", quiet=True)
     assert main(["convert", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "refused to load" in err and "Unsupported global: GLOBAL pathlib" in err, err
+    assert "refused to load" in err and "Unsupported global: GLOBAL " in err, err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
