@@ -54,6 +54,8 @@ def run(args) -> int:
         print(f"jaxground train: {hosts.refusal(distributed.Refused(f'bad config: {e}'))}")
         return 2
     try:
+        if workdir.exists() and not workdir.is_dir():
+            raise distributed.Refused(f"--workdir {workdir} is a file, not a directory")
         result = loop.fit(task, config, workdir, init_from=args.init_from, hosts=hosts)
     except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError,
             distributed.Refused) as e:
