@@ -71,8 +71,8 @@ def _pickle(path: Path) -> TensorStream:
     except Exception as e:  # noqa: BLE001 - torch raises anything for a file that is not a checkpoint
         cause = _cause(str(e))
         if "Unsupported global" in cause:  # weights_only's refusal of a pickle that names code
-            raise UnsafeCheckpointError(f"{path}: refused to load, the pickle needs code beyond plain tensors "
-                                        f"(loaded with weights_only=True; nothing in it was executed): {cause}") from None
+            raise UnsafeCheckpointError(f"{path}: refused to load, the pickle needs code beyond plain tensors (loaded "
+                                        f"with weights_only=True; nothing in it was executed): {cause}") from None
         raise UnreadableCheckpointError(f"{path}: not a checkpoint torch.load can read "
                                         f"({type(e).__name__}{': ' + cause if cause else ''})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):

@@ -38,7 +38,8 @@ def _shapes(args) -> int:
 
     problems = [f"--{k} must be >= 0, got {getattr(args, k)}" for k in ("train", "val", "test") if getattr(args, k) < 0]
     if not 1 <= args.min_objects <= args.max_objects <= 12:
-        problems.append(f"need 1 <= --min-objects <= --max-objects <= 12, got {args.min_objects} and {args.max_objects}")
+        problems.append(f"need 1 <= --min-objects <= --max-objects <= 12, got {args.min_objects} and "
+                        f"{args.max_objects}")
     if args.image_size < 16 or args.workers < 0:
         problems.append(f"need --image-size >= 16 and --workers >= 0, got {args.image_size} and {args.workers}")
     if problems:

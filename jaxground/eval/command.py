@@ -1,11 +1,11 @@
 """`jaxground eval --config CFG --checkpoint DIR [--tasks rec,rec_gen,res,res_gen,pope,reg,v7w,count]
-[--splits NAME,...] [--out DIR] [--max-new-tokens N] [--resume] [--progress-every SECONDS] [--coordinator HOST:PORT --num-processes N --process-id I]
-[key=value ...]`
+[--splits NAME,...] [--out DIR] [--max-new-tokens N] [--resume] [--progress-every SECONDS]
+[--coordinator HOST:PORT --num-processes N --process-id I] [key=value ...]`
 
 Evaluates a training checkpoint (a run's workdir, its checkpoint dir or a step dir) or a `jaxground convert`
 output on every split of `config.eval.datasets` (or the `--splits` named) for each task
-(`jaxground.eval.evaluate.TASKS`; default `config.eval.tasks`, else REC teacher-forced). The last batch of each split is padded (`valid=False` rows), so no
-sample is dropped or counted twice.
+(`jaxground.eval.evaluate.TASKS`; default `config.eval.tasks`, else REC teacher-forced). The last batch of each
+split is padded (`valid=False` rows), so no sample is dropped or counted twice.
 
 Mesh and hosts, as `jaxground train`: the model is split over the mesh of `mesh.data/fsdp/tensor` (overrides such
 as `mesh.fsdp=4 mesh.tensor=2`; by default every device), read straight into its shards; `eval.batch_size` is
