@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import signal
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def _sigint_blocked(block: bool):
     inside any call of its iterator, and they inherit the blocked mask: a Ctrl-C at the terminal, which reaches the
     whole process group, then stops the run in the main process alone (training saves and exits) instead of
     killing each worker with a traceback. A Ctrl-C meanwhile arrives when the block lifts."""
-    if not block or threading.current_thread() is not threading.main_thread():
+    if not block:
         yield
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

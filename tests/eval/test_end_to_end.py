@@ -165,16 +165,17 @@ def test_eval_saves_each_split_and_resumes_after_a_crash(setup, capsys, monkeypa
 
     real = evaluate.batch_generator
 
-    def preempted(*a, **k):
-        real(*a, **k)
-        return lambda batch: (_ for _ in ()).throw(RuntimeError("preempted"))
+    def stopping_with(error):  # a batch generator whose step raises `error`
+        def generator(*a, **k):
+            real(*a, **k)
+            return lambda batch: (_ for _ in ()).throw(error)
+        return generator
 
-    monkeypatch.setattr(evaluate, "batch_generator", preempted)
+    monkeypatch.setattr(evaluate, "batch_generator", stopping_with(RuntimeError("preempted")))
     with pytest.raises(RuntimeError, match="preempted"):
         run()
     assert "eval pope/shapes_test: done" not in capsys.readouterr().err
-    monkeypatch.setattr(evaluate, "batch_generator",  # Ctrl-C in the second task: status 130 and the way on
-                        lambda *a, **k: (real(*a, **k), lambda batch: (_ for _ in ()).throw(KeyboardInterrupt()))[1])
+    monkeypatch.setattr(evaluate, "batch_generator", stopping_with(KeyboardInterrupt()))  # Ctrl-C: 130, the way on
     assert run("--resume") == 130
     assert f"interrupted; the splits that ended are saved in {out / 'splits'}: rerun the same command with --resume" \
         in capsys.readouterr().err
@@ -245,6 +246,10 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--splits", "shapes_val", *args]) == 2
     assert "--splits 'shapes_val': no split named shapes_val (the config's splits: shapes_test)" in capsys.readouterr().err
+    (root / "a_file").write_text("")
+    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--out", str(root / "a_file"), *args]) == 2
+    assert f"--out {root / 'a_file'} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_predict_draws_boxes_and_masks(setup, capsys):
