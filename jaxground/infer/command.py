@@ -188,11 +188,30 @@ def _request(image_path: str, prompt: str, box_texts: list[str], out: str | None
             raise PredictError(f"prompt refers to [{max(refs)}] but only {len(boxes)} --box given")
         if not prompt.strip():
             raise PredictError("empty --prompt")
-        if out and Path(out).suffix.lower() != ".png":
-            raise PredictError(f"--out {out}: expected a .png path")
+        if out:
+            _check_out(out)
     except PredictError as e:
         raise PredictError(f"{where}{e}") from None
     return Request(image_path, image, prompt, boxes, out, where)
+
+
+def _check_out(out: str) -> None:
+    """Refuses an --out that is not a .png path or that could not be written (a folder on its path is a file, or
+    the nearest existing folder is read-only), so the answer is not computed and then lost."""
+    import os
+
+    from jaxground.infer.predict import PredictError
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise PredictError(f"--out {out}: expected a .png path")
+    if path.is_dir():
+        raise PredictError(f"--out {out} is a folder; give a .png file path")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise PredictError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {out}: cannot write into {folder}")
 
 
 def _requests(args) -> list[Request]:
@@ -297,10 +316,9 @@ def _run(args, hosts) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
-    from jaxground.infer.draw import draw
     from jaxground.infer.generate import GenerationConfig
     from jaxground.infer.hosts import predict_inputs
-    from jaxground.infer.predict import PredictError, mask_function, predict
+    from jaxground.infer.predict import PredictError
 
     requests = _requests(args)
     if min(args.max_new_tokens, num_beams(args), args.max_triggers) < 1:
@@ -331,24 +349,43 @@ def _run(args, hosts) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     rng = jax.random.key(seed) if seed is not None else None
-    for req in requests:
-        mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
-        pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, rng=rng, mask_fn=mask_fn,
-                       pad_fill=config.data.get("pad_fill", "mean"), mask_iou_threshold=args.mask_iou_threshold)
-        if jax.process_index() != 0:  # every host computes each answer (collectives); process 0 shows it
-            continue
-        if req.out:
-            labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
-            Path(req.out).parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not lose the answer
-            draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
-        if args.json:
-            record = fields | ({"seed": seed} if seed is not None else {})
-            print(json.dumps(({"image": req.image_path} if args.list else {}) | pred.to_json() | {"decoding": record}),
-                  flush=True)
-        else:
-            if args.list:
-                print(f"{req.image_path}: {req.prompt}")
-            print(pred.text)
-            for i, b in enumerate(pred.boxes):
-                print(f"[{pred.first_ref + i}] " + " ".join(f"{v:.1f}" for v in b), flush=True)
+    record = fields | ({"seed": seed} if seed is not None else {})
+    done = 0
+    try:
+        for req in requests:
+            _answer(args, req, model, encoder, config, cfg, record, rng)
+            done += 1
+    except KeyboardInterrupt:
+        print(f"jaxground predict: interrupted after {done} of {len(requests)} requests; the answers printed (and "
+              "their --out images) are complete", file=sys.stderr)
+        if jax.process_count() > 1:
+            raise  # `distributed.run_command` stops the other hosts
+        return 130
     return 0
+
+
+def _answer(args, req: Request, model, encoder, config, cfg, record: dict, rng) -> None:
+    """Answers one request: every host computes it (collectives); process 0 prints it and draws its --out."""
+    import jax
+
+    from jaxground.infer.draw import draw
+    from jaxground.infer.predict import mask_function, predict
+
+    mask_fn = mask_function(model, req.image) if model.cfg.sam is not None else None
+    pred = predict(model, encoder, req.image, req.prompt, req.boxes, cfg, rng=rng, mask_fn=mask_fn,
+                   pad_fill=config.data.get("pad_fill", "mean"), mask_iou_threshold=args.mask_iou_threshold)
+    if jax.process_index() != 0:
+        return
+    if req.out:
+        labels = [f"[{pred.first_ref + i}]" for i in range(len(pred.boxes))]
+        Path(req.out).parent.mkdir(parents=True, exist_ok=True)  # a missing folder must not lose the answer
+        draw(req.image, pred.boxes, labels, pred.masks).save(req.out)
+    if args.json:
+        print(json.dumps(({"image": req.image_path} if args.list else {}) | pred.to_json() | {"decoding": record}),
+              flush=True)
+        return
+    if args.list:
+        print(f"{req.image_path}: {req.prompt}")
+    print(pred.text)
+    for i, b in enumerate(pred.boxes):
+        print(f"[{pred.first_ref + i}] " + " ".join(f"{v:.1f}" for v in b), flush=True)

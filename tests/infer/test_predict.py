@@ -99,15 +99,19 @@ def image_file(tmp_path):
     (["--box", "0,0,31,10"], "outside the 30x20 image"),
     (["--prompt", "what is [1]?", "--box", "0,0,5,5"], r"refers to \[1\]"),
     (["--config", "MISSING.py"], "config file not found"),
+    (["--out", "FILE/answer.png"], r"--out .*answer.png: .*img.png is a file, not a folder"),
+    (["--out", "FOLDER.png"], r"--out .*folder.png is a folder; give a .png file path"),
 ])
 def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
+    (tmp_path / "folder.png").mkdir()
     args = ["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--image", str(image_file),
             "--prompt", "where is [0]?", "--box", "1,1,10,10"]
     for flag, value in zip(extra[::2], extra[1::2]):
         value = {"MISSING": str(tmp_path / "missing.png"), "BROKEN": str(broken),
-                 "MISSING.py": str(tmp_path / "missing.py")}.get(value, value)
+                 "MISSING.py": str(tmp_path / "missing.py"), "FILE/answer.png": str(image_file / "answer.png"),
+                 "FOLDER.png": str(tmp_path / "folder.png")}.get(value, value)
         if flag in args and flag != "--box":
             args[args.index(flag) + 1] = value
         elif flag == "--box":
@@ -202,3 +206,36 @@ def test_hosts_refuse_together(image_file, monkeypatch):
     agreed = verdict()
     agreed.agree(mine)
     assert agreed.refusal(PredictError("cannot load ckpt")) == "cannot load ckpt"  # after it: its own line
+
+
+def test_command_ctrl_c_keeps_the_answers_given(tmp_path, image_file, capsys, monkeypatch):
+    """Ctrl-C during a --list: the answers printed so far stay, one line on stderr says how many, exit status 130
+    (no traceback). The model and its answers are stand-ins; the command around them is the real one."""
+    import types
+
+    from jaxground import checkpoint
+    from jaxground.data.shapes import write_dataset
+    from jaxground.infer import command, predict
+
+    write_dataset(tmp_path / "shapes", train=2, val=1, test=1, size=32)  # the tokenizer the config reads
+    answer = types.SimpleNamespace(text="It is [0] .", boxes=np.array([[1.0, 2.0, 3.0, 4.0]]), first_ref=0)
+    calls = []
+
+    def stopping_on_the_second(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return answer
+
+    monkeypatch.setattr(checkpoint, "identity", lambda path: "step 1")
+    monkeypatch.setattr(command, "load_model", lambda *a: types.SimpleNamespace(cfg=types.SimpleNamespace(sam=None)))
+    monkeypatch.setattr(predict, "predict", stopping_on_the_second)
+    tsv = tmp_path / "requests.tsv"
+    tsv.write_text("".join(f"{image_file}\t{q}\n" for q in ("first?", "second?", "third?")))
+    code = main(["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--list", str(tsv),
+                 f"data.datasets.shapes.path={tmp_path / 'shapes'}"])
+    out, err = capsys.readouterr()
+    assert code == 130 and calls == ["first?", "second?"], err
+    assert out == f"{image_file}: first?\nIt is [0] .\n[0] 1.0 2.0 3.0 4.0\n"
+    assert err.strip() == ("jaxground predict: interrupted after 1 of 3 requests; the answers printed (and their "
+                           "--out images) are complete")
