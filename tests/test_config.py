@@ -86,8 +86,9 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert "loss.w_attr=1.0 needs model.attr_classes > 0" in capsys.readouterr().out
     assert not any(tmp_path.glob("checkpoints/*"))
     (tmp_path / "a_file").write_text("")  # a workdir that is a file: one line, not NotADirectoryError's traceback
-    assert cli.main([*args[:4], str(tmp_path / "a_file"), *args[5:], *ok_data]) == 2
-    assert f"--workdir {tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().out
+    for workdir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        assert cli.main([*args[:4], str(workdir), *args[5:], *ok_data]) == 2
+        assert f"--workdir: {tmp_path / 'a_file'} is a file, not a folder" in capsys.readouterr().out
 
 
 def test_mesh_not_dividing_is_refused(tmp_path, capsys, shapes_dir):

@@ -22,6 +22,7 @@ from jaxground.convert import nextchat as nc
 from jaxground.convert.store import Part, StoreWriter, model_factory, plan, stored_variables
 from jaxground.convert.store import run as stream_into
 from jaxground.convert.table import Rule
+from jaxground.paths import unwritable_dir
 
 
 def add_arguments(parser) -> None:
@@ -127,6 +128,9 @@ def convert(sources: list, out: str | Path, *, dtype: str = "float32", select_la
 
 
 def run(args) -> int:
+    if problem := unwritable_dir(args.out):
+        print(f"jaxground convert: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         out = convert(args.sources, args.out, dtype=args.dtype, select_layer=args.select_layer, seed=args.seed,
                       overwrite=args.overwrite)

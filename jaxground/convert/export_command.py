@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from jaxground.paths import unwritable_dir
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a `jaxground convert` output, or a training run's "
@@ -26,6 +28,9 @@ def run(args) -> int:
 
     if args.shard_gib <= 0:
         print(f"jaxground export: --shard-gib must be > 0, got {args.shard_gib}", file=sys.stderr)
+        return 2
+    if problem := unwritable_dir(args.out):
+        print(f"jaxground export: --out: {problem}", file=sys.stderr)
         return 2
     try:
         files = export(args.checkpoint, args.out, tokenizer=args.tokenizer, shard_bytes=int(args.shard_gib * 2**30),

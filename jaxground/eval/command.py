@@ -29,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxground.paths import unwritable_dir
+
 
 def add_arguments(parser) -> None:
     from jaxground.distributed import add_arguments as distributed_arguments
@@ -88,8 +90,8 @@ def run(args) -> int:
         check_batch(config, mesh)  # before the weights load
         check_options(config)
         out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-        if out.exists() and not out.is_dir():  # found now, not when the first split is saved
-            raise ValueError(f"--out {out} is a file, not a directory")
+        if problem := unwritable_dir(out):  # found now, not when the first split is saved
+            raise ValueError(f"--out: {problem}")
         store = Store(out, config, args.checkpoint, args.max_new_tokens)
         encoder, tokens = load_encoder(config)
         # every split's records are read here, so a host missing its copy of the data refuses with the others

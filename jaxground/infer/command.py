@@ -196,22 +196,15 @@ def _request(image_path: str, prompt: str, box_texts: list[str], out: str | None
 
 
 def _check_out(out: str) -> None:
-    """Refuses an --out that is not a .png path or that could not be written (a folder on its path is a file, or
-    the nearest existing folder is read-only), so the answer is not computed and then lost."""
-    import os
-
+    """Refuses an --out that is not a .png path or that could not be written (`paths.unwritable_file`), so the
+    answer is not computed and then lost."""
     from jaxground.infer.predict import PredictError
+    from jaxground.paths import unwritable_file
 
-    path = Path(out)
-    if path.suffix.lower() != ".png":
+    if Path(out).suffix.lower() != ".png":
         raise PredictError(f"--out {out}: expected a .png path")
-    if path.is_dir():
-        raise PredictError(f"--out {out} is a folder; give a .png file path")
-    folder = next(p for p in path.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise PredictError(f"--out {out}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PredictError(f"--out {out}: cannot write into {folder}")
+    if problem := unwritable_file(out):
+        raise PredictError(f"--out: {problem}")
 
 
 def _requests(args) -> list[Request]:

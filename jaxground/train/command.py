@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxground.paths import unwritable_dir
+
 
 def add_arguments(parser) -> None:
     from jaxground.distributed import add_arguments as distributed_arguments
@@ -54,8 +56,8 @@ def run(args) -> int:
         print(f"jaxground train: {hosts.refusal(distributed.Refused(f'bad config: {e}'))}")
         return 2
     try:
-        if workdir.exists() and not workdir.is_dir():
-            raise distributed.Refused(f"--workdir {workdir} is a file, not a directory")
+        if problem := unwritable_dir(workdir):
+            raise distributed.Refused(f"--workdir: {problem}")
         result = loop.fit(task, config, workdir, init_from=args.init_from, hosts=hosts)
     except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError,
             distributed.Refused) as e:

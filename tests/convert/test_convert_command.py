@@ -65,6 +65,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_that_cannot_be_a_folder_is_refused_before_reading(llama_dir, tmp_path, capsys):
+    """`convert` and `export` refuse an --out that is a file or lies under one, in one line, before any source is
+    read (the missing export checkpoint would be reported otherwise)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "sub"):
+        for command in (["convert", str(llama_dir)], ["export", "--checkpoint", str(tmp_path / "missing")]):
+            assert main([*command, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err == f"jaxground {command[0]}: --out: {a_file} is a file, not a folder\n", err
+
+
 def test_overwrite_replaces_only_a_converted_checkpoint(llama_dir, tmp_path, capsys):
     keep = tmp_path / "notes"
     keep.mkdir()

@@ -247,9 +247,10 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
                      "--splits", "shapes_val", *args]) == 2
     assert "--splits 'shapes_val': no split named shapes_val (the config's splits: shapes_test)" in capsys.readouterr().err
     (root / "a_file").write_text("")
-    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
-                     "--out", str(root / "a_file"), *args]) == 2
-    assert f"--out {root / 'a_file'} is a file, not a directory" in capsys.readouterr().err
+    for out in (root / "a_file", root / "a_file" / "eval"):
+        assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                         "--out", str(out), *args]) == 2
+        assert f"--out: {root / 'a_file'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_predict_draws_boxes_and_masks(setup, capsys):

@@ -99,8 +99,8 @@ def image_file(tmp_path):
     (["--box", "0,0,31,10"], "outside the 30x20 image"),
     (["--prompt", "what is [1]?", "--box", "0,0,5,5"], r"refers to \[1\]"),
     (["--config", "MISSING.py"], "config file not found"),
-    (["--out", "FILE/answer.png"], r"--out .*answer.png: .*img.png is a file, not a folder"),
-    (["--out", "FOLDER.png"], r"--out .*folder.png is a folder; give a .png file path"),
+    (["--out", "FILE/answer.png"], r"--out: .*img.png is a file, not a folder"),
+    (["--out", "FOLDER.png"], r"--out: .*folder.png is a folder, not a file"),
 ])
 def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     broken = tmp_path / "broken.png"
