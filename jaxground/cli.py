@@ -46,6 +46,20 @@ def _bench_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 
+def _bench_refusals(run, prog: str):
+    """`run` with a benchmark's `BenchError` (an option it cannot run with) printed as one line, exit status 2."""
+    from jaxground.bench._common import BenchError
+
+    def refusing(args) -> int:
+        try:
+            return run(args)
+        except BenchError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+
+    return refusing
+
+
 def main(argv: list[str] | None = None) -> int:
     host_memory.configure(command_line=argv is None)  # JAXGROUND_MALLOC, before JAX allocates anything
     # transformers, imported for tokenizers and configs, would advise installing PyTorch on every command; the
@@ -87,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from jaxground import distributed  # after --help: it imports jax
 
-        return distributed.run_command(lambda: int(module.run(args) or 0))
+        run = _bench_refusals(module.run, prog) if name == "bench" else module.run
+        return distributed.run_command(lambda: int(run(args) or 0))
     except ModuleNotFoundError as e:
         if e.name not in TORCH_EXTRA:
             raise

@@ -10,6 +10,10 @@ import statistics
 import time
 
 
+class BenchError(ValueError):
+    """A benchmark option it cannot run with: `jaxground bench NAME: message` on stderr, exit status 2."""
+
+
 def timed(fn, repeats: int, warmup: int = 1) -> float:
     """Seconds per call of fn(), after `warmup` calls."""
     for _ in range(warmup):

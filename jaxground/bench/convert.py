@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jaxground.bench._common import machine
+from jaxground.bench._common import BenchError, machine
 
 GIB = 2**30
 # peak RSS of the command run as a grandchild (RUSAGE_CHILDREN of a middle process that runs only it)
@@ -91,10 +91,10 @@ def measure(argv: list[str]) -> tuple[float, int]:
 def run(args) -> int:
     print(f"machine: {machine()}", flush=True)
     if min(args.layers, args.hidden, args.intermediate, args.vocab) < 1:
-        raise SystemExit("--layers, --hidden, --intermediate and --vocab must be >= 1")
+        raise BenchError("--layers, --hidden, --intermediate and --vocab must be >= 1")
     heads = _heads(args.hidden)
     if args.hidden % heads or (args.hidden // heads) % 2:
-        raise SystemExit(f"--hidden {args.hidden} does not split into {heads} heads of even width (RoPE)")
+        raise BenchError(f"--hidden {args.hidden} does not split into {heads} heads of even width (RoPE)")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="jaxground-bench-convert-"))
     src, out = work / "llama", work / "converted"
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from jaxground.bench._common import alternated, machine
+from jaxground.bench._common import BenchError, alternated, machine
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +38,7 @@ def run(args) -> int:
 
     for name in ("batch", "seq", "layers", "hidden", "heads", "vocab", "repeats", "rounds"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
     intermediate = args.intermediate or -(-8 * args.hidden // 3 // 64) * 64
     torch.manual_seed(args.seed)
     hf_cfg = HFLlamaConfig(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from jaxground.bench._common import alternated, machine
+from jaxground.bench._common import BenchError, alternated, machine
 
 
 def add_arguments(parser) -> None:
@@ -56,7 +56,7 @@ def _prompts(batch: int, longest: int, vocab: int, seed: int):
 def run(args) -> int:
     print(f"machine: {machine()}", flush=True)
     if args.rec_batch < 1 or args.rec_samples < 1 or args.rounds < 1:
-        raise SystemExit("--rec-batch, --rec-samples and --rounds must be >= 1")
+        raise BenchError("--rec-batch, --rec-samples and --rounds must be >= 1")
     if args.torch_threads:
         import torch
 
@@ -154,9 +154,9 @@ def run_generate(args) -> None:
 
     for name in ("prompt", "new_tokens", "layers", "hidden", "heads", "vocab", "repeats"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
-        raise SystemExit(f"--batches must be >= 1, got {args.batches}")
+        raise BenchError(f"--batches must be >= 1, got {args.batches}")
     torch.manual_seed(args.seed)
     hf_cfg = HFLlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=-(-8 * args.hidden // 3 // 64) * 64,

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxground.bench._common import BenchError
+
 GIB = 1 << 30
 CHIPS = (("TPU v5e", 16), ("TPU v4", 32), ("H100", 80), ("TPU v5p", 95))  # HBM GiB per chip
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -76,10 +78,10 @@ def run_config(size: str, stage: int, configs: str | Path):
     import importlib.util
 
     if stage not in (1, 2, 3):
-        raise SystemExit(f"stage {stage}: expected 1, 2 or 3")
+        raise BenchError(f"stage {stage}: expected 1, 2 or 3")
     path = Path(configs) / "_nextchat.py"
     if not path.is_file():
-        raise SystemExit(f"--configs {configs}: no _nextchat.py there (run from the repository root)")
+        raise BenchError(f"--configs {configs}: no _nextchat.py there (run from the repository root)")
     spec = importlib.util.spec_from_file_location("_jaxground_nextchat_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -228,11 +230,11 @@ def fits(figures: dict) -> str:
 
 def run(args) -> int:
     if args.batch_per_device < 1 or args.micro_steps < 1 or (args.seq is not None and args.seq < 1):
-        raise SystemExit("--batch-per-device, --micro-steps and --seq must be >= 1")
+        raise BenchError("--batch-per-device, --micro-steps and --seq must be >= 1")
     try:
         meshes = [parse_mesh(m) for m in (args.mesh or ["fsdp=8,tensor=1"])]
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise BenchError(str(e)) from None
 
     _ensure_devices(max(math.prod(m.values()) for m in meshes))
     config = run_config(args.model, args.stage, args.configs)

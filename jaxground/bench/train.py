@@ -19,6 +19,9 @@ import contextlib
 import dataclasses
 import time
 
+from jaxground.bench._common import BenchError
+from jaxground.paths import unwritable_dir
+
 # name -> (HF LLaMA fields, HF CLIP fields, batch, tokens, vision frozen)
 SIZES = {
     # the embedded default's model (configs/tiny_shapes.py) with learned CLIP positions, as HF CLIP has
@@ -97,14 +100,19 @@ def released_checkpoint(parts: dict, vision_width: int) -> tuple[dict, dict]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}, config
 
 
+def check_text_room(seq: int, patches: int) -> None:
+    """Refuses a sequence too short for the benchmark batch's question and answer after the image block."""
+    if seq - patches - 3 < 24:
+        raise BenchError(f"--seq {seq} leaves {seq - patches - 3} text tokens after {patches} image tokens; need >= 24")
+
+
 def make_batch(tokens, vocab: int, batch: int, seq: int, image_size: int, patches: int, seed: int) -> dict:
     """A training batch (numpy, `Batch` field names): image block, a question with one box, an answer with
     three triggers; every row is full length (no padding)."""
     import numpy as np
 
+    check_text_room(seq, patches)
     text = seq - patches - 3
-    if text < 24:
-        raise SystemExit(f"--seq {seq} leaves {text} text tokens after {patches} image tokens; need >= 24")
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab - 5, (batch, seq)).astype(np.int32)
     ids[:, 0], ids[:, 1], ids[:, 2 + patches] = tokens.bos, tokens.im_start, tokens.im_end
@@ -243,7 +251,7 @@ def bench_size(name: str, args, peak: float) -> dict:
     if label_tokens < 0:
         label_tokens = -(-count_supervised(data["labels"]) // 8) * 8
     elif label_tokens and label_tokens < count_supervised(data["labels"]):
-        raise SystemExit(f"--label-tokens {label_tokens} is fewer than the {count_supervised(data['labels'])} "
+        raise BenchError(f"--label-tokens {label_tokens} is fewer than the {count_supervised(data['labels'])} "
                          "supervised tokens per row of the benchmark batch")
     head_rows = min(label_tokens, seq) if label_tokens else seq
     flops = step_flops(cfg, nnx.state(model), batch, seq, llm_trained=True, vision_trained=not frozen,
@@ -303,9 +311,14 @@ def bench_size(name: str, args, peak: float) -> dict:
 def run(args) -> int:
     for name in ("repeats", "rounds") + (("batch",) if args.batch is not None else ()) + (("seq",) if args.seq is not None else ()):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.label_tokens < -1:
-        raise SystemExit(f"--label-tokens must be -1 (auto), 0 (every position) or a count, got {args.label_tokens}")
+        raise BenchError(f"--label-tokens must be -1 (auto), 0 (every position) or a count, got {args.label_tokens}")
+    for name in args.size or ["tiny", "100m"]:  # before the minutes of measuring
+        _, clip, _, seq, _ = SIZES[name]
+        check_text_room(args.seq or seq, (clip["image_size"] // clip["patch_size"]) ** 2)
+    if args.profile and (problem := unwritable_dir(args.profile)):
+        raise BenchError(f"--profile: {problem}")
     import jax
     import torch
 

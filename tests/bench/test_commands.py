@@ -79,3 +79,22 @@ def test_without_torch_one_line_and_exit_2(capsys, monkeypatch):
     assert main(["bench", "train", "--size", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "needs PyTorch" in err and ".[torch]" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["train", "--size", "tiny", "--seq", "70"], "--seq 70 leaves 3 text tokens after 64 image tokens; need >= 24"),
+    (["train", "--size", "tiny", "--profile", "A_FILE"], "--profile: A_FILE is a file, not a folder"),
+    (["forward", "--batch", "-1"], "--batch must be >= 1, got -1"),
+    (["plan", "--mesh", "fsdp=0"], "--mesh 'fsdp=0': expected data=D,fsdp=F,tensor=T with positive sizes"),
+    (["convert", "--layers", "0"], "--layers, --hidden, --intermediate and --vocab must be >= 1"),
+])
+def test_bad_options_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    """Before any measuring (the train benchmark's --seq and --profile used to fail after its matmul peak, the
+    latter after the whole run): one line naming the benchmark, exit status 2."""
+    (tmp_path / "a_file").write_text("")
+    argv = [str(tmp_path / "a_file") if a == "A_FILE" else a for a in argv]
+    assert main(["bench", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert "|" not in out  # no table started
+    assert err == f"jaxground bench {argv[0]}: {message.replace('A_FILE', str(tmp_path / 'a_file'))}\n"
