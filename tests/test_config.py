@@ -2,6 +2,7 @@
 an error naming the problem; the CLI routes every command and refuses unknown ones."""
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,12 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert "loss.w_patch=1.0 needs model.patch_head=True" in capsys.readouterr().out
     assert cli.main(args + ok_data + ["loss.w_attr=1.0", "model.attr_classes=0"]) == 2
     assert "loss.w_attr=1.0 needs model.attr_classes > 0" in capsys.readouterr().out
+    for key, value, valid in (("train.steps", "-5", ">= 0"), ("train.log_every", "0", ">= 1"),
+                              ("optim.lr", "-1.0", ">= 0"), ("optim.b2", "1.0", r"in \[0, 1\)"),
+                              ("optim.warmup_ratio", "1.5", r"in \[0, 1\]")):
+        assert cli.main(args + ok_data + [f"{key}={value}"]) == 2
+        assert re.search(rf"^jaxground train: bad config: {re.escape(key)} must be {valid}, got \S+$", capsys.readouterr().out,
+                         re.M)
     assert not any(tmp_path.glob("checkpoints/*"))
     (tmp_path / "a_file").write_text("")  # a workdir that is a file: one line, not NotADirectoryError's traceback
     for workdir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):

@@ -119,10 +119,41 @@ def check_stage(train: ml_collections.ConfigDict) -> None:
             f"{stage_patterns_hint(train.stage)}")
 
 
+# (key, what a valid value is, the test) for the numbers of `train` and `optim`; NaN fails every test
+RANGES = (
+    ("train.steps", ">= 0", lambda v: v >= 0),
+    ("train.micro_steps", ">= 1", lambda v: v >= 1),
+    ("train.log_every", ">= 1", lambda v: v >= 1),
+    ("train.eval_every", ">= 0 (0 = only at the end)", lambda v: v >= 0),
+    ("train.save_every", ">= 0 (0 = only at the end and on a stop)", lambda v: v >= 0),
+    ("train.keep", ">= 1", lambda v: v >= 1),
+    ("optim.lr", ">= 0", lambda v: v >= 0),
+    ("optim.warmup_ratio", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("optim.min_lr_ratio", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("optim.b1", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("optim.b2", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("optim.eps", "> 0", lambda v: v > 0),
+    ("optim.weight_decay", ">= 0", lambda v: v >= 0),
+    ("optim.clip_norm", ">= 0 (0 = no clipping)", lambda v: v >= 0),
+)
+
+
+def check_ranges(config) -> None:
+    """Refuses a training or optimizer number outside its range before any training: a negative learning rate
+    used to train until the loss overflowed, `train.log_every=0` to divide by zero at the first step, and a
+    negative `train.steps` to end at once as if done."""
+    for key, valid, ok in RANGES:
+        section, name = key.split(".")
+        value = config[section][name]
+        if not ok(value):
+            raise TaskConfigError(f"{key} must be {valid}, got {value}")
+
+
 def make_task(config) -> Task:
     from jaxground.data.pipeline import make_encoder, make_pipeline
 
     check_stage(config.train)
+    check_ranges(config)
     stage = config.train.stage
     if stage == 3 and not (config.model.get("sam") and config.data.with_masks and config.data.with_sam):
         raise TaskConfigError("stage 3 needs model.sam, data.with_masks=True and data.with_sam=True")
