@@ -19,13 +19,13 @@ _spec.loader.exec_module(_tiny)
 def get_config() -> ConfigDict:
     c = _tiny.get_config()
     # prompt_dim 128 (the mask decoder's width; its upscaled per-pixel features get prompt_dim / 8 = 16 channels):
-    # cIoU 0.698 against 0.676 at 64 and 0.646 at 32 from the same stage-1 model; 256 ran ~5x slower (README)
+    # cIoU 0.698 against 0.676 at 64 and 0.646 at 32 from the same stage-1 model; 256 ran ~5x slower (docs/embedded_default_runs.md)
     c.model.sam = dict(img_size=64, patch_size=8, width=64, depth=2, num_heads=2, window_size=4,
                        global_attn_indexes=(1,), prompt_dim=128, mask_in_chans=4, decoder_depth=2, decoder_heads=2,
                        decoder_mlp_dim=256, iou_head_hidden_dim=64)
     c.loss.w_patch = 0.0  # the patch aid trains the LLM, which stage 3 keeps frozen
     c.loss.w_attr = 0.0  # and the attribute aid the frozen CLIP
-    c.loss.seg = "lisa"  # BCE + dice as LISA: cIoU 0.625 against 0.587 with focal + dice + IoU MSE (README)
+    c.loss.seg = "lisa"  # BCE + dice as LISA: cIoU 0.625 against 0.587 with focal + dice + IoU MSE (docs/embedded_default_runs.md)
     c.data.with_masks = True
     c.data.mask_size = 32
     c.data.with_sam = True

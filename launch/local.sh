@@ -21,8 +21,9 @@ if [ ! -f "$DATA/test.array_record" ]; then
   lap "data generation"
 fi
 
-# Stage 1 on every scene from scratch (configs/tiny_shapes.py: 8,400 steps at batch 8, lr 7e-4); the patch and
-# attribute aids there teach matching the expression's words to the image (README "Figures of the embedded default").
+# Stage 1 on every scene from scratch (configs/tiny_shapes.py: 12,600 steps at batch 8, lr 7e-4); the patch and
+# attribute aids there teach matching the expression's words to the image (README, "Figures of the embedded
+# default"; docs/embedded_default_runs.md).
 echo "[local] stage 1: all scenes"
 jaxground train --config "$CONFIG" --workdir "$RUN/stage1" "${PATHS[@]}"
 lap "stage 1"
