@@ -89,8 +89,8 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
                               ("optim.lr", "-1.0", ">= 0"), ("optim.b2", "1.0", r"in \[0, 1\)"),
                               ("optim.warmup_ratio", "1.5", r"in \[0, 1\]")):
         assert cli.main(args + ok_data + [f"{key}={value}"]) == 2
-        assert re.search(rf"^jaxground train: bad config: {re.escape(key)} must be {valid}, got \S+$", capsys.readouterr().out,
-                         re.M)
+        line = capsys.readouterr().out
+        assert re.fullmatch(rf"jaxground train: bad config: {re.escape(key)} must be {valid}, got \S+\n", line), line
     assert not any(tmp_path.glob("checkpoints/*"))
     (tmp_path / "a_file").write_text("")  # a workdir that is a file: one line, not NotADirectoryError's traceback
     for workdir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
