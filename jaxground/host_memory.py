@@ -16,7 +16,7 @@ kernel (63,700 faults per tiny step on the development machine). `JAXGROUND_MALL
 - `glibc`: glibc's own behaviour, nothing changed.
 
 `cli.main` calls `configure` first, before JAX allocates anything; it re-executes only when it runs as the
-process's own command line. README, Performance, "Page faults", has the measurements. Not glibc (macOS, musl):
+process's own command line. docs/performance_runs.md, "Page faults", has the measurements. Not glibc (macOS, musl):
 nothing happens.
 """
 
