@@ -113,6 +113,21 @@ def config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: saved -> current` for every setting (nested keys dotted) in which two run configs (`config_json`)
+    differ; a key only one of them has shows `(none)` on the other side."""
+    missing = object()
+    changes = []
+    for key in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            a, b = ("(none)" if v is missing else json.dumps(v) for v in (a, b))
+            changes.append(f"{prefix}{key}: {a} -> {b}")
+    return changes
+
+
 def _restore_data(batches, data_state, where: Path) -> None:
     """Puts the loader where the checkpoint left it; a state of another pipeline (other datasets or sizes, another
     sampler, another host count) is refused rather than silently starting the data order over."""
@@ -159,10 +174,13 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         latest = ckpt.latest_step()
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=latest)
         if latest is not None:
-            state, data_state, _ = ckpt.restore(latest, abstract, shardings)
+            state, data_state, saved = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:
                 _restore_data(task.train_batches, data_state, ckpt.directory / str(latest))
             _log(f"resumed from {ckpt.directory / str(latest)} at step {latest}")
+            if saved and (changes := config_changes(saved, config_json(config))):
+                # a changed train.steps also reshapes the learning-rate schedule from here on
+                _log("the run config differs from the one saved with that checkpoint: " + "; ".join(changes))
         else:
             _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)
             if init_from:

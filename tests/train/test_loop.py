@@ -94,6 +94,20 @@ def test_sigterm_saves_and_restores(tmp_path):
     assert checkpoint.resolve(tmp_path)[1] == 6
 
 
+def test_resume_names_the_settings_changed_since_the_checkpoint(tmp_path, capsys):
+    """A run resumed with another config says what differs (a longer train.steps reshapes the learning-rate
+    schedule); the same config says nothing."""
+    assert toy_run.fit(tmp_path, steps=2).step == 2
+    assert toy_run.fit(tmp_path, steps=2).step == 2
+    assert "differs" not in capsys.readouterr().out
+    assert toy_run.fit(tmp_path, steps=3, lr=1e-2).step == 3
+    out = capsys.readouterr().out
+    assert ("the run config differs from the one saved with that checkpoint: optim.lr: 0.03 -> 0.01; "
+            "train.steps: 2 -> 3\n") in out, out
+    assert loop.config_changes({"a": {"b": 1, "c": [1, 2]}}, {"a": {"c": [1, 2]}, "d": "x"}) == [
+        "a.b: 1 -> (none)", 'd: (none) -> "x"']
+
+
 @pytest.fixture
 def ctrl_c_raises():
     """Python's own SIGINT handler, as in a terminal (a test worker may ignore SIGINT)."""
