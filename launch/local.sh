@@ -15,9 +15,10 @@ lap() {  # prints the time the previous part took
   local now; now=$(date +%s); echo "[local] $1 took $((now - last)) s"; last=$now
 }
 
-if [ ! -f "$DATA/test.array_record" ]; then
+# none yet, or an interrupted generation's part (the tokenizer is written last): (re)generate it
+if [ ! -f "$DATA/test.array_record" ] || [ ! -d "$DATA/tokenizer" ]; then
   echo "[local] generating the synthetic shapes data in $DATA"
-  jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2
+  jaxground data shapes --out "$DATA" --train 8000 --val 200 --test 1000 --workers 2 --overwrite
   lap "data generation"
 fi
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
+
+from jaxground.paths import unwritable_dir
+
+# what `data shapes` writes into --out
+DATA_SET = {"train.array_record", "val.array_record", "test.array_record", "tokenizer"}
 
 
 def add_arguments(parser) -> None:
@@ -20,6 +26,7 @@ def add_arguments(parser) -> None:
     s.add_argument("--min-objects", type=int, default=1)
     s.add_argument("--max-objects", type=int, default=6, help="curriculum: at most this many shapes per image")
     s.add_argument("--workers", type=int, default=0, help="processes drawing images (0 = this one)")
+    s.add_argument("--overwrite", action="store_true", help="replace the data set already in --out")
     i = sub.add_parser("inspect", help="count and print records of an ArrayRecord file")
     i.add_argument("file")
     i.add_argument("-n", type=int, default=3, help="records to print")
@@ -42,6 +49,10 @@ def _shapes(args) -> int:
                         f"{args.max_objects}")
     if args.image_size < 16 or args.workers < 0:
         problems.append(f"need --image-size >= 16 and --workers >= 0, got {args.image_size} and {args.workers}")
+    if problem := unwritable_dir(args.out):
+        problems.append(f"--out: {problem}")
+    elif not args.overwrite and (held := sorted(p.name for p in Path(args.out).glob("*") if p.name in DATA_SET)):
+        problems.append(f"--out {args.out} already holds a data set ({', '.join(held)}); pass --overwrite to replace it")
     if problems:
         print(f"jaxground data shapes: {'; '.join(problems)}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ def test_refusals_name_the_problem(tmp_path, capsys):
           "got 3 and 2")),
         (["shapes", "--out", str(tmp_path / "a"), "--workers", "-1"], "need --image-size >= 16 and --workers >= 0"),
         (["shapes", "--out", str(tmp_path / "file" / "a"), "--train", "1", "--val", "1", "--test", "1"],
-         "jaxground data shapes: [Errno 20] Not a directory"),
+         f"jaxground data shapes: --out: {tmp_path / 'file'} is a file, not a folder"),
         (["inspect", str(tmp_path / "none.array_record")], "jaxground data inspect: record files not found: "),
     ):
         (tmp_path / "file").write_text("")
@@ -32,3 +32,19 @@ def test_refusals_name_the_problem(tmp_path, capsys):
         captured = capsys.readouterr()
         assert message in captured.err and "Traceback" not in captured.err and not captured.out, args
     assert not (tmp_path / "a").exists()
+
+
+def test_shapes_keeps_a_data_set_unless_overwrite(tmp_path, capsys):
+    """A second `data shapes` into the same folder is refused (it replaced the data set silently until
+    2026-12-05); --overwrite replaces it."""
+    args = ["data", "shapes", "--out", str(tmp_path), "--train", "2", "--val", "1", "--test", "1"]
+    assert cli.main(args) == 0
+    before = (tmp_path / "train.array_record").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*args[:-1], "2", "--seed", "1"]) == 2
+    assert capsys.readouterr().err == (f"jaxground data shapes: --out {tmp_path} already holds a data set "
+                                       "(test.array_record, tokenizer, train.array_record, val.array_record); pass "
+                                       "--overwrite to replace it\n")
+    assert (tmp_path / "train.array_record").read_bytes() == before
+    assert cli.main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "train.array_record").read_bytes() != before
