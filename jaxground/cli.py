@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run = _bench_refusals(module.run, prog) if name == "bench" else module.run
         return distributed.run_command(lambda: int(run(args) or 0))
+    except KeyboardInterrupt:  # commands with work to keep (train, eval, predict) say what they kept themselves
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         if e.name not in TORCH_EXTRA:
             raise

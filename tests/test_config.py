@@ -131,3 +131,19 @@ def test_cli_routes_every_command_and_refuses_unknown_ones(capsys):
     assert "invalid choice: 'nosuch'" in capsys.readouterr().err
     assert cli.main(["bench", "nosuch"]) == 2
     assert "benchmarks: convert, forward, generate, pipeline, plan, sam, train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, module, prog", [
+    (["data", "shapes", "--out", "x"], "jaxground.data.command", "jaxground data"),
+    (["convert", "a.pth", "--out", "x"], "jaxground.convert.command", "jaxground convert"),
+    (["bench", "plan"], "jaxground.bench.plan", "jaxground bench plan"),
+])
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys, monkeypatch, argv, module, prog):
+    """Commands without work to keep (train, eval and predict report what they kept) stop on Ctrl-C with one line
+    instead of KeyboardInterrupt's traceback."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), "run", interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == f"{prog}: interrupted\n"
