@@ -107,6 +107,15 @@ def refuse_arguments(argv: list[str], command: str, message: str) -> None:
         _stop.fail(message, 2)
 
 
+def interrupted(message: str) -> int:
+    """For a command's Ctrl-C handler: prints `message` (what was kept) and returns exit status 130; on several
+    processes raises KeyboardInterrupt again instead, so that `run_command` stops the others."""
+    print(message, file=sys.stderr)
+    if jax.process_count() > 1:
+        raise KeyboardInterrupt
+    return 130
+
+
 def run_command(run: Callable[[], int]) -> int:
     """`run()`'s exit status. On several processes (after `start`), a failure of this process alone, an exception or
     a refusal after the hosts compared (`Hosts.refusal`), stops every process within seconds, each naming the

@@ -115,11 +115,9 @@ def run(args) -> int:
                                          max_new_tokens=args.max_new_tokens, done=done, on_split=saved,
                                          progress_every=args.progress_every, planned=planned)
             except KeyboardInterrupt:
-                print(f"jaxground eval: interrupted; the splits that ended are saved in {out / 'splits'}: rerun "
-                      "the same command with --resume to evaluate only the others", file=sys.stderr)
-                if jax.process_count() > 1:
-                    raise  # `distributed.run_command` stops the other hosts
-                return 130
+                return distributed.interrupted(
+                    f"jaxground eval: interrupted; the splits that ended are saved in {out / 'splits'}: rerun the "
+                    "same command with --resume to evaluate only the others")
         else:  # all saved: nothing to load
             results, rows = so_far, [r for pair in pairs(config, tasks) for r in done[pair][1]]
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -309,6 +309,7 @@ def _run(args, hosts) -> int:
     from jaxground import parallel
     from jaxground.checkpoint import identity
     from jaxground.config import ConfigError, load_config
+    from jaxground.distributed import interrupted
     from jaxground.infer.generate import GenerationConfig
     from jaxground.infer.hosts import predict_inputs
     from jaxground.infer.predict import PredictError
@@ -349,11 +350,8 @@ def _run(args, hosts) -> int:
             _answer(args, req, model, encoder, config, cfg, record, rng)
             done += 1
     except KeyboardInterrupt:
-        print(f"jaxground predict: interrupted after {done} of {len(requests)} requests; the answers printed (and "
-              "their --out images) are complete", file=sys.stderr)
-        if jax.process_count() > 1:
-            raise  # `distributed.run_command` stops the other hosts
-        return 130
+        return interrupted(f"jaxground predict: interrupted after {done} of {len(requests)} requests; the answers "
+                           "printed (and their --out images) are complete")
     return 0
 
 
