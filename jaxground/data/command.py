@@ -51,7 +51,7 @@ def _shapes(args) -> int:
         problems.append(f"need --image-size >= 16 and --workers >= 0, got {args.image_size} and {args.workers}")
     if problem := unwritable_dir(args.out):
         problems.append(f"--out: {problem}")
-    elif not args.overwrite and (held := sorted(p.name for p in Path(args.out).glob("*") if p.name in DATA_SET)):
+    elif not args.overwrite and (held := sorted(n for n in DATA_SET if (Path(args.out) / n).exists())):
         problems.append(f"--out {args.out} already holds a data set ({', '.join(held)}); pass --overwrite to replace it")
     if problems:
         print(f"jaxground data shapes: {'; '.join(problems)}", file=sys.stderr)
