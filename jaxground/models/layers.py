@@ -68,3 +68,26 @@ def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     longer fusion with four saved inputs; the attention softmaxes of the train step use this one."""
     with jax.softmax_custom_jvp(True):
         return jax.nn.softmax(x, axis=axis)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, the LLaMA MLP's gating, with a hand-written gradient that keeps only gate and up (the GEMM
+    outputs, saved anyway) and recomputes the sigmoid in the backward pass. Under autodiff XLA:CPU instead wrote
+    sigmoid(gate), silu(gate) and the product as three separate arrays in the forward pass (the tiny train step
+    was ~3% slower)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(saved, dy):
+    gate, up = saved
+    s = jax.nn.sigmoid(gate)
+    # d silu(g) / dg = s + g s (1 - s)
+    return dy * up * (s * (1 + gate * (1 - s))), dy * gate * s
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
