@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         return _shapes(args) if args.action == "shapes" else _inspect(args)
-    except OSError as e:  # an output that cannot be written, a record file that is not there
+    except (OSError, ValueError) as e:  # an output that cannot be written; a record file not there or unreadable
         print(f"jaxground data {args.action}: {e}", file=sys.stderr)
         return 2
 

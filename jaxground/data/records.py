@@ -130,13 +130,22 @@ class RecordSource:
 
     def __init__(self, paths: str | Path | list):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        folders = [str(p) for p in paths if Path(p).is_dir()]
+        if folders:
+            raise IsADirectoryError(f"folders, not record files: {', '.join(folders)}")
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"record files not found: {', '.join(missing)}")
         self._paths = [str(p) for p in paths]
         self._readers = None
-        lengths = [_reader(p).num_records() for p in self._paths]
-        self._offsets = np.cumsum([0] + lengths)
+        readers = [_reader(p) for p in self._paths]
+        # ArrayRecord reads another format, or a file cut short (an interrupted write or copy), as 0 records
+        unreadable = [p for p, r in zip(self._paths, readers) if not r.ok()]
+        if unreadable:
+            raise ValueError(f"not readable as ArrayRecord files (another format, or cut short): {', '.join(unreadable)}")
+        self._offsets = np.cumsum([0] + [r.num_records() for r in readers])
+        for r in readers:
+            r.close()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -48,3 +48,23 @@ def test_shapes_keeps_a_data_set_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "train.array_record").read_bytes() == before
     assert cli.main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (tmp_path / "train.array_record").read_bytes() != before
+
+
+def test_inspect_refuses_what_is_not_a_whole_record_file(tmp_path, capsys):
+    """A folder, a file of another format and a record file cut short (an interrupted write or copy) are refused
+    naming the file. ArrayRecord reads the last two as 0 records: until 2026-12-05 `inspect` printed "0 records"
+    and training refused with "no samples in shapes", naming no file."""
+    out = tmp_path / "shapes"
+    assert cli.main(["data", "shapes", "--out", str(out), "--train", "3", "--val", "1", "--test", "2"]) == 0
+    whole = (out / "train.array_record").read_bytes()
+    (tmp_path / "cut.array_record").write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    unreadable = "not readable as ArrayRecord files (another format, or cut short): "
+    for path, message in (
+        (out / "tokenizer", f"folders, not record files: {out / 'tokenizer'}"),
+        (out / "train.array_record.objects.npy", f"{unreadable}{out / 'train.array_record.objects.npy'}"),
+        (tmp_path / "cut.array_record", f"{unreadable}{tmp_path / 'cut.array_record'}"),
+    ):
+        assert cli.main(["data", "inspect", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"jaxground data inspect: {message}\n" and not captured.out, path
