@@ -81,6 +81,8 @@ def parse_tasks(tasks) -> tuple[str, ...]:
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise EvalConfigError(f"unknown eval tasks {unknown or names} (known: {', '.join(TASKS)})")
+    if len(set(names)) < len(names):  # a task named twice ran twice, the second over no rows, and kept that
+        raise EvalConfigError(f"eval tasks {', '.join(names)}: name each task once")
     return names
 
 

@@ -243,6 +243,10 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--tasks", "rec,nope", *args]) == 2
     assert "unknown eval tasks ['nope']" in capsys.readouterr().err
+    # a task named twice ran twice until 2026-12-05, the second time over no rows, and eval.json kept its zeros
+    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--tasks", "rec,rec", *args]) == 2
+    assert "jaxground eval: eval tasks rec, rec: name each task once" in capsys.readouterr().err
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--splits", "shapes_val", *args]) == 2
     assert "--splits 'shapes_val': no split named shapes_val (the config's splits: shapes_test)" in capsys.readouterr().err
