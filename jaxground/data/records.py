@@ -132,7 +132,7 @@ class RecordSource:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         folders = [str(p) for p in paths if Path(p).is_dir()]
         if folders:
-            raise IsADirectoryError(f"folders, not record files: {', '.join(folders)}")
+            raise ValueError(f"folders, not record files: {', '.join(folders)}")
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"record files not found: {', '.join(missing)}")

@@ -3,7 +3,10 @@ one-line refusals (exit 2) for bad counts and paths."""
 
 import json
 
+import pytest
+
 from jaxground import cli
+from jaxground.data.records import RecordSource
 
 
 def test_shapes_then_inspect(tmp_path, capsys):
@@ -68,3 +71,6 @@ def test_inspect_refuses_what_is_not_a_whole_record_file(tmp_path, capsys):
         assert cli.main(["data", "inspect", str(path)]) == 2
         captured = capsys.readouterr()
         assert captured.err == f"jaxground data inspect: {message}\n" and not captured.out, path
+        # a ValueError, which `train` and `eval` report as a bad config (a folder raised IsADirectoryError, a traceback)
+        with pytest.raises(ValueError, match="not record files|not readable"):
+            RecordSource(path)
