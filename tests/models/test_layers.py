@@ -4,7 +4,6 @@ import numpy as np
 from flax import nnx
 
 from jaxground.models.layers import Linear, linear, softmax, swiglu
-from jaxground.models.llama import rope_tables
 
 
 def test_linear_flattens_leading_dims_and_matches_a_plain_dot():
@@ -62,13 +61,3 @@ def test_swiglu_and_its_gradient_equal_autodiff_of_silu_times_up():
     for a, b in zip(mine16, auto16):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=5e-2, atol=5e-2)
-
-
-def test_rope_tables_looked_up_equal_computed_per_token():
-    """cos and sin computed once for positions 0..rows-1 and looked up equal those computed per token."""
-    positions = jnp.array([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]], jnp.int32)
-    per_token = rope_tables(positions, 16, 500.0)
-    looked_up = rope_tables(positions, 16, 500.0, rows=6)
-    for a, b in zip(per_token, looked_up):
-        assert a.shape == b.shape == (2, 6, 16)
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 from jaxground import parallel
 from jaxground.convert.llama import build
-from jaxground.models.llama import Llama, LlamaConfig
+from jaxground.models.llama import Llama, LlamaConfig, rope_tables
 
 TOL = 1e-4
 HF_CONFIGS = {
@@ -208,3 +208,13 @@ def test_bad_input_is_refused_before_compute():
         LlamaConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         LlamaConfig(remat="some")
+
+
+def test_rope_tables_looked_up_equal_computed_per_token():
+    """cos and sin computed once for positions 0..rows-1 and looked up equal those computed per token."""
+    positions = jnp.array([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]], jnp.int32)
+    per_token = rope_tables(positions, 16, 500.0)
+    looked_up = rope_tables(positions, 16, 500.0, rows=6)
+    for a, b in zip(per_token, looked_up):
+        assert a.shape == b.shape == (2, 6, 16)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
