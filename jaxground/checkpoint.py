@@ -12,6 +12,7 @@ optimizer covered other parameters.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,46 @@ from jaxground.train.state import TrainState
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose arrays do not fit the model being trained."""
+
+
+class CheckpointDamaged(CheckpointMismatch):
+    """A checkpoint whose saved array data cannot be read (files cut short, missing or altered)."""
+
+
+@contextlib.contextmanager
+def reading_arrays(where: str | Path):
+    """Raises Orbax's failure to read an array's data (a bare Exception over TensorStore's error) inside the block
+    as CheckpointDamaged naming `where` and TensorStore's reason."""
+    try:
+        yield
+    except Exception as e:
+        if type(e) is not Exception or "error while reading" not in str(e):
+            raise
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        _quiet_abandoned_reads()
+        raise CheckpointDamaged(f"{where}: its saved arrays cannot be read, the files are damaged or incomplete "
+                                f"({str(cause).splitlines()[0]})") from None
+
+
+def _quiet_abandoned_reads() -> None:
+    """The reads Orbax still had in flight when one failed finish after it closed its event loop; their errors
+    ("Event loop is closed", a coroutine never awaited) are unraisable, and Python would print each as a traceback
+    under the one-line refusal. Drops those two, from now on; every other unraisable error is printed as before."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        message = str(unraisable.exc_value)
+        if message == "Event loop is closed" or "_read_array_index_and_device_put" in repr(unraisable.object):
+            return
+        default(unraisable)
+    sys.unraisablehook = hook
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, args):
+    with reading_arrays(manager.directory / str(step)):
+        return manager.restore(step, args=args)
 
 
 def _key_name(k) -> str:
@@ -178,7 +219,7 @@ class Checkpointer:
                      opt=ocp.args.StandardRestore({"step": target.step, "opt": target.opt}),
                      data=ProcessJsonRestore(), meta=ocp.args.JsonRestore())
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+            out = _restore(self.manager, step, ocp.args.Composite(**items))
         except CheckpointMismatch:
             raise
         except (ValueError, KeyError) as e:
@@ -258,7 +299,7 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
         wanted, _ = nnx.split_state(abstract_model, keep, ...)
         check_model_shapes(saved, wanted, str(directory / str(step)), fresh=fresh)
         wanted_shardings, _ = nnx.split_state(shardings, keep, ...)
-        out = manager.restore(step, args=ocp.args.Composite(
+        out = _restore(manager, step, ocp.args.Composite(
             model=ocp.args.StandardRestore(_with_shardings(wanted, wanted_shardings), strict=not fresh)))
     return out.model
 

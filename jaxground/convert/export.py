@@ -139,6 +139,7 @@ def export(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | N
     if stale and not overwrite:
         raise FileExistsError(f"{out} already holds exported files ({stale[0].name}); choose another --out "
                               "(or pass --overwrite)")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".export.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -151,9 +152,20 @@ def export(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | N
             f.unlink()
         for name in [*names, *source.files]:
             os.replace(staging / name, out / name)
+    except BaseException:
+        if created:  # nothing of this export stays, not even the folder it made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names if name.endswith(".safetensors")]
+
+
+def _new_file_mode() -> int:
+    """The mode `open` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write_shards(source: Source, out: Path, shards: list[list[dict]], progress) -> list[str]:
@@ -161,6 +173,7 @@ def _write_shards(source: Source, out: Path, shards: list[list[dict]], progress)
     from orbax.checkpoint.experimental import v1 as ocp
     from safetensors.torch import save_file
 
+    from jaxground.checkpoint import reading_arrays
     from jaxground.convert.store import _nest
 
     files, weight_map, done = [], {}, 0
@@ -169,11 +182,12 @@ def _write_shards(source: Source, out: Path, shards: list[list[dict]], progress)
         abstract = dict(source.saved[e["path"]] for e in shard)  # saved name -> metadata
         context = ocp.Context()
         context.pytree.loading.partial_load = True  # only this shard's arrays
-        with context:
+        with context, reading_arrays(source.pytree):
             arrays = _flat_meta(ocp.load(source.pytree, _nest(_targets(abstract)),
                                          checkpointable_name=source.checkpointable))
         tensors = {e["key"]: to_torch(e, np.asarray(arrays[source.saved[e["path"]][0]])) for e in shard}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, _new_file_mode())  # safetensors writes 0600, whatever the umask
         files.append(name)
         weight_map.update(dict.fromkeys(tensors, name))
         done += len(shard)

@@ -4,6 +4,7 @@ else the source's own layout); for NExT-Chat also the config.json and tokenizer 
 
 from __future__ import annotations
 
+import math
 import sys
 
 from jaxground.paths import unwritable_dir
@@ -26,8 +27,8 @@ def run(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"  {done}/{total} tensors", file=sys.stderr, flush=True)
 
-    if args.shard_gib <= 0:
-        print(f"jaxground export: --shard-gib must be > 0, got {args.shard_gib}", file=sys.stderr)
+    if not (0 < args.shard_gib < math.inf):  # also refuses nan
+        print(f"jaxground export: --shard-gib must be a finite number > 0, got {args.shard_gib}", file=sys.stderr)
         return 2
     if problem := unwritable_dir(args.out):
         print(f"jaxground export: --out: {problem}", file=sys.stderr)

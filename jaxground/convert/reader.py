@@ -50,10 +50,19 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _safetensors(path: Path) -> TensorStream:
-    from safetensors import safe_open
+def open_safetensors(path: Path):
+    """safetensors' handle on `path`; a file it cannot read (empty, cut short, another format) raises
+    UnreadableCheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise UnreadableCheckpointError(f"{path}: not a safetensors file it can read ({e})") from None
+
+
+def _safetensors(path: Path) -> TensorStream:
+    with open_safetensors(path) as f:
         for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             yield key, (lambda k=key: to_numpy(f.get_tensor(k)))
 
@@ -114,9 +123,7 @@ def keys_and_shapes(source) -> dict[str, tuple[int, ...]]:
     out = {}
     for file in weight_files(Path(source)):
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     out[key] = tuple(f.get_slice(key).get_shape())
         else:

@@ -206,6 +206,7 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
     `config_overrides` replace top-level fields of the saved config (e.g. `freeze_vision=False`)."""
     from orbax.checkpoint.experimental import v1 as ocp
 
+    from jaxground.checkpoint import reading_arrays
     from jaxground.parallel import RULES, state_shardings
 
     directory = Path(directory).absolute()  # Orbax reads only absolute paths
@@ -230,7 +231,8 @@ def load_converted(directory: str | Path, *, mesh: jax.sharding.Mesh | None = No
     if missing or extra:
         raise ValueError(f"{directory} does not fit its config's model: missing {missing[:10]}"
                          f"{'...' if len(missing) > 10 else ''}, unexpected {extra[:10]}")
-    arrays = _flatten(ocp.load(directory / MODEL_DIR, _nest(abstract)))
+    with reading_arrays(directory / MODEL_DIR):
+        arrays = _flatten(ocp.load(directory / MODEL_DIR, _nest(abstract)))
     for path, var in variables.items():
         var.set_value(arrays[path])
     return model, cfg
@@ -265,7 +267,7 @@ def _describe(source) -> dict[str, tuple[tuple[int, ...], str]]:
     """key -> (shape, torch dtype name) without reading tensor data where the format allows."""
     from collections.abc import Mapping
 
-    from jaxground.convert.reader import _pickle, weight_files
+    from jaxground.convert.reader import _pickle, open_safetensors, weight_files
 
     if isinstance(source, Mapping):
         return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in source.items()}
@@ -273,9 +275,7 @@ def _describe(source) -> dict[str, tuple[tuple[int, ...], str]]:
     out = {}
     for file in weight_files(Path(source)):
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     s = f.get_slice(key)
                     out[key] = (tuple(s.get_shape()), names.get(s.get_dtype(), s.get_dtype().lower()))

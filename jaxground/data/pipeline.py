@@ -286,6 +286,22 @@ def make_encoder(cfg: ml_collections.ConfigDict):
                                cfg.image_position), ids
 
 
+def _readers(cfg: ml_collections.ConfigDict, training: bool) -> tuple[ConversationEncoder, Mixture, SampleMaker]:
+    """The tokenizer's encoder, the datasets' mixture and the sample maker of a data config (they raise on a bad one)."""
+    encoder, _ = make_encoder(cfg)
+    sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
+    if cfg.task:
+        sources = {n: PerItem(s, cfg.task) for n, s in sources.items()}
+    mixture = Mixture(sources, {n: e.weight for n, e in cfg.datasets.items()} if training else None, cfg.seed)
+    return encoder, mixture, SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
+
+
+def check_data(cfg: ml_collections.ConfigDict, *, training: bool) -> None:
+    """Opens what `make_pipeline` reads (tokenizer, record files, sample settings) without starting a loader, so a
+    split that cannot be read is refused before the work that needs it (training's final evaluation)."""
+    _readers(cfg, training)
+
+
 def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, process_index: int | None = None,
                   process_count: int | None = None, num_epochs: int | None = None) -> DataIterator:
     """Training: shuffled, endless (or `num_epochs`), full batches. Evaluation: in order, one epoch, the last
@@ -294,12 +310,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, proc
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    encoder, _ = make_encoder(cfg)
-    sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
-    if cfg.task:
-        sources = {n: PerItem(s, cfg.task) for n, s in sources.items()}
-    mixture = Mixture(sources, {n: e.weight for n, e in cfg.datasets.items()} if training else None, cfg.seed)
-    maker = SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
+    encoder, mixture, maker = _readers(cfg, training)
     sampler = MixtureSampler(mixture, shuffle=training, process_count=process_count,
                              num_epochs=num_epochs if num_epochs is not None else (None if training else 1))
     if cfg.workers:

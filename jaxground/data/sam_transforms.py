@@ -35,14 +35,15 @@ class SamGeometry:
 
 
 def geometry(orig_hw: tuple[int, int], target: int = 1024, pad: str = "center") -> SamGeometry:
-    """The official rounding: scale = target / max(h, w); new side = int(side * scale + 0.5)."""
+    """The official rounding: scale = target / max(h, w); new side = int(side * scale + 0.5), at least 1 (an image
+    more than 2·target times as long as it is wide would round to 0, where the official code fails)."""
     if pad not in PADS:
         raise ValueError(f"pad must be one of {PADS}, got {pad!r}")
     h, w = (int(s) for s in orig_hw)
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got {orig_hw}")
     scale = target / max(h, w)
-    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
     offset = ((target - nh) // 2, (target - nw) // 2) if pad == "center" else (0, 0)
     return SamGeometry((h, w), (nh, nw), offset, target)
 

@@ -21,6 +21,7 @@ from jaxground.data.transforms import (
     image_region,
     masks_to_square,
     polygons_to_mask,
+    rgb_uint8,
 )
 
 
@@ -34,7 +35,7 @@ def _load_image(ex: Example, image_root: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(_image_file(ex, image_root)) as im:
-        return np.asarray(im.convert("RGB"))
+        return rgb_uint8(im)
 
 
 def image_size(ex: Example, image_root: str = "") -> tuple[int, int]:

@@ -16,6 +16,19 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 PAD_FILLS = {"mean": tuple(int(v * 255) for v in CLIP_MEAN), "white": (255, 255, 255)}
 
 
+def rgb_uint8(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> uint8[H, W, 3]. 16-bit greyscale (modes I;16*) is scaled from 0..65535 (PIL's
+    convert("RGB") clips it to black and white instead); 32-bit integer and float greyscale (modes I, F), whose range
+    the file does not state, raise ValueError."""
+    if im.mode.startswith("I;16"):
+        grey = (np.asarray(im).astype(np.uint32) * 255 + 32767) // 65535
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    if im.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if im.mode == 'I' else 'floating-point'} greyscale pixels (PIL mode "
+                         f"{im.mode}) have no stated range; convert the image to 8 bits first")
+    return np.asarray(im.convert("RGB"))
+
+
 def square_offsets(height: int, width: int) -> tuple[int, int, int]:
     """-> (side, left, top): where expand2square places an HxW image."""
     side = max(height, width)

@@ -139,7 +139,7 @@ def parse_count(text: str) -> int | None:
 
 def score_count(rows: list[dict]) -> tuple[dict, list[dict]]:
     """Counting by generation: the number the answer opens with against the reference's. -> ({accuracy (exact),
-    mae (unparsed answers excluded), unparsed, count}, rows with pred_count / label_count)."""
+    mae (unparsed answers excluded; None when none parsed), unparsed, count}, rows with pred_count / label_count)."""
     out, hits, errors = [], 0, []
     for r in rows:
         pred, label = parse_count(r["answer"]), parse_count(r["reference"])
@@ -150,5 +150,5 @@ def score_count(rows: list[dict]) -> tuple[dict, list[dict]]:
             errors.append(abs(pred - label))
         out.append(r | {"pred_count": pred, "label_count": label})
     n = len(rows)
-    return {"accuracy": hits / n if n else 0.0, "mae": float(np.mean(errors)) if errors else 0.0,
+    return {"accuracy": hits / n if n else 0.0, "mae": float(np.mean(errors)) if errors else None,
             "unparsed": n - len(errors), "count": n}, out

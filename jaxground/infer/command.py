@@ -84,18 +84,21 @@ def add_arguments(parser) -> None:
 
 
 def load_image(path: str):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from jaxground.data.transforms import rgb_uint8
     from jaxground.infer.predict import PredictError
 
     p = Path(path)
+    if p.is_dir():
+        raise PredictError(f"image {path} is a folder, not an image file")
     if not p.is_file():
         raise PredictError(f"image not found: {path}")
     try:
         with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            # turned as its EXIF orientation says, so boxes and drawings are in the image as viewers show it
+            return rgb_uint8(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
         raise PredictError(f"cannot decode image {path}: {e}") from None
 
 

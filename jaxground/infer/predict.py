@@ -191,6 +191,13 @@ def encode_prompt(encoder, prompt: str, boxes_px: list[np.ndarray], height: int,
     return encoder.encode([("user", text, groups)], object_boxes, key="prompt")
 
 
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """Refuses NaN or infinite model outputs (weights that hold them), which JSON cannot carry nor a drawing place."""
+    if not np.isfinite(values).all():
+        raise PredictError(f"the model decoded a non-finite {what} (NaN or infinity): its weights hold NaN or "
+                           "infinity, or overflowed in this dtype")
+
+
 def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.ndarray], cfg: GenerationConfig,
             *, rng=None, mask_fn=None, pad_fill: str = "mean", mask_iou_threshold: float | None = None) -> Prediction:
     """One image uint8[H,W,3], a prompt with `[i]` references to `boxes_px` -> Prediction.
@@ -226,9 +233,11 @@ def predict(model, encoder, image: np.ndarray, prompt: str, boxes_px: list[np.nd
                            "of at least 1 or fewer --max-new-tokens")
     n = int(got["num_triggers"][0])
     tokens = got["tokens"][0, : int(got["lengths"][0])]
+    _check_finite(got["boxes"][0, :n], "box")
     masks = iou = None
     if mask_fn is not None:  # all Q trigger slots (one compile), the first n kept
         masks, iou = (x[0, :n] for x in to_host(mask_fn(out.trigger_states, out.boxes)))
+        _check_finite(iou, "mask IoU")
         if mask_iou_threshold is not None:
             masks = masks & (iou >= mask_iou_threshold)[:, None, None]
     return Prediction(

@@ -150,7 +150,7 @@ def check_ranges(config) -> None:
 
 
 def make_task(config) -> Task:
-    from jaxground.data.pipeline import make_encoder, make_pipeline
+    from jaxground.data.pipeline import check_data, make_encoder, make_pipeline
 
     check_stage(config.train)
     check_ranges(config)
@@ -167,7 +167,11 @@ def make_task(config) -> Task:
     if w_attr and not config.model.get("attr_classes"):
         raise TaskConfigError(f"loss.w_attr={w_attr} needs model.attr_classes > 0")
     w_cycle = config.loss.w_cycle
-    train_data = data_config(config, training=True)
+    train_data, eval_data = data_config(config, training=True), data_config(config, training=False)
+    try:  # the run ends with an evaluation: refuse its split now, not after the training
+        check_data(eval_data, training=False)
+    except (ValueError, FileNotFoundError) as e:
+        raise TaskConfigError(f"the evaluation split (eval.datasets): {e}") from None
     _, tokens = make_encoder(train_data)
     cfg = model_config(config, tokens)
     seed = config.train.seed
@@ -194,7 +198,7 @@ def make_task(config) -> Task:
         loss_fn=loss_fn,
         train_batches=make_pipeline(train_data, training=True),
         eval_fn=rec_eval,
-        eval_batches=lambda: make_pipeline(data_config(config, training=False), training=False),
+        eval_batches=lambda: make_pipeline(eval_data, training=False),
         summarize=summarize,
         check_rows=check_rows if label_tokens else None,
     )

@@ -62,6 +62,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"jaxground convert: {tmp_path / name}: not a checkpoint torch.load can read ("), err
         assert "Traceback" not in err and "refused to load" not in err and len(err.splitlines()) == 1, err
+    # safetensors files it cannot read: empty, not safetensors, cut short (an interrupted download)
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 64)}, str(tmp_path / "whole.safetensors"))
+    whole = (tmp_path / "whole.safetensors").read_bytes()
+    for name, data in (("empty.safetensors", b""), ("text.safetensors", b"hi\n" * 4), ("cut.safetensors", whole[:-100])):
+        (tmp_path / name).write_bytes(data)
+        assert main(["convert", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"jaxground convert: {tmp_path / name}: not a safetensors file it can read ("), err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,8 @@ embeddings, a released NExT-Chat directory, whose export also loads into the off
 
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -109,5 +111,16 @@ def test_export_keeps_other_files_and_refuses_stale_weights(tmp_path, capsys, mo
     assert "already holds exported files" in capsys.readouterr().err
     assert main(["export", "--checkpoint", "jax", "--out", "torch", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask  # safetensors alone: 0600
     assert_bit_exact(load_file(str(out / "model.safetensors")), {k: v.contiguous() for k, v in hf.state_dict().items()})
+    for bad in ("inf", "nan", "0"):
+        assert main(["export", "--checkpoint", "jax", "--out", "x", "--shard-gib", bad]) == 2
+        assert "--shard-gib must be a finite number > 0" in capsys.readouterr().err
+    data = max((tmp_path / "jax" / "model").glob("**/ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)  # the largest of the arrays' data files, cut short
+    assert main(["export", "--checkpoint", "jax", "--out", "x"]) == 2
+    assert "its saved arrays cannot be read, the files are damaged or incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # the folder it made is gone with the failed export
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

@@ -53,3 +53,12 @@ def test_postprocess_matches_torch(pad):
     out = np.asarray(T.postprocess_masks(jnp.asarray(low), geo))
     assert out.shape == (2, 100, 60)
     np.testing.assert_allclose(out, t.numpy(), atol=1e-5)
+
+
+def test_a_sliver_of_an_image_keeps_one_pixel():
+    """A 3x500 image at target 64 would round its short side to 0 (the official rounding fails there): it keeps one
+    pixel, and a predicted mask maps back to the image's own size."""
+    image = np.full((3, 500, 3), 200, np.uint8)
+    out, geo = T.preprocess_image(image, target=64)
+    assert geo.resized_hw == (1, 64) and out.shape == (64, 64, 3)
+    assert T.postprocess_masks(jnp.ones((1, 16, 16)), geo).shape == (1, 3, 500)

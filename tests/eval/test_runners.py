@@ -113,6 +113,8 @@ def test_count_answers_parsed_and_scored():
     assert [(r["pred_count"], r["label_count"]) for r in out] == [(2, 2), (1, 3), (None, 0)]
     with pytest.raises(ValueError, match="does not open with a number"):
         score_count([{"answer": "Two", "reference": "Yes."}])
+    # no answer parsed: no error to average (0.0 would read as a perfect score)
+    assert score_count([{"answer": "No idea", "reference": "Two."}])[0]["mae"] is None
 
 
 def test_res_step_scores_only_inside_the_image():

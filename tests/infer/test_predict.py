@@ -1,6 +1,8 @@
 """predict: pixel mapping, prompt references, answer text, drawing, and the command's bad-input errors."""
 
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -85,6 +87,29 @@ def test_draw_enlarges_small_images():
     assert np.asarray(draw(np.zeros((300, 20, 3), np.uint8), np.zeros((0, 4)), [])).shape == (300, 20, 3)
 
 
+def test_load_image_orientation_and_bit_depth(tmp_path):
+    """EXIF orientation is applied (boxes are given and drawn in the image as viewers show it); 16-bit greyscale
+    is scaled to 8 bits (PIL's convert("RGB") clips it to 0 and 255); greyscale without a stated range is refused."""
+    from jaxground.infer.command import load_image
+
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[0, 0] = 255  # the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image is turned 90 degrees clockwise for display
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    shown = load_image(str(tmp_path / "turned.png"))
+    assert shown.shape == (30, 20, 3) and (shown[0, -1] == 255).all()  # the corner is now top-right
+
+    grey = np.array([[0, 257 * 29, 65535]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    np.testing.assert_array_equal(load_image(str(tmp_path / "grey16.png"))[0, :, 0], [0, 29, 255])
+
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(PredictError, match="no stated range"):
+        load_image(str(tmp_path / "float.tiff"))
+
+
 @pytest.fixture
 def image_file(tmp_path):
     path = tmp_path / "img.png"
@@ -101,17 +126,26 @@ def image_file(tmp_path):
     (["--config", "MISSING.py"], "config file not found"),
     (["--out", "FILE/answer.png"], r"--out: .*img.png is a file, not a folder"),
     (["--out", "FOLDER.png"], r"--out: .*folder.png is a folder, not a file"),
+    (["--out", "LONG.png"], r"--out: .*File name too long"),
+    (["--image", "FOLDER.png"], r"image .*folder.png is a folder, not an image file"),
+    (["--image", "BOMB"], r"cannot decode image .*exceeds limit"),  # PIL's decompression-bomb guard
 ])
 def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
+    bomb = tmp_path / "bomb.png"  # a 1x1 PNG whose header claims 20000x20000 pixels
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(bomb)
+    header = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    png = bomb.read_bytes()
+    bomb.write_bytes(png[:12] + header + struct.pack(">I", zlib.crc32(header)) + png[33:])
     (tmp_path / "folder.png").mkdir()
     args = ["predict", "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), "--image", str(image_file),
             "--prompt", "where is [0]?", "--box", "1,1,10,10"]
     for flag, value in zip(extra[::2], extra[1::2]):
         value = {"MISSING": str(tmp_path / "missing.png"), "BROKEN": str(broken),
                  "MISSING.py": str(tmp_path / "missing.py"), "FILE/answer.png": str(image_file / "answer.png"),
-                 "FOLDER.png": str(tmp_path / "folder.png")}.get(value, value)
+                 "FOLDER.png": str(tmp_path / "folder.png"), "LONG.png": str(tmp_path / ("a" * 300 + ".png")),
+                 "BOMB": str(bomb)}.get(value, value)
         if flag in args and flag != "--box":
             args[args.index(flag) + 1] = value
         elif flag == "--box":

@@ -213,3 +213,25 @@ def test_overflowed_beam_scores_refused(config_args, image_file, tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith("jaxground predict: sampled beam search: the beam scores passed "
                                                    "float32's range within 6 tokens"), lines
     assert "temperature 0.8 again" in lines[0]
+
+
+def test_non_finite_boxes_refused(config_args, image_file, tmp_path, capsys, monkeypatch):
+    """A model whose weights hold NaN decodes NaN boxes, which JSON cannot carry (json.dumps wrote a bare NaN) and the
+    drawing cannot place: refused in one line, naming the weights."""
+    import jax.numpy as jnp
+
+    from jaxground.config import load_config
+    from jaxground.infer import predict
+
+    stub_load_model(monkeypatch, build_model(load_config("configs/eval_shapes.py", config_args)))  # answers <at>
+    real = predict.generate_nextchat
+
+    def nan_boxes(*a, **kw):
+        out = real(*a, **kw)
+        return out.replace(boxes=jnp.full_like(out.boxes, jnp.nan))
+    monkeypatch.setattr(predict, "generate_nextchat", nan_boxes)
+    code = main(predict_args(config_args, tmp_path, image_file))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    assert captured.err.strip() == ("jaxground predict: the model decoded a non-finite box (NaN or infinity): its "
+                                    "weights hold NaN or infinity, or overflowed in this dtype")

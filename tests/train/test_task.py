@@ -2,6 +2,8 @@
 evaluated on the held-out split, and stage masks keep the frozen tower bit-identical."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -63,6 +65,28 @@ def test_stage_mask_keeps_vision_tower_frozen(tmp_path, shapes_dir, capsys):
         moved["vision" if path[0] == "vision" else "other"].append(not same)
     assert moved["vision"] and not any(moved["vision"])
     assert sum(moved["other"]) > 0.8 * len(moved["other"])
+
+    # a copy of the run (TensorStore caches what it read from the original) with step 2's data files cut short:
+    # refused naming it, for loading and for resuming
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "checkpoints", damaged / "checkpoints")
+    for data in (damaged / "checkpoints" / "2").glob("model/ocdbt.process_*/d/*"):
+        os.truncate(data, data.stat().st_size // 2)
+    with jax.set_mesh(mesh), pytest.raises(checkpoint.CheckpointDamaged, match="damaged or incomplete"):
+        checkpoint.load_model(damaged / "checkpoints" / "2", abstract.model, sh.model)
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", str(damaged), *overrides]) == 2
+    out = capsys.readouterr().out
+    assert f"jaxground train: {damaged / 'checkpoints' / '2'}: its saved arrays cannot be read" in out, out
+
+
+def test_unreadable_eval_split_is_refused_before_training(tmp_path, shapes_dir, capsys):
+    """The run ends with an evaluation: an eval.datasets path without a data set (or tokenizer) is refused at the
+    start, not after the training (where it raised TokenizerError with a traceback)."""
+    args = tiny(shapes_dir, "train.steps=2", f"eval.datasets.shapes.path={tmp_path / 'nowhere'}")
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path / "run"), *args]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("jaxground train: bad config: the evaluation split (eval.datasets): "), out
+    assert not (tmp_path / "run").exists()
 
 
 def test_bucket_urls_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
