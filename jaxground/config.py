@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import traceback
 from pathlib import Path
 
 import ml_collections
@@ -23,10 +24,21 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_jaxground_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} has no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} has no get_config()")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the config file's own code failed: where, and why
+        here = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        raise ConfigError(f"{path}{f':{here[-1]}' if here else ''}: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
+    return config
 
 
 def _parse_value(text: str):
@@ -64,6 +76,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
                 node = node[part]
         value = _parse_value(text)
         old = node[parts[-1]]
+        if isinstance(value, bool) and isinstance(old, (int, float)) and not isinstance(old, bool):
+            raise ConfigError(f"config key {key!r} is a number ({old!r}), got {text}")  # ml_collections takes it
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(old, tuple) and isinstance(value, list):

@@ -44,6 +44,8 @@ def mesh_shape(spec: dict[str, int] | Sequence[int], n_devices: int) -> tuple[in
         raise MeshError(f"mesh needs 3 sizes (data, fsdp, tensor), got {sizes}")
     if sizes.count(-1) > 1:
         raise MeshError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s < 1 and s != -1 for s in sizes):
+        raise MeshError(f"mesh axis sizes must be >= 1 (or one -1), got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:

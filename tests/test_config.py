@@ -66,10 +66,31 @@ def test_a_key_the_commands_set_is_refused():
         load_config("configs/tiny_shapes.py", ["data.batch_size=8"])
 
 
+def test_config_files_that_fail_are_one_line_naming_the_line(tmp_path):
+    """A config file's syntax error, an exception in its code, or a get_config() returning something else: one
+    ConfigError with file and line (they were tracebacks, or an AttributeError far from the file)."""
+    for body, message in (("def get_config(:\n", r"bad.py:1: invalid syntax"),
+                          ("def get_config():\n    x = 1\n    return x / 0\n", r"bad.py:3: ZeroDivisionError: "),
+                          ("def get_config():\n    return 3\n", r"bad.py: get_config\(\) returned int, not an ")):
+        (tmp_path / "bad.py").write_text(body)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "bad.py")
+
+
+def test_a_bool_for_a_number_is_refused():
+    """ml_collections takes True for an int field (`step 1/True` in the progress line, `true` in the saved config)."""
+    with pytest.raises(ConfigError, match=r"config key 'train.steps' is a number \(\d+\), got True"):
+        load_config("configs/tiny_shapes.py", ["train.steps=True"])
+    assert load_config("configs/tiny_shapes.py", ["train.steps=5"]).train.steps == 5
+
+
 def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     args = ["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path),
             f"data.tokenizer={shapes_dir}/tokenizer"]
     assert cli.main(args + ["data.datasets.shapes.kind=nosuch"]) == 2
+    assert "unknown dataset kind 'nosuch'; known: flickr, llava, pope, records," in capsys.readouterr().out
+    # without data.tokenizer the tokenizer is the shapes set's: the misspelt kind is still what is reported
+    assert cli.main(args[:5] + ["data.datasets.shapes.kind=nosuch"]) == 2
     assert "unknown dataset kind 'nosuch'" in capsys.readouterr().out
     assert cli.main(args + [f"data.datasets.shapes.path={tmp_path}/none"]) == 2
     assert "not found" in capsys.readouterr().out

@@ -176,11 +176,24 @@ def _object_counts(source) -> np.ndarray | None:
     return counts() if callable(counts) else None
 
 
+RECORD_KINDS = ("shapes", "records")  # ArrayRecord files: a `jaxground data shapes` folder, or one file
+
+
+def check_kind(kind: str) -> None:
+    """Raises SourceError for a dataset kind that no reader takes, listing those that exist."""
+    from jaxground.data.sources import READERS, SourceError
+
+    known = sorted((*READERS, *RECORD_KINDS))
+    if kind not in known:
+        raise SourceError(f"unknown dataset kind {kind!r}; known: {', '.join(known)}")
+
+
 def build_source(entry, max_objects: int = 0):
     """One dataset entry of the config -> a random-access source of Examples, keeping only images with at least
     the entry's `min_objects` and at most its `max_objects` (else the section's `max_objects`) objects."""
     kind, path = entry.kind, Path(entry.path)
-    if kind in ("shapes", "records"):
+    check_kind(kind)
+    if kind in RECORD_KINDS:
         files = [path / f"{entry.split}.array_record"] if kind == "shapes" else [path]
         src = RecordSource(files)
     else:

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from jaxground.data.conversation import IGNORE, SHORT_SYSTEM, BadSample, ConversationEncoder
-from jaxground.data.mixture import Mixture, MixtureSampler, PerItem, build_source
+from jaxground.data.mixture import Mixture, MixtureSampler, PerItem, build_source, check_kind
 from jaxground.data.records import Example
 from jaxground.data.sample import SampleMaker, sample_template
 
@@ -258,10 +258,11 @@ class DataIterator:
         with _sigint_blocked(self._workers):
             self._it.set_state(s["loader"].encode())
         self._held, self._taken, self._state = None, 0, s["loader"].encode()
-        if s.get("taken"):  # the batch that was in hand, again; its first rows were used before (absent: saved
-            # by the per-record iterator before 2026-12-02, whose loader state is already past its last row)
-            self._next_held()
-            self._taken = s["taken"]
+        taken = s.get("taken", 0)  # absent: saved by the per-record iterator before 2026-12-02, whose loader state
+        # is already past its last row
+        while taken and self._next_held():  # the batch that was in hand, again; its first rows were used before
+            self._taken = min(taken, len(self._held["skip"]))
+            taken -= self._taken  # > 0: a run resumed with a smaller batch, where that batch spans several
         self.skipped, self._done = Counter(s["skipped"]), s["done"]
 
 
@@ -271,6 +272,8 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
         return cfg.tokenizer
     shapes = [e for e in cfg.datasets.values() if e.kind == "shapes"]
     if not shapes:
+        for e in cfg.datasets.values():  # a misspelt "shapes" is the likelier cause
+            check_kind(e.kind)
         raise ValueError("data.tokenizer is empty and there is no `shapes` dataset to take it from")
     return str(Path(shapes[0].path) / "tokenizer")
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxground.models.layers import layer_norm, linear, softmax
+from jaxground.models.layers import check_sizes_and_dtypes, layer_norm, linear, softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,8 @@ class ClipVisionConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        check_sizes_and_dtypes(self, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers",
+                                      "num_heads"))
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

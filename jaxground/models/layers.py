@@ -12,6 +12,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def check_sizes_and_dtypes(cfg, positive: tuple[str, ...]) -> None:
+    """Refuses (ValueError) a model config whose `positive` sizes are below 1 or whose `dtype`/`param_dtype` NumPy
+    does not know: they failed later, deep in initialisation (ZeroDivisionError at width 0, TypeError for 'foo')."""
+    name = type(cfg).__name__
+    for field in positive:
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"{name}.{field} must be >= 1, got {getattr(cfg, field)}")
+    for field in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(cfg, field))
+        except TypeError:
+            raise ValueError(f"{name}.{field} {getattr(cfg, field)!r} is not a dtype (e.g. 'float32', "
+                             "'bfloat16')") from None
+
+
 class Linear(nnx.Linear):
     """nnx.Linear that multiplies as one 2-D GEMM: [..., in] is flattened to [N, in] first.
 

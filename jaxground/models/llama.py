@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxground.models.kv_cache import KVCache, write_layer
-from jaxground.models.layers import linear, softmax, swiglu
+from jaxground.models.layers import check_sizes_and_dtypes, linear, softmax, swiglu
 from jaxground.parallel import constrain
 
 REMAT_POLICIES = {
@@ -46,6 +46,10 @@ class LlamaConfig:
     remat: str = "none"
 
     def __post_init__(self):
+        check_sizes_and_dtypes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                      "num_kv_heads", "max_position"))
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"LlamaConfig.head_dim must be >= 1 (or None), got {self.head_dim}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"

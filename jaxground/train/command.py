@@ -39,6 +39,7 @@ def run(args) -> int:
 
     from jaxground import checkpoint, parallel
     from jaxground.config import load_config
+    from jaxground.data.conversation import BadSample
     from jaxground.train import loop
     from jaxground.train.task import TaskConfigError, make_task
 
@@ -60,7 +61,7 @@ def run(args) -> int:
             raise distributed.Refused(f"--workdir: {problem}")
         result = loop.fit(task, config, workdir, init_from=args.init_from, hosts=hosts)
     except (parallel.MeshError, checkpoint.CheckpointMismatch, TaskConfigError, FileNotFoundError,
-            distributed.Refused) as e:
+            distributed.Refused, BadSample) as e:  # BadSample: no usable sample in a long run of them
         print(f"jaxground train: {hosts.refusal(e)}")
         return 2
     except loop.Diverged as e:

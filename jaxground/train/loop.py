@@ -172,7 +172,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
     with jax.set_mesh(mesh):
         graphdef, abstract, shardings = st.plan(task.model_factory, tx, trainable, mesh)
         latest = ckpt.latest_step()
-        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=latest)
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=0 if latest is None else latest)
         if latest is not None:
             state, data_state, saved = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:
@@ -250,7 +250,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         if status == "done" and eval_step is not None:
             figures = evaluate(task, eval_step, jax.tree.unflatten(treedef, leaves).model, mesh)
             _log("eval final | " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()))
-            writer.write(step, figures, split="eval")
+            writer.write(step, figures, split="eval", replace=True)
             if jax.process_index() == 0:
                 (workdir / "eval.json").write_text(json.dumps({"step": step, **figures}, indent=2) + "\n")
     writer.close()

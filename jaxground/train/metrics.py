@@ -14,8 +14,9 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Appends to `metrics.jsonl` and TensorBoard. `resume_step`: the checkpoint a resumed run starts from; what
-    was logged after it (steps run again after a crash) is dropped, so every step appears once."""
+    """Appends to `metrics.jsonl` and TensorBoard. `resume_step`: the checkpoint a resumed run starts from, 0 for a
+    fresh start; what was logged after it (steps run again after a crash, or a run that never saved) is dropped, so
+    every step appears once."""
 
     def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
@@ -30,12 +31,14 @@ class MetricsWriter:
             purge = None if resume_step is None else resume_step + 1  # TensorBoard hides events from here on
             self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge)
 
-    def _truncate(self, step: int) -> None:
-        """Keeps the lines of steps <= `step` (a torn last line from a crash goes too); replaced atomically."""
+    def _truncate(self, step: int, drop: tuple[int, str] | None = None) -> None:
+        """Keeps the lines of steps <= `step` but the (step, split) `drop` (a torn last line from a crash goes too);
+        replaced atomically."""
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= step:
+                row = json.loads(line)
+                if row["step"] <= step and (row["step"], row["split"]) != drop:
                     kept.append(line + "\n")
             except (ValueError, KeyError):
                 continue
@@ -43,9 +46,13 @@ class MetricsWriter:
         tmp.write_text("".join(kept))
         tmp.replace(self.path)
 
-    def write(self, step: int, values: dict, *, split: str = "train") -> None:
+    def write(self, step: int, values: dict, *, split: str = "train", replace: bool = False) -> None:
+        """`replace`: first drops an earlier line of this step and split (a finished run's final evaluation,
+        run again by the same command)."""
         if not self.enabled:
             return
+        if replace and self.path.is_file():
+            self._truncate(step, drop=(step, split))
         values = {k: float(v) for k, v in values.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "split": split, **values}) + "\n")

@@ -135,6 +135,10 @@ RANGES = (
     ("optim.eps", "> 0", lambda v: v > 0),
     ("optim.weight_decay", ">= 0", lambda v: v >= 0),
     ("optim.clip_norm", ">= 0 (0 = no clipping)", lambda v: v >= 0),
+    ("optim.decay", '"hf" or "all"', lambda v: v in ("hf", "all")),
+    ("eval.batch_size", ">= 1", lambda v: v >= 1),
+    ("data.seed", ">= 0", lambda v: v >= 0),
+    ("data.mask_size", ">= 1", lambda v: v >= 1),
 )
 
 
@@ -144,9 +148,30 @@ def check_ranges(config) -> None:
     negative `train.steps` to end at once as if done."""
     for key, valid, ok in RANGES:
         section, name = key.split(".")
+        if section not in config or name not in config[section]:  # e.g. optim.decay: its default
+            continue
         value = config[section][name]
         if not ok(value):
-            raise TaskConfigError(f"{key} must be {valid}, got {value}")
+            raise TaskConfigError(f"{key} must be {valid}, got {value!r}")
+
+
+def check_model_fits_data(config, cfg: NextChatConfig) -> None:
+    """Refuses a projector kind or mask-loss preset that does not exist, and image settings the vision tower does
+    not produce, before any training: the first two failed in the model's construction or the step's tracing, and
+    `data.num_image_tokens` other than the tower's patch count trained silently (patches dropped, or `<im_patch>`
+    slots left as token embeddings)."""
+    from jaxground.models.projector import KINDS
+    from jaxground.ops.mask_losses import NAMES
+
+    if cfg.projector not in KINDS:
+        raise TaskConfigError(f"model.projector must be one of {KINDS}, got {cfg.projector!r}")
+    if cfg.sam is not None and config.loss.get("seg") not in NAMES:
+        raise TaskConfigError(f"loss.seg must be one of {NAMES}, got {config.loss.get('seg')!r}")
+    vision, data = cfg.vision, config.data
+    if (data.image_size, data.num_image_tokens) != (vision.image_size, vision.num_patches):
+        raise TaskConfigError(f"data.image_size {data.image_size} and data.num_image_tokens {data.num_image_tokens} "
+                              f"must be the vision tower's image size {vision.image_size} and patch count "
+                              f"{vision.num_patches} ((image_size / patch_size)^2)")
 
 
 def make_task(config) -> Task:
@@ -168,12 +193,14 @@ def make_task(config) -> Task:
         raise TaskConfigError(f"loss.w_attr={w_attr} needs model.attr_classes > 0")
     w_cycle = config.loss.w_cycle
     train_data, eval_data = data_config(config, training=True), data_config(config, training=False)
+    check_data(train_data, training=True)  # its errors first: the eval split is often the same data
     try:  # the run ends with an evaluation: refuse its split now, not after the training
         check_data(eval_data, training=False)
     except (ValueError, FileNotFoundError) as e:
         raise TaskConfigError(f"the evaluation split (eval.datasets): {e}") from None
     _, tokens = make_encoder(train_data)
     cfg = model_config(config, tokens)
+    check_model_fits_data(config, cfg)
     seed = config.train.seed
 
     label_tokens = config.train.get("label_tokens", 0)

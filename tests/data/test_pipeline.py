@@ -314,6 +314,27 @@ def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_
         assert again.skipped == it.skipped
 
 
+def test_resume_with_a_smaller_batch_continues_where_the_rows_stopped(shapes_dir, tmp_path):
+    """A state taken part-way through a loader batch of 2, resumed with batches of 1 (the batch in hand then spans
+    two loader batches; it raised IndexError): the same rows follow, in the same order."""
+    _bad_records(tmp_path / "bad.array_record")
+    cfg = _records_cfg(shapes_dir, tmp_path / "bad.array_record")
+    it = _pipe(cfg)
+    states, rows = [], []
+    for _ in range(6):
+        states.append(it.get_state())
+        rows.append(next(it)["input_ids"])
+    taken = [json.loads(s)["taken"] for s in states]
+    assert 2 in taken  # a state whose whole loader batch was used: two loader batches of 1 now
+    for i in sorted({taken.index(t) for t in taken if t}):
+        smaller = cfg.copy_and_resolve_references()
+        smaller.batch_size = 1
+        again = _pipe(smaller)
+        again.set_state(states[i])
+        want = np.concatenate(rows[i:])
+        np.testing.assert_array_equal(np.concatenate([next(again)["input_ids"] for _ in range(len(want))]), want)
+
+
 def test_workers_batch_in_their_processes_and_resume(shapes_dir):
     cfg = _cfg(shapes_dir, workers=2, read_threads=0, read_buffer=0)
     it = _pipe(cfg)

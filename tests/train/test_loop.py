@@ -80,6 +80,19 @@ def test_resume_drops_metrics_logged_after_its_checkpoint(tmp_path):
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_metrics_hold_each_step_once_after_a_fresh_start_or_a_rerun(tmp_path):
+    """A run that never saved left lines behind (killed before its first checkpoint): a fresh start drops them
+    (they were kept, and its steps appeared twice). Running a finished run's command again evaluates it again:
+    the final evaluation's line is replaced, not added."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 9.0}) + "\n"
+                                                    for s in (1, 2, 3)))
+    toy_run.fit(tmp_path, steps=2)
+    toy_run.fit(tmp_path, steps=2)  # restored at its last step: nothing to train, the final evaluation again
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
+    assert rows[0]["loss"] != 9.0
+
+
 def test_sigterm_saves_and_restores(tmp_path):
     def term(step, state, metrics):
         if step == 2:

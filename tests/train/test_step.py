@@ -106,6 +106,12 @@ def test_mesh_not_dividing_devices(bad):
         parallel.make_mesh(bad)
 
 
+@pytest.mark.parametrize("bad", [(0, -1, 1), (-2, -1, 1), (1, 1, 0)])
+def test_mesh_sizes_below_one_are_refused(bad):  # (0, -1, 1) divided by zero
+    with pytest.raises(parallel.MeshError, match="must be >= 1"):
+        parallel.make_mesh(bad)
+
+
 def test_batch_not_dividing_mesh():
     mesh = parallel.make_mesh((2, 2, 2))
     with pytest.raises(parallel.MeshError, match="batch 6"):

@@ -117,3 +117,32 @@ def test_stage_override_alone_is_refused():
     config.train.stage = 3  # a config file naming stage 3 with stage 1's patterns
     with pytest.raises(TaskConfigError, match="train.stage=3 but .* stage 1's"):
         check_stage(config.train)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.llm.dtype=foo", "LlamaConfig.dtype 'foo' is not a dtype"),
+    ("model.llm.hidden_size=0", "LlamaConfig.hidden_size must be >= 1, got 0"),  # was ZeroDivisionError
+    ("model.vision.patch_size=0", "ClipVisionConfig.patch_size must be >= 1, got 0"),
+    ("model.projector=foo", "model.projector must be one of"),
+    ("optim.decay=xyz", 'optim.decay must be "hf" or "all"'),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1"),  # was a traceback after the whole training
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("data.mask_size=0", "data.mask_size must be >= 1"),
+    ("data.num_image_tokens=10", "must be the vision tower's image size 32 and patch count 16"),  # trained silently
+    ("data.image_size=64", "data.image_size 64 and data.num_image_tokens 16 must be"),
+])
+def test_settings_that_failed_inside_training_are_refused_before_it(tmp_path, shapes_dir, capsys, override, message):
+    args = tiny(shapes_dir, "train.steps=1", override)
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path / "run"), *args]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("jaxground train: bad config: ") and message in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_usable_sample_is_one_line(tmp_path, shapes_dir, capsys):
+    """Every sample too long for data.max_len: BadSample after 100 batches' worth of skips, in one line (exit 2),
+    where it was a traceback."""
+    args = tiny(shapes_dir, "train.steps=1", "data.max_len=8")
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", str(tmp_path), *args]) == 2
+    out = capsys.readouterr().out
+    assert "jaxground train: no usable sample in the last " in out and "exceed max_len 8" in out, out
