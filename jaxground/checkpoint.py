@@ -188,8 +188,9 @@ class Checkpointer:
         return self.save_every > 0 and self.manager.should_save(step)
 
     def save(self, step: int, state: TrainState, *, data_state=None, config: dict | None = None,
-             force: bool = False) -> bool:
-        """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did."""
+             tokenizer: str | None = None, force: bool = False) -> bool:
+        """Starts an asynchronous save when `step` is on the interval (or `force`); returns whether it did.
+        `tokenizer`: the training data's `vocabulary_id`, kept in `meta` with the run config."""
         if not force and self.save_every <= 0:
             return False
         return self.manager.save(
@@ -198,7 +199,7 @@ class Checkpointer:
                 model=ocp.args.StandardSave(state.model),
                 opt=ocp.args.StandardSave({"step": state.step, "opt": state.opt}),
                 data=ProcessJsonSave(encode_data_state(data_state)),
-                meta=ocp.args.JsonSave({"step": int(step), "config": config}),
+                meta=ocp.args.JsonSave({"step": int(step), "config": config, "tokenizer": tokenizer}),
             ),
             force=force,
         )
@@ -267,20 +268,44 @@ def identity(path: str | Path) -> str:
     return f"step {resolve(path)[1]}"
 
 
-def saved_config(path: str | Path) -> tuple[Path, dict]:
-    """(the `<step>` directory, the run config saved with it) of a training checkpoint (`resolve`'s paths)."""
+def _meta(path: str | Path) -> tuple[Path, dict]:
+    """(the `<step>` directory, its `meta` item: step, run config, tokenizer) of a training checkpoint."""
     directory, step = resolve(path)
     with ocp.CheckpointManager(directory, item_handlers=_handlers()) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if not meta or not meta.get("config"):
-        raise CheckpointMismatch(f"{directory / str(step)} holds no run config (meta)")
-    return directory / str(step), meta["config"]
+    return directory / str(step), meta or {}
 
 
-def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str, ...] = ()):
+def saved_config(path: str | Path) -> tuple[Path, dict]:
+    """(the `<step>` directory, the run config saved with it) of a training checkpoint (`resolve`'s paths)."""
+    where, meta = _meta(path)
+    if not meta.get("config"):
+        raise CheckpointMismatch(f"{where} holds no run config (meta)")
+    return where, meta["config"]
+
+
+def check_tokenizer(path: str | Path, vocabulary: str, tokenizer_dir: str) -> None:
+    """Refuses to use the training checkpoint `path` with a tokenizer (at `tokenizer_dir`, `vocabulary_id`
+    `vocabulary`) other than the one it was trained with: every token id would mean another word. Converted
+    models and checkpoints saved before 2026-12-05 carry no tokenizer id and pass."""
+    from jaxground.convert.store import CONFIG_FILE
+
+    if (Path(path) / CONFIG_FILE).is_file():
+        return
+    where, meta = _meta(path)
+    saved = meta.get("tokenizer")
+    if saved is not None and saved != vocabulary:
+        raise CheckpointMismatch(
+            f"{where} was trained with another tokenizer (vocabulary {saved}) than {tokenizer_dir} (vocabulary "
+            f"{vocabulary}): its token ids would mean other words; point data.tokenizer (or the shapes data it "
+            "comes from) at the training run's tokenizer")
+
+
+def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str, ...] | None = None):
     """The model state of a checkpoint (`--init-from`), checked against and placed like `abstract_model`.
     Variables under a `fresh` prefix ("mask_head", "sam": parts a stage adds) may be absent from the
-    checkpoint; only what it holds is returned (merge it over a freshly initialised state)."""
+    checkpoint; only what it holds is returned (merge it over a freshly initialised state). None: not a training
+    run's `--init-from` (prediction, evaluation), whose refusal then does not suggest train.fresh."""
     from flax import nnx
 
     from jaxground.convert.store import CONFIG_FILE
@@ -326,7 +351,7 @@ def load_models(sources, abstract_model, shardings, *, fresh: tuple[str, ...] = 
     return merged
 
 
-def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[str, ...]):
+def _load_converted_state(path: Path, abstract_model, shardings, fresh: tuple[str, ...] | None):
     """`load_model` for a `jaxground convert` output: read it, check it like a training checkpoint, place it."""
     from flax import nnx
 

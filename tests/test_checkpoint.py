@@ -35,8 +35,10 @@ def test_init_from_with_fresh_parts(tmp_path):
     mesh = parallel.make_mesh((1, -1, 1))
     with jax.set_mesh(mesh):
         _, abstract, sh = plan(lambda: WithHead(nnx.Rngs(0)), mesh)
-        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head/kernel"):
+        with pytest.raises(checkpoint.CheckpointMismatch, match="missing in checkpoint: mask_head/kernel") as refused:
             checkpoint.load_model(tmp_path, abstract.model, sh.model)
+        # not a training run's --init-from (predict, eval): train.fresh is no help there and is not suggested
+        assert "train.fresh" not in str(refused.value)
         loaded = checkpoint.load_model(tmp_path, abstract.model, sh.model, fresh=("mask_head",))
         _, small, small_sh = plan(lambda: toy.Toy(nnx.Rngs(0)), mesh)
         saved = checkpoint.load_model(tmp_path, small.model, small_sh.model)

@@ -9,6 +9,7 @@ import pytest
 
 from jaxground import cli
 from jaxground.config import ConfigError, load_config
+from jaxground.data.shapes import write_dataset
 from jaxground.models.sam.config import SamConfig
 from jaxground.tokens import TokenIds
 from jaxground.train.task import data_config, model_config
@@ -98,6 +99,10 @@ def test_bad_configs_fail_before_training(tmp_path, capsys, shapes_dir):
     assert "unknown config key 'train.stepz'" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints").exists()
     ok_data = [f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={shapes_dir}"]
+    other = tmp_path / "other"  # a shapes set of another seed: a tokenizer as large, other ids
+    write_dataset(other, train=2, val=1, test=1, size=32, max_objects=1, seed=1)
+    assert cli.main(args[:5] + [f"data.datasets.shapes.path={shapes_dir}", f"eval.datasets.shapes.path={other}"]) == 2
+    assert "the evaluation split's tokenizer " in capsys.readouterr().out
     assert cli.main(args + ok_data + ["train.label_tokens=1"]) == 2  # a REC answer has more supervised tokens
     assert "supervised tokens, more than train.label_tokens=1" in capsys.readouterr().out
     assert cli.main(args + ok_data + ["train.label_tokens=-1"]) == 2

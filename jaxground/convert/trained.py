@@ -17,7 +17,7 @@ def read(path, tokenizer=None):
     from jaxground import checkpoint
     from jaxground.data.location_format import get_format
     from jaxground.data.pipeline import make_encoder, tokenizer_path
-    from jaxground.data.tokenizer import TokenizerError
+    from jaxground.data.tokenizer import TokenizerError, vocabulary_id
     from jaxground.train.task import data_config, model_config
 
     step_dir, run = checkpoint.saved_config(path)
@@ -26,9 +26,10 @@ def read(path, tokenizer=None):
         config.data.tokenizer = str(tokenizer)
     data = data_config(config, training=True)
     try:
-        _, tokens = make_encoder(data)
+        encoder, tokens = make_encoder(data)
     except TokenizerError as e:
         raise TokenizerError(f"{e} (the run's tokenizer, needed for its model config: pass --tokenizer DIR)") from None
+    checkpoint.check_tokenizer(path, vocabulary_id(encoder.tok), tokenizer_path(data))  # a --tokenizer of another run
     extra = tuple(get_format(data.location_format).extra_tokens)
     return step_dir, model_config(config, tokens), Path(tokenizer_path(data)), extra
 

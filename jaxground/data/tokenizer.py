@@ -56,6 +56,16 @@ def add_special_tokens(tok, extra_tokens: list[str] = ()):
     return tok, token_ids
 
 
+def vocabulary_id(tok) -> str:
+    """A short hash of the tokenizer's vocabulary (every token and its id, the added ones included): two
+    tokenizers with the same id map text to the same ids. Saved with each training checkpoint; evaluating a model
+    with another tokenizer of the same size ran silently with every id meaning another word."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 def train_bpe(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
     """Trains a sentencepiece-style BPE (Metaspace, `<unk>`=0 `<s>`=1 `</s>`=2, like LLaMA) over an alphabet of
     every printable ASCII character and saves `out_dir/tokenizer.json`; the special tokens are added when it is

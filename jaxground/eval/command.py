@@ -109,7 +109,7 @@ def run(args) -> int:
                 write_text(out / "eval.json", json.dumps(so_far, indent=2) + "\n")
 
         if len(done) < len(pairs(config, tasks)):
-            model = load_model(config, args.checkpoint, tokens, mesh)
+            model = load_model(config, args.checkpoint, encoder, mesh)
             try:
                 results, rows = evaluate(model, encoder, config, tasks, mesh=mesh,
                                          max_new_tokens=args.max_new_tokens, done=done, on_split=saved,

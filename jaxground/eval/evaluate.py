@@ -79,8 +79,10 @@ def parse_tasks(tasks) -> tuple[str, ...]:
     """"rec,pope" or a sequence -> checked task names."""
     names = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
     unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise EvalConfigError(f"unknown eval tasks {unknown or names} (known: {', '.join(TASKS)})")
+    if not names:
+        raise EvalConfigError(f"no eval task named (known: {', '.join(TASKS)})")
+    if unknown:
+        raise EvalConfigError(f"unknown eval tasks {unknown} (known: {', '.join(TASKS)})")
     if len(set(names)) < len(names):  # a task named twice ran twice, the second over no rows, and kept that
         raise EvalConfigError(f"eval tasks {', '.join(names)}: name each task once")
     return names

@@ -110,6 +110,16 @@ def load_encoder(config):
     return make_encoder(data_config(config, training=True))
 
 
+def check_tokenizer(config, checkpoint: str, encoder) -> None:
+    """Refuses (CheckpointMismatch) a training checkpoint trained with another tokenizer than the run config's."""
+    from jaxground import checkpoint as ckpt
+    from jaxground.data.pipeline import tokenizer_path
+    from jaxground.data.tokenizer import vocabulary_id
+    from jaxground.train.task import data_config
+
+    ckpt.check_tokenizer(checkpoint, vocabulary_id(encoder.tok), tokenizer_path(data_config(config, training=True)))
+
+
 def model_config_of(config, checkpoint: str, tokens):
     """The NextChatConfig `load_model` builds, read without loading weights: a `jaxground convert` output's saved one
     (checked against the tokenizer's `tokens` and the run config's image size: ValueError), else the run config's
@@ -134,19 +144,21 @@ def model_config_of(config, checkpoint: str, tokens):
     return cfg
 
 
-def load_model(config, checkpoint: str, tokens, mesh):
+def load_model(config, checkpoint: str, encoder, mesh):
     """NextChat with the checkpoint's weights on `mesh` (each array read straight into its shards by the rules
     table, as training places it), from a run config and either a training checkpoint (the model comes from
-    `config.model`) or a `jaxground convert` output (the model comes from its saved config; its token ids must be
-    the tokenizer's `tokens`): `model_config_of`. A mesh that leaves much of the model whole on every device is
-    refused (`parallel.check_fit`, a ValueError) before anything is read."""
+    `config.model`; trained with `encoder`'s tokenizer: `check_tokenizer`) or a `jaxground convert` output (the
+    model comes from its saved config; its token ids must be the tokenizer's): `model_config_of`. A mesh that
+    leaves much of the model whole on every device is refused (`parallel.check_fit`, a ValueError) before anything
+    is read."""
     from flax import nnx
 
     from jaxground import checkpoint as ckpt
     from jaxground import parallel
     from jaxground.models.nextchat import NextChat
 
-    cfg = model_config_of(config, checkpoint, tokens)
+    check_tokenizer(config, checkpoint, encoder)
+    cfg = model_config_of(config, checkpoint, encoder.ids)
     with nnx.logical_axis_rules(parallel.RULES):  # NNX resolves the logical names under a caller's mesh
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))
     parallel.check_fit(abstract, mesh)
@@ -320,6 +332,8 @@ def _run(args, hosts) -> int:
     requests = _requests(args)
     if min(args.max_new_tokens, num_beams(args), args.max_triggers) < 1:
         raise PredictError("--max-new-tokens, --num-beams and --max-triggers must be >= 1")
+    if args.mask_iou_threshold is not None and math.isnan(args.mask_iou_threshold):  # blanked every mask
+        raise PredictError("--mask-iou-threshold must be a number, got nan")
     fields, seed = decoding(args)
     try:
         config = load_config(args.config, args.overrides)
@@ -342,7 +356,7 @@ def _run(args, hosts) -> int:
     # every refusal above, on any host, stops all hosts here
     hosts.agree(predict_inputs(requests, source))
     try:
-        model = load_model(config, args.checkpoint, ids, mesh)
+        model = load_model(config, args.checkpoint, encoder, mesh)
     except (FileNotFoundError, ValueError) as e:
         raise PredictError(f"cannot load {args.checkpoint}: {e}") from None
     rng = jax.random.key(seed) if seed is not None else None

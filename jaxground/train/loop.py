@@ -34,6 +34,7 @@ class Task:
     eval_batches: Callable[[], Iterable[dict]] | None = None  # a fresh pass over the held-out split
     summarize: Callable[[dict], dict] = dict  # sums over the split -> the reported figures
     check_rows: Callable[[dict], None] | None = None  # raises on training rows the step would mishandle
+    tokenizer: tuple[str, str] | None = None  # (vocabulary_id, directory) of the training data's tokenizer
 
 
 @dataclasses.dataclass
@@ -173,6 +174,10 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         graphdef, abstract, shardings = st.plan(task.model_factory, tx, trainable, mesh)
         latest = ckpt.latest_step()
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=0 if latest is None else latest)
+        sources = [ckpt.directory / str(latest)] if latest is not None else \
+            [init_from] if isinstance(init_from, (str, Path)) else list(init_from or ())
+        for source in sources if task.tokenizer else ():  # the token ids must mean what they meant in training
+            checkpoint.check_tokenizer(source, *task.tokenizer)
         if latest is not None:
             state, data_state, saved = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:
@@ -240,7 +245,7 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
                 preempted = preemption.agreed()
                 if preempted or step == tc.steps or ckpt.due(step):
                     ckpt.save(step, jax.tree.unflatten(treedef, leaves), data_state=data_state,
-                              config=config_json(config), force=True)
+                              config=config_json(config), tokenizer=task.tokenizer and task.tokenizer[0], force=True)
                 if preempted:
                     status = preempted
                     _log(f"{'SIGTERM' if preempted == 'preempted' else 'Ctrl-C'}: saved step {step} to "

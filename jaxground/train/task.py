@@ -175,7 +175,8 @@ def check_model_fits_data(config, cfg: NextChatConfig) -> None:
 
 
 def make_task(config) -> Task:
-    from jaxground.data.pipeline import check_data, make_encoder, make_pipeline
+    from jaxground.data.pipeline import check_data, make_encoder, make_pipeline, tokenizer_path
+    from jaxground.data.tokenizer import vocabulary_id
 
     check_stage(config.train)
     check_ranges(config)
@@ -198,7 +199,12 @@ def make_task(config) -> Task:
         check_data(eval_data, training=False)
     except (ValueError, FileNotFoundError) as e:
         raise TaskConfigError(f"the evaluation split (eval.datasets): {e}") from None
-    _, tokens = make_encoder(train_data)
+    encoder, tokens = make_encoder(train_data)
+    vocabulary = vocabulary_id(encoder.tok)
+    if (eval_vocabulary := vocabulary_id(make_encoder(eval_data)[0].tok)) != vocabulary:
+        raise TaskConfigError(f"the evaluation split's tokenizer {tokenizer_path(eval_data)} (vocabulary "
+                              f"{eval_vocabulary}) is not the training data's {tokenizer_path(train_data)} "
+                              f"(vocabulary {vocabulary}): set data.tokenizer to the one the model trains with")
     cfg = model_config(config, tokens)
     check_model_fits_data(config, cfg)
     seed = config.train.seed
@@ -228,6 +234,7 @@ def make_task(config) -> Task:
         eval_batches=lambda: make_pipeline(eval_data, training=False),
         summarize=summarize,
         check_rows=check_rows if label_tokens else None,
+        tokenizer=(vocabulary, tokenizer_path(train_data)),
     )
 
 

@@ -248,6 +248,9 @@ def test_eval_bad_task_and_no_mask_head(setup, capsys):
                      "--tasks", "rec,rec", *args]) == 2
     assert "jaxground eval: eval tasks rec, rec: name each task once" in capsys.readouterr().err
     assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
+                     "--tasks", ",", *args]) == 2
+    assert "jaxground eval: no eval task named (known: rec," in capsys.readouterr().err  # was "unknown eval tasks ()"
+    assert cli.main(["eval", "--config", "configs/eval_shapes.py", "--checkpoint", str(root / "run"),
                      "--splits", "shapes_val", *args]) == 2
     assert "--splits 'shapes_val': no split named shapes_val (the config's splits: shapes_test)" in capsys.readouterr().err
     (root / "a_file").write_text("")

@@ -115,8 +115,8 @@ def test_eval_on_a_mesh_equals_one_device(tiny, on_eight):
     assert_sharded_over_8(model)
     config = load_config(CONFIG, args)
     one = make_mesh((1, 1, 1), jax.devices()[:1])
-    encoder, tokens = load_encoder(config)
-    want_figures, want_rows = json.loads(json.dumps(evaluate(load_model(config, str(root / "run"), tokens, one),
+    encoder, _ = load_encoder(config)
+    want_figures, want_rows = json.loads(json.dumps(evaluate(load_model(config, str(root / "run"), encoder, one),
                                                              encoder, config, TASKS, mesh=one)))
     assert figures.keys() == want_figures.keys() == set(TASKS)
     for task, splits in want_figures.items():
@@ -210,7 +210,7 @@ def test_predict_on_a_mesh_equals_one_device(tiny, capsys, monkeypatch):
 
     config = load_config(CONFIG, args)
     encoder, ids = load_encoder(config)
-    model = load_model(config, str(root / "run"), ids, make_mesh((1, 1, 1), jax.devices()[:1]))
+    model = load_model(config, str(root / "run"), encoder, make_mesh((1, 1, 1), jax.devices()[:1]))
     cfg = GenerationConfig(max_new_tokens=12, max_triggers=8, eos_id=ids.eos, pad_id=ids.pad, at_id=ids.at,
                            boxes_id=ids.boxes)
     want = [predict(model, encoder, image, p, [np.array([8, 4, 30, 20], np.float32)], cfg,

@@ -129,6 +129,7 @@ def image_file(tmp_path):
     (["--out", "LONG.png"], r"--out: .*File name too long"),
     (["--image", "FOLDER.png"], r"image .*folder.png is a folder, not an image file"),
     (["--image", "BOMB"], r"cannot decode image .*exceeds limit"),  # PIL's decompression-bomb guard
+    (["--mask-iou-threshold", "nan"], r"--mask-iou-threshold must be a number, got nan"),  # blanked every mask
 ])
 def test_command_bad_input(tmp_path, image_file, capsys, extra, message):
     broken = tmp_path / "broken.png"

@@ -78,6 +78,29 @@ def test_stage_mask_keeps_vision_tower_frozen(tmp_path, shapes_dir, capsys):
     out = capsys.readouterr().out
     assert f"jaxground train: {damaged / 'checkpoints' / '2'}: its saved arrays cannot be read" in out, out
 
+    # the run's tokenizer is saved with it by its vocabulary's hash: another shapes set's tokenizer (as many
+    # tokens, other ids) is refused by predict, eval and export, where it ran with every id meaning another word
+    from PIL import Image
+
+    from jaxground.data.shapes import write_dataset
+
+    write_dataset(tmp_path / "other", train=8, val=1, test=1, size=32, max_objects=1, seed=1)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    other = f"data.tokenizer={tmp_path / 'other' / 'tokenizer'}"
+    for argv in (["predict", "--image", str(tmp_path / "img.png"), "--prompt", "circle?", "--max-new-tokens", "4"],
+                 ["eval", "--tasks", "rec", "--out", str(tmp_path / "ev")]):
+        code = cli.main([argv[0], "--config", "configs/tiny_shapes.py", "--checkpoint", str(tmp_path), *argv[1:],
+                         *overrides, other])
+        err = capsys.readouterr().err
+        assert code == 2 and "checkpoints/2 was trained with another tokenizer (vocabulary " in err, err
+    assert cli.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "ex"), "--tokenizer",
+                     str(tmp_path / "other" / "tokenizer")]) == 2
+    assert "was trained with another tokenizer" in capsys.readouterr().err
+    for workdir, init in ((tmp_path, []), (tmp_path / "next", ["--init-from", str(tmp_path)])):  # resume, init
+        assert cli.main(["train", "--config", "configs/tiny_shapes.py", "--workdir", str(workdir), *init,
+                         *overrides, other, "train.steps=3"]) == 2
+        assert "was trained with another tokenizer" in capsys.readouterr().out
+
 
 def test_unreadable_eval_split_is_refused_before_training(tmp_path, shapes_dir, capsys):
     """The run ends with an evaluation: an eval.datasets path without a data set (or tokenizer) is refused at the
