@@ -50,8 +50,12 @@ def read_hf_config(source, config=None) -> dict:
         return config if isinstance(config, dict) else config.to_dict()
     file = Path(source) / "config.json" if isinstance(source, (str, Path)) else None
     if file is None or not file.is_file():
-        raise ValueError("no config: pass the NExT-Chat config (dict) unless the source is an HF directory")
-    return json.loads(file.read_text())
+        raise ValueError(f"no config: {source} holds no config.json (convert the released folder, the config.json "
+                         "beside the weights; from Python, pass the NExT-Chat config as a dict)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not JSON: {e}") from None
 
 
 def vision_config_from_shapes(shapes: dict, prefix: str, **overrides) -> ClipVisionConfig:

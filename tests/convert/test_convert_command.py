@@ -72,6 +72,17 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         assert err.startswith(f"jaxground convert: {tmp_path / name}: not a safetensors file it can read ("), err
         assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+    # NExT-Chat weights without their config.json, or with one that is not JSON: named, for a command-line user
+    released = tmp_path / "released"
+    released.mkdir()
+    save_file({"loc_encoder.0.weight": torch.zeros(4, 4), "model.embed_tokens.weight": torch.zeros(8, 4)},
+              str(released / "model.safetensors"))
+    assert main(["convert", str(released), "--out", str(tmp_path / "out")]) == 2
+    assert f"no config: {released} holds no config.json (convert the released folder" in capsys.readouterr().err
+    (released / "config.json").write_text("{bad")
+    assert main(["convert", str(released), "--out", str(tmp_path / "out")]) == 2
+    assert f"{released / 'config.json'} is not JSON: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_that_cannot_be_a_folder_is_refused_before_reading(llama_dir, tmp_path, capsys):

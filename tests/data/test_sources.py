@@ -53,12 +53,14 @@ def test_refcoco_shikra_jsonl(tmp_path):
     assert ex.tasks == {"rec": [{"expr": "red car", "obj": 0}]} and (ex.width, ex.height) == (40, 30)
 
 
-@pytest.mark.parametrize("kind, good", [
-    ("refcoco_jsonl", {"img_path": "a.jpg", "expression": "red car", "bbox": [1, 2, 30, 20]}),
-    ("pope", {"image": "a.jpg", "text": "Is there a dog in the image?", "label": "no"}),
+@pytest.mark.parametrize("kind, good, bad_value", [
+    ("refcoco_jsonl", {"img_path": "a.jpg", "expression": "red car", "bbox": [1, 2, 30, 20]}, {"bbox": "abc"}),
+    ("refcoco_jsonl", {"img_path": "a.jpg", "expression": "red car", "bbox": [1, 2, 30, 20]}, {"width": "wide"}),
+    ("pope", {"image": "a.jpg", "text": "Is there a dog in the image?", "label": "no"}, {"label": 1}),
 ])
-def test_jsonl_bad_line_named(tmp_path, kind, good):
-    """A line that is not JSON, or lacks a key the reader needs, is refused as FILE:LINE (blank lines count)."""
+def test_jsonl_bad_line_named(tmp_path, kind, good, bad_value):
+    """A line that is not JSON, lacks a key the reader needs, or holds a value it cannot take, is refused as
+    FILE:LINE (blank lines count); a bad value was refused without its place until 2026-12-05."""
     f = tmp_path / "x.jsonl"
     f.write_text(json.dumps(good) + "\n\n" + json.dumps(good)[:-3] + "\n")
     with pytest.raises(sources.SourceError, match=r"x\.jsonl:3: not JSON"):
@@ -66,6 +68,9 @@ def test_jsonl_bad_line_named(tmp_path, kind, good):
     key = min(good)
     f.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != key}) + "\n")
     with pytest.raises(sources.SourceError, match=rf"x\.jsonl:2: no '{key}'"):
+        _read(kind, f)
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps(good | bad_value) + "\n")
+    with pytest.raises(sources.SourceError, match=r"x\.jsonl:3: "):
         _read(kind, f)
     f.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
     assert [ex.key.split(" ")[0] for ex in _read(kind, f)] == ["x.jsonl:1", "x.jsonl:3"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from jaxground.data.records import Example
 
@@ -46,9 +46,11 @@ def xywh_to_xyxy(x, y, w, h) -> list[float]:
     return [float(x), float(y), float(x) + float(w), float(y) + float(h)]
 
 
-def jsonl_items(path: str, keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """(line number from 1, object) for each non-blank line of the jsonl file `path`; a line that is not a JSON
-    object holding `keys` is refused as FILE:LINE, so a bad line in a large file can be found."""
+def jsonl_examples(path: str, keys: tuple[str, ...], make: Callable[[int, dict], Example]) -> list[Example]:
+    """`make(line number from 1, object)` for each non-blank line of the jsonl file `path`; a line that is not a
+    JSON object holding `keys`, or whose values `make` cannot take (a box of text, a width that is not a number),
+    is refused as FILE:LINE, so a bad line in a large file can be found."""
+    out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -60,4 +62,8 @@ def jsonl_items(path: str, keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
             missing = [k for k in keys if not isinstance(item, dict) or k not in item]
             if missing:
                 raise SourceError(f"{path}:{n}: no {', '.join(map(repr, missing))} in this line")
-            yield n, item
+            try:
+                out.append(make(n, item))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise SourceError(f"{path}:{n}: {e}") from None
+    return out

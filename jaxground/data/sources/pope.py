@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from jaxground.data.records import Example
-from jaxground.data.sources import jsonl_items
+from jaxground.data.sources import jsonl_examples
 
 _OBJECT = re.compile(r"Is there an? (.+?) in the image", re.IGNORECASE)
 
 
 def read_pope(path: str, split: str) -> list[Example]:
-    out = []
-    for n, item in jsonl_items(path, ("text", "image", "label")):
+    def make(n: int, item: dict) -> Example:
         m = _OBJECT.search(item["text"])
-        out.append(Example(
+        return Example(
             boxes=np.zeros((0, 4), np.float32), image_path=item["image"], source="pope",
             tasks={"pope": [{"object": m.group(1) if m else "", "answer": item["label"].strip().lower(),
                              "question": item["text"]}]},
-            key=f"{Path(path).name}:{n} (question {item.get('question_id')})"))
-    return out
+            key=f"{Path(path).name}:{n} (question {item.get('question_id')})")
+    return jsonl_examples(path, ("text", "image", "label"), make)

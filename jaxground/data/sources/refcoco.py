@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxground.data.records import Example
-from jaxground.data.sources import SourceError, jsonl_items, xywh_to_xyxy
+from jaxground.data.sources import SourceError, jsonl_examples, xywh_to_xyxy
 
 _PREFERRED = ("refs(unc).p", "refs(umd).p", "refs(google).p", "refs(berkeley).p")
 
@@ -53,10 +53,9 @@ def read_refcoco(path: str, split: str) -> list[Example]:
 
 def read_refcoco_jsonl(path: str, split: str) -> list[Example]:
     """The Shikra jsonl file `path` (the split is the file); one Example per line."""
-    out = []
-    for n, item in jsonl_items(path, ("bbox", "expression", "img_path")):
-        out.append(Example(
+    def make(n: int, item: dict) -> Example:
+        return Example(
             boxes=np.array([item["bbox"]], np.float32), tasks={"rec": [{"expr": item["expression"], "obj": 0}]},
             image_path=item["img_path"], width=int(item.get("width", 0)), height=int(item.get("height", 0)),
-            names=[""], source="refcoco_jsonl", key=f"{Path(path).name}:{n}"))
-    return out
+            names=[""], source="refcoco_jsonl", key=f"{Path(path).name}:{n}")
+    return jsonl_examples(path, ("bbox", "expression", "img_path"), make)
