@@ -289,8 +289,10 @@ def make_encoder(cfg: ml_collections.ConfigDict):
                                cfg.image_position), ids
 
 
-def _readers(cfg: ml_collections.ConfigDict, training: bool) -> tuple[ConversationEncoder, Mixture, SampleMaker]:
-    """The tokenizer's encoder, the datasets' mixture and the sample maker of a data config (they raise on a bad one)."""
+def open_readers(cfg: ml_collections.ConfigDict, *, training: bool) -> tuple[ConversationEncoder, Mixture, SampleMaker]:
+    """The tokenizer's encoder, the datasets' mixture and the sample maker of a data config, which raise on a bad
+    one: opened without starting a loader, so a split that cannot be read is refused before the work that needs it
+    (training's final evaluation). `make_pipeline` takes them (`readers`) or opens its own."""
     encoder, _ = make_encoder(cfg)
     sources = {n: build_source(e, cfg.max_objects) for n, e in cfg.datasets.items()}
     if cfg.task:
@@ -299,21 +301,16 @@ def _readers(cfg: ml_collections.ConfigDict, training: bool) -> tuple[Conversati
     return encoder, mixture, SampleMaker(cfg, encoder, {n: e.get("image_root", "") for n, e in cfg.datasets.items()})
 
 
-def check_data(cfg: ml_collections.ConfigDict, *, training: bool) -> None:
-    """Opens what `make_pipeline` reads (tokenizer, record files, sample settings) without starting a loader, so a
-    split that cannot be read is refused before the work that needs it (training's final evaluation)."""
-    _readers(cfg, training)
-
-
 def make_pipeline(cfg: ml_collections.ConfigDict, *, training: bool = True, process_index: int | None = None,
-                  process_count: int | None = None, num_epochs: int | None = None) -> DataIterator:
+                  process_count: int | None = None, num_epochs: int | None = None, readers=None) -> DataIterator:
     """Training: shuffled, endless (or `num_epochs`), full batches. Evaluation: in order, one epoch, the last
-    batch padded with `valid=False` rows. Shards by `jax.process_index()/process_count()` unless given."""
+    batch padded with `valid=False` rows. Shards by `jax.process_index()/process_count()` unless given.
+    `readers`: `open_readers(cfg)`, when already opened (a large annotation file is then parsed once)."""
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    encoder, mixture, maker = _readers(cfg, training)
+    encoder, mixture, maker = readers or open_readers(cfg, training=training)
     sampler = MixtureSampler(mixture, shuffle=training, process_count=process_count,
                              num_epochs=num_epochs if num_epochs is not None else (None if training else 1))
     if cfg.workers:

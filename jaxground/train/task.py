@@ -175,7 +175,7 @@ def check_model_fits_data(config, cfg: NextChatConfig) -> None:
 
 
 def make_task(config) -> Task:
-    from jaxground.data.pipeline import check_data, make_encoder, make_pipeline, tokenizer_path
+    from jaxground.data.pipeline import make_pipeline, open_readers, tokenizer_path
     from jaxground.data.tokenizer import vocabulary_id
 
     check_stage(config.train)
@@ -194,14 +194,14 @@ def make_task(config) -> Task:
         raise TaskConfigError(f"loss.w_attr={w_attr} needs model.attr_classes > 0")
     w_cycle = config.loss.w_cycle
     train_data, eval_data = data_config(config, training=True), data_config(config, training=False)
-    check_data(train_data, training=True)  # its errors first: the eval split is often the same data
+    train_readers = open_readers(train_data, training=True)  # its errors first: the eval split is often alike
     try:  # the run ends with an evaluation: refuse its split now, not after the training
-        check_data(eval_data, training=False)
+        eval_encoder = open_readers(eval_data, training=False)[0]
     except (ValueError, FileNotFoundError) as e:
         raise TaskConfigError(f"the evaluation split (eval.datasets): {e}") from None
-    encoder, tokens = make_encoder(train_data)
+    encoder, tokens = train_readers[0], train_readers[0].ids
     vocabulary = vocabulary_id(encoder.tok)
-    if (eval_vocabulary := vocabulary_id(make_encoder(eval_data)[0].tok)) != vocabulary:
+    if (eval_vocabulary := vocabulary_id(eval_encoder.tok)) != vocabulary:
         raise TaskConfigError(f"the evaluation split's tokenizer {tokenizer_path(eval_data)} (vocabulary "
                               f"{eval_vocabulary}) is not the training data's {tokenizer_path(train_data)} "
                               f"(vocabulary {vocabulary}): set data.tokenizer to the one the model trains with")
@@ -229,7 +229,7 @@ def make_task(config) -> Task:
     return Task(
         model_factory=lambda: NextChat(cfg, rngs=nnx.Rngs(seed)),
         loss_fn=loss_fn,
-        train_batches=make_pipeline(train_data, training=True),
+        train_batches=make_pipeline(train_data, training=True, readers=train_readers),
         eval_fn=rec_eval,
         eval_batches=lambda: make_pipeline(eval_data, training=False),
         summarize=summarize,
