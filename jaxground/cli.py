@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         sub_parser = _Parser(prog=prog, description=(module.__doc__ or help_text).strip())
         module.add_arguments(sub_parser)
         try:
-            args = sub_parser.parse_args(rest)
+            try:  # config overrides may sit between options (`eval --config C model.x=2 --tasks rec paths.y=...`)
+                args = sub_parser.parse_intermixed_args(rest)
+            except TypeError:  # argparse's refusal for a command with subcommands (`data`)
+                args = sub_parser.parse_args(rest)
         except BadArguments as e:
             parser, message = e.args  # the parser that refused: a command's own subcommand's, e.g. `data shapes`
             parser.print_usage(sys.stderr)

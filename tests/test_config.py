@@ -61,6 +61,14 @@ def test_unknown_key_is_refused():
         load_config("configs/tiny_shapes.py", ["train.stepz=3"])
 
 
+def test_overrides_may_sit_between_options(tmp_path, capsys):
+    """Overrides before and after an option both reach the config (argparse refused the second group as
+    "unrecognized arguments" until 2026-12-05)."""
+    assert cli.main(["train", "--config", "configs/tiny_shapes.py", "train.steps=1", "--workdir", str(tmp_path),
+                     "train.stepz=3"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().out
+
+
 def test_a_key_the_commands_set_is_refused():
     """data.batch_size is replaced by train.batch_size / eval.batch_size per host: an override would do nothing."""
     with pytest.raises(ConfigError, match="data.batch_size cannot be overridden: .*train.batch_size"):
