@@ -295,9 +295,10 @@ def _assert_same_batches(got, want):
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 
-def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_path):
-    # 2 good records of 7: the loader's batches (of 2) mostly hold bad rows, so a batch of good samples takes
-    # rows from several of them and the state is often taken part-way through one
+def _six_batches_of_sparse_good_rows(shapes_dir, tmp_path):
+    """2 good records of 7: the loader's batches (of 2) mostly hold bad rows, so a batch of good samples takes
+    rows from several of them and the state is often taken part-way through one. -> (config, iterator, the state
+    before each of six batches, the batches)."""
     _bad_records(tmp_path / "bad.array_record")
     cfg = _records_cfg(shapes_dir, tmp_path / "bad.array_record")
     it = _pipe(cfg)
@@ -305,6 +306,11 @@ def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_
     for _ in range(6):
         states.append(it.get_state())
         batches.append(next(it))
+    return cfg, it, states, batches
+
+
+def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_path):
+    cfg, it, states, batches = _six_batches_of_sparse_good_rows(shapes_dir, tmp_path)
     assert all(b["valid"].all() for b in batches) and sum(it.skipped.values()) >= 5 * 5  # 12 good: 6 epochs
     assert any(json.loads(s)["taken"] for s in states)  # some states fall inside a loader batch
     for i in (1, 3):
@@ -317,13 +323,8 @@ def test_bad_rows_are_dropped_and_resume_holds_mid_loader_batch(shapes_dir, tmp_
 def test_resume_with_a_smaller_batch_continues_where_the_rows_stopped(shapes_dir, tmp_path):
     """A state taken part-way through a loader batch of 2, resumed with batches of 1 (the batch in hand then spans
     two loader batches; it raised IndexError): the same rows follow, in the same order."""
-    _bad_records(tmp_path / "bad.array_record")
-    cfg = _records_cfg(shapes_dir, tmp_path / "bad.array_record")
-    it = _pipe(cfg)
-    states, rows = [], []
-    for _ in range(6):
-        states.append(it.get_state())
-        rows.append(next(it)["input_ids"])
+    cfg, _, states, batches = _six_batches_of_sparse_good_rows(shapes_dir, tmp_path)
+    rows = [b["input_ids"] for b in batches]
     taken = [json.loads(s)["taken"] for s in states]
     assert 2 in taken  # a state whose whole loader batch was used: two loader batches of 1 now
     for i in sorted({taken.index(t) for t in taken if t}):
