@@ -55,12 +55,15 @@ def _quiet_abandoned_reads() -> None:
     ("Event loop is closed", a coroutine never awaited) are unraisable, and Python would print each as a traceback
     under the one-line refusal. Drops those two, from now on; every other unraisable error is printed as before."""
     default = sys.unraisablehook
+    if getattr(default, "quiets_abandoned_reads", False):
+        return
 
     def hook(unraisable):
         message = str(unraisable.exc_value)
         if message == "Event loop is closed" or "_read_array_index_and_device_put" in repr(unraisable.object):
             return
         default(unraisable)
+    hook.quiets_abandoned_reads = True
     sys.unraisablehook = hook
 
 
@@ -329,13 +332,18 @@ def load_model(path: str | Path, abstract_model, shardings, *, fresh: tuple[str,
     return out.model
 
 
-def load_models(sources, abstract_model, shardings, *, fresh: tuple[str, ...] = ()):
+def load_models(sources, abstract_model, shardings, *, fresh: tuple[str, ...] = (),
+                tokenizer: tuple[str, str] | None = None):
     """`load_model` over several sources merged in order, a later one winning where two hold the same array
     (e.g. stage 3: the composed stage-0 conversion for SAM, then the stage-2 run for everything it trained).
-    Each source may hold any part of the model; together with the `fresh` prefixes they must cover it."""
+    Each source may hold any part of the model; together with the `fresh` prefixes they must cover it.
+    `tokenizer`: (vocabulary id, directory) the sources must have been trained with (`check_tokenizer`), checked
+    for every source before any is read."""
     from flax import nnx
 
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    for source in sources if tokenizer else ():
+        check_tokenizer(source, *tokenizer)
     if len(sources) == 1:
         return load_model(sources[0], abstract_model, shardings, fresh=fresh)
     merged = None

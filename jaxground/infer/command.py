@@ -110,16 +110,6 @@ def load_encoder(config):
     return make_encoder(data_config(config, training=True))
 
 
-def check_tokenizer(config, checkpoint: str, encoder) -> None:
-    """Refuses (CheckpointMismatch) a training checkpoint trained with another tokenizer than the run config's."""
-    from jaxground import checkpoint as ckpt
-    from jaxground.data.pipeline import tokenizer_path
-    from jaxground.data.tokenizer import vocabulary_id
-    from jaxground.train.task import data_config
-
-    ckpt.check_tokenizer(checkpoint, vocabulary_id(encoder.tok), tokenizer_path(data_config(config, training=True)))
-
-
 def model_config_of(config, checkpoint: str, tokens):
     """The NextChatConfig `load_model` builds, read without loading weights: a `jaxground convert` output's saved one
     (checked against the tokenizer's `tokens` and the run config's image size: ValueError), else the run config's
@@ -147,7 +137,7 @@ def model_config_of(config, checkpoint: str, tokens):
 def load_model(config, checkpoint: str, encoder, mesh):
     """NextChat with the checkpoint's weights on `mesh` (each array read straight into its shards by the rules
     table, as training places it), from a run config and either a training checkpoint (the model comes from
-    `config.model`; trained with `encoder`'s tokenizer: `check_tokenizer`) or a `jaxground convert` output (the
+    `config.model`; trained with `encoder`'s tokenizer: `checkpoint.check_tokenizer`) or a `jaxground convert` output (the
     model comes from its saved config; its token ids must be the tokenizer's): `model_config_of`. A mesh that
     leaves much of the model whole on every device is refused (`parallel.check_fit`, a ValueError) before anything
     is read."""
@@ -155,9 +145,12 @@ def load_model(config, checkpoint: str, encoder, mesh):
 
     from jaxground import checkpoint as ckpt
     from jaxground import parallel
+    from jaxground.data.pipeline import tokenizer_path
+    from jaxground.data.tokenizer import vocabulary_id
     from jaxground.models.nextchat import NextChat
+    from jaxground.train.task import data_config
 
-    check_tokenizer(config, checkpoint, encoder)
+    ckpt.check_tokenizer(checkpoint, vocabulary_id(encoder.tok), tokenizer_path(data_config(config, training=True)))
     cfg = model_config_of(config, checkpoint, encoder.ids)
     with nnx.logical_axis_rules(parallel.RULES):  # NNX resolves the logical names under a caller's mesh
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NextChat(cfg, rngs=nnx.Rngs(0))))

@@ -174,11 +174,9 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         graphdef, abstract, shardings = st.plan(task.model_factory, tx, trainable, mesh)
         latest = ckpt.latest_step()
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=0 if latest is None else latest)
-        sources = [ckpt.directory / str(latest)] if latest is not None else \
-            [init_from] if isinstance(init_from, (str, Path)) else list(init_from or ())
-        for source in sources if task.tokenizer else ():  # the token ids must mean what they meant in training
-            checkpoint.check_tokenizer(source, *task.tokenizer)
         if latest is not None:
+            if task.tokenizer:  # the token ids must mean what they meant in training
+                checkpoint.check_tokenizer(ckpt.directory / str(latest), *task.tokenizer)
             state, data_state, saved = ckpt.restore(latest, abstract, shardings)
             if data_state is not None:
                 _restore_data(task.train_batches, data_state, ckpt.directory / str(latest))
@@ -189,7 +187,8 @@ def fit(task: Task, config, workdir: str | Path, *, init_from: str | Sequence[st
         else:
             _, state, _ = st.create_sharded(task.model_factory, tx, trainable, mesh)
             if init_from:
-                loaded = checkpoint.load_models(init_from, abstract.model, shardings.model, fresh=tuple(tc.fresh))
+                loaded = checkpoint.load_models(init_from, abstract.model, shardings.model, fresh=tuple(tc.fresh),
+                                                tokenizer=task.tokenizer)
                 state = dataclasses.replace(state, model=nnx.merge_state(state.model, loaded))
                 n_fresh = len(nnx.to_flat_state(state.model)) - len(nnx.to_flat_state(loaded))
                 names = init_from if isinstance(init_from, str) else " + ".join(map(str, init_from))

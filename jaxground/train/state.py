@@ -64,6 +64,7 @@ def make_schedule(optim, steps: int) -> optax.Schedule:
 
 
 NO_DECAY = ("bias", "scale")  # HF Trainer leaves biases and norm weights undecayed
+DECAYS = ("hf", "all")  # optim.decay: HF Trainer's decay mask, or every trainable array
 
 
 def decay_mask(params):
@@ -79,7 +80,7 @@ def make_optimizer(optim, steps: int) -> optax.GradientTransformation:
     """AdamW on `make_schedule`, after clipping the global gradient norm to `clip_norm` (0 = no clipping); weight
     decay on `decay_mask`'s arrays (`optim.decay="hf"`, the default) or on every trainable array ("all")."""
     decay = optim.get("decay", "hf")
-    if decay not in ("hf", "all"):
+    if decay not in DECAYS:
         raise ValueError(f'optim.decay must be "hf" or "all", got {decay!r}')
     chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
     chain.append(

@@ -24,6 +24,7 @@ from jaxground.models.sam.config import SamConfig
 from jaxground.ops.losses import DET_PRESETS, count_supervised
 from jaxground.ops.mask_metrics import res_scores, res_sums
 from jaxground.train.loop import Task
+from jaxground.train.state import DECAYS
 
 
 class TaskConfigError(ValueError):
@@ -135,7 +136,7 @@ RANGES = (
     ("optim.eps", "> 0", lambda v: v > 0),
     ("optim.weight_decay", ">= 0", lambda v: v >= 0),
     ("optim.clip_norm", ">= 0 (0 = no clipping)", lambda v: v >= 0),
-    ("optim.decay", '"hf" or "all"', lambda v: v in ("hf", "all")),
+    ("optim.decay", '"hf" or "all"', lambda v: v in DECAYS),
     ("eval.batch_size", ">= 1", lambda v: v >= 1),
     ("data.seed", ">= 0", lambda v: v >= 0),
     ("data.mask_size", ">= 1", lambda v: v >= 1),
